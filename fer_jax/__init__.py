@@ -1,0 +1,1 @@
+"""fer_jax: fast, reproducible facial-expression recognition training in JAX/Flax."""
