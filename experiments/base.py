@@ -1,0 +1,63 @@
+"""SeedCNN on FER2013 at 48x48: the seed notebook's model with a recipe that learns.
+
+Run: python launch.py --config experiments/base.py \
+       --config.data.path=../shared/data/fer2013.csv.gz --workdir runs/base
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # 'jit': jax.jit over a Mesh with the batch on a 'data' axis (recommended);
+  # 'pmap': the same train step under jax.pmap.
+  c.parallel = 'jit'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'csv'  # 'csv' | 'folders' | 'synthetic'
+  c.data.path = 'data/fer2013.csv'  # FER2013 CSV (.csv or .csv.gz) or image-folder root
+  c.data.cache_dir = ''  # '' -> $FER_JAX_CACHE or ~/.cache/fer_jax
+  c.data.skip_bad_rows = False  # True: skip invalid CSV rows and report how many
+  c.data.train_split = 'Training'
+  c.data.eval_split = 'PublicTest'  # model selection
+  c.data.test_split = 'PrivateTest'  # reported once, at the end
+  c.data.class_weights = 'none'  # 'balanced' | 'max_over_count' | 'none'
+  c.data.synthetic_train = 6000  # rows per split for source='synthetic'
+  c.data.synthetic_test = 1000
+  c.data.synthetic_seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'seed_cnn'
+  c.model.image_size = 48  # 48 (native) or 150 (the reference project's)
+  c.model.dtype = 'float32'  # 'float32' | 'bfloat16' compute dtype
+  c.model.dropout = (0.25, 0.25, 0.5)
+  c.model.lowering = 'auto'  # 'auto' | 'xla' | 'reshape' (pooling lowering)
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.enabled = True
+  c.augment.flip = True
+  c.augment.rotation_deg = 10.0
+  c.augment.zoom = 0.1  # scale in [1 - zoom, 1 + zoom]
+  c.augment.shift = 0.1  # fraction of the image size
+  c.augment.shear_deg = 0.0
+  c.augment.brightness = 0.0  # additive, fraction of the range
+  c.augment.contrast = 0.0  # multiplicative in [1 - c, 1 + c]
+  c.augment.standardize = 'dataset'  # 'dataset' | 'per_image' | 'none'
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 30
+  c.train.batch_size = 64  # global batch
+  c.train.learning_rate = 1e-3
+  c.train.schedule = 'cosine'  # 'constant' | 'cosine'
+  c.train.warmup_epochs = 1.0
+  c.train.weight_decay = 1e-4  # adamw decoupled decay
+  c.train.l2 = 1e-4  # Keras kernel_regularizer=l2(.) on the Dense-128 kernel
+  c.train.label_smoothing = 0.0
+  c.train.max_steps = -1  # stop early at this step (smoke runs); schedules still use epochs
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 0  # 0: checkpoint at the end of every epoch only
+  c.train.keep_latest = 2
+  c.train.keep_best = 1
+  c.train.eval_batch_size = 512
+  return c

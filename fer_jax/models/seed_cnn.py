@@ -1,0 +1,74 @@
+"""SeedCNN: the reference project's Keras CNN, layer for layer, in Flax linen.
+
+Keras original (input S x S x 1):
+  Conv2D(32, 3, relu, valid) -> MaxPool2D(2) -> Dropout(.25)
+  -> Conv2D(64, 3, relu, valid) -> MaxPool2D(2) -> Dropout(.25)
+  -> Flatten -> Dense(128, relu, kernel_regularizer=l2) -> Dropout(.5)
+  -> Dense(num_classes, softmax)
+Here the last layer returns float32 logits; the softmax lives in the loss.
+
+Parameter names are fixed (conv1, conv2, dense1, logits) and identical for
+every pooling lowering and dtype, so checkpoints move freely between them.
+The Keras L2 penalty applies to the Dense-128 kernel only, which lives at
+params['dense1']['kernel'] (see `L2_KERNEL_PATHS` / `l2_penalty_params`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fer_jax.models import layers
+
+# Paths (inside variables['params']) of the kernels that get the L2 penalty.
+L2_KERNEL_PATHS: tuple[tuple[str, ...], ...] = (('dense1', 'kernel'),)
+
+
+def l2_penalty_params(params: Any) -> list[jax.Array]:
+  """The arrays the Keras-style L2 penalty applies to (variables['params'])."""
+  return [_get_path(params, path) for path in L2_KERNEL_PATHS]
+
+
+def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+class SeedCNN(nn.Module):
+  """The seed notebook's CNN; NHWC float input (B, S, S, 1) -> (B, K) logits.
+
+  Attributes:
+    num_classes: number of output logits.
+    dropout: rates after pool 1, after pool 2 and after Dense-128.
+    dtype: compute dtype (float32 or bfloat16); params stay float32 and the
+      logits are returned as float32 either way.
+    lowering: max-pool lowering, 'auto' | 'xla' | 'reshape' (see layers.py).
+  """
+  num_classes: int = 7
+  dropout: tuple[float, float, float] = (0.25, 0.25, 0.5)
+  dtype: Any = jnp.float32
+  lowering: str = 'auto'
+
+  L2_KERNEL_PATHS: ClassVar[tuple[tuple[str, ...], ...]] = L2_KERNEL_PATHS
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    p1, p2, p3 = self.dropout
+    deterministic = not train
+    kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
+    x = x.astype(self.dtype)
+    x = nn.relu(nn.Conv(32, (3, 3), padding='VALID', name='conv1', **kw)(x))
+    x = layers.max_pool_2x2(x, self.lowering)
+    x = nn.Dropout(p1, deterministic=deterministic, name='drop1')(x)
+    x = nn.relu(nn.Conv(64, (3, 3), padding='VALID', name='conv2', **kw)(x))
+    x = layers.max_pool_2x2(x, self.lowering)
+    x = nn.Dropout(p2, deterministic=deterministic, name='drop2')(x)
+    x = x.reshape(x.shape[0], -1)  # Keras Flatten on NHWC: same (H, W, C) order.
+    x = nn.relu(nn.Dense(128, name='dense1', **kw)(x))
+    x = nn.Dropout(p3, deterministic=deterministic, name='drop3')(x)
+    x = nn.Dense(self.num_classes, name='logits', **kw)(x)
+    return x.astype(jnp.float32)

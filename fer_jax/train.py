@@ -1,0 +1,253 @@
+"""`train_and_evaluate(config, workdir)`: the whole job, readable top to bottom.
+
+Sections: setup -> data -> model and optimizer -> restore -> compile -> train loop (evaluate
+PublicTest and checkpoint every epoch) -> final evaluation of the best checkpoint on
+PublicTest and PrivateTest -> results.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fer_jax import checkpointing, metrics, parallel
+from fer_jax.config_checks import check_workdir_writable, validate_config
+from fer_jax.data import pipeline
+from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
+from fer_jax.data.types import Split
+from fer_jax.metric_writer import MetricWriter
+from fer_jax.models import get_model
+from fer_jax.train_step import StepContext, create_train_state, eval_step, make_optimizer, train_step
+
+
+def evaluate(eval_fn: Callable, params: Any, split: Split, *, global_batch: int, mode: str,
+             mesh: jax.sharding.Mesh, num_classes: int) -> dict[str, Any]:
+  """Exact metrics over every example of `split` (the last batch is padded and masked)."""
+  totals = None
+  for batch in pipeline.eval_batches(split, global_batch=global_batch,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    batch = parallel.to_pmap(batch) if mode == 'pmap' else parallel.to_global(batch, mesh)
+    out = eval_fn(params, batch)
+    if mode == 'pmap':
+      out = parallel.unreplicate_from_pmap(out)
+    out = parallel.to_host(out)
+    totals = out if totals is None else jax.tree.map(np.add, totals, out)
+  cm = np.rint(totals['confusion']).astype(np.int64)
+  assert cm.sum() == len(split), (cm.sum(), len(split))
+  report = metrics.classification_report(cm)
+  return {'accuracy': report['accuracy'], 'macro_f1': report['macro_f1'],
+          'loss': float(totals['loss_sum'] / totals['count']),
+          'per_class_accuracy': list(report['per_class_accuracy']),
+          'confusion_matrix': cm.tolist()}
+
+
+class Steps(NamedTuple):
+  """The compiled steps for one parallel mode, and how to feed them."""
+  train: Callable  # (state, batch) -> (state, metrics)
+  eval: Callable  # (params, batch) -> sums
+  put_batch: Callable  # host batch -> device batch
+  prepare_state: Callable  # canonical (mesh-replicated) state -> the step's layout
+  canonical: Callable  # the step's layout -> canonical state (for checkpoints)
+
+
+def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps:
+  """jit over the mesh (batch on 'data', state replicated) or pmap: the same step functions."""
+  if mode == 'pmap':
+    axis = parallel.DATA_AXIS
+    return Steps(
+        train=jax.pmap(functools.partial(train_step, ctx=ctx, axis_name=axis), axis_name=axis,
+                       donate_argnums=0),
+        eval=jax.pmap(functools.partial(eval_step, ctx=ctx, axis_name=axis), axis_name=axis),
+        put_batch=parallel.to_pmap,
+        prepare_state=parallel.replicate_for_pmap,
+        canonical=parallel.unreplicate_from_pmap)
+  repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return Steps(
+      train=jax.jit(functools.partial(train_step, ctx=ctx), in_shardings=(repl, data),
+                    out_shardings=(repl, repl), donate_argnums=0),
+      eval=jax.jit(functools.partial(eval_step, ctx=ctx), in_shardings=(repl, data),
+                   out_shardings=repl),
+      put_batch=functools.partial(parallel.to_global, mesh=mesh),
+      prepare_state=lambda s: s,
+      canonical=lambda s: s)
+
+
+def make_step_context(config: ml_collections.ConfigDict, *, num_classes: int, weights: np.ndarray,
+                      mean: float, std: float) -> StepContext:
+  return StepContext(model=get_model(config.model, num_classes), augment_cfg=config.augment,
+                     image_size=config.model.image_size, num_classes=num_classes,
+                     class_weights=jnp.asarray(weights), l2=config.train.l2,
+                     label_smoothing=config.train.label_smoothing, mean=mean, std=std,
+                     seed=config.seed)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.json."""
+  # ---- Setup --------------------------------------------------------------------------------
+  validate_config(config)
+  check_workdir_writable(workdir)
+  is_chief = jax.process_index() == 0
+  mode = config.parallel
+  if mode == 'pmap' and jax.process_count() > 1:
+    from fer_jax.errors import ConfigError
+    raise ConfigError("config.parallel='pmap' is single-host; use 'jit' across hosts")
+  mesh = parallel.make_mesh()
+  global_batch = config.train.batch_size
+  parallel.check_batch_size(global_batch)
+  n_dev = jax.device_count()
+  eval_batch = -(-config.train.eval_batch_size // n_dev) * n_dev
+  logging.info('devices: %d (%s) on %d process(es); global batch %d', n_dev,
+               jax.devices()[0].platform, jax.process_count(), global_batch)
+
+  # ---- Data ---------------------------------------------------------------------------------
+  dataset = load_dataset(config.data, image_size=config.model.image_size)
+  train_split = dataset[config.data.train_split]
+  eval_split = dataset[config.data.eval_split]
+  spe = pipeline.steps_per_epoch(len(train_split), global_batch)
+  if spe == 0:
+    from fer_jax.errors import ConfigError
+    raise ConfigError(f'config.train.batch_size={global_batch} is larger than the '
+                      f'{len(train_split)} training examples')
+  total_steps = spe * config.train.epochs
+  stop_step = total_steps if config.train.max_steps < 0 else min(total_steps, config.train.max_steps)
+  mean, std = pixel_stats(train_split.images)
+  weights = class_weights(train_split.labels, dataset.num_classes, config.data.class_weights)
+  logging.info('data: %s; %d steps/epoch; class weights %s; pixel mean %.4f std %.4f',
+               {k: len(v) for k, v in dataset.splits.items()}, spe, np.round(weights, 3), mean, std)
+
+  # ---- Model and optimizer ------------------------------------------------------------------
+  ctx = make_step_context(config, num_classes=dataset.num_classes, weights=weights, mean=mean, std=std)
+  tx = make_optimizer(config.train, spe)
+  repl = parallel.replicated(mesh)
+  state = jax.jit(lambda: create_train_state(ctx, tx), out_shardings=repl)()
+  abstract_state = checkpointing.abstract_like(state)  # restore target: replicated on the mesh
+  train_iter = pipeline.make_train_iterator(
+      train_split, global_batch=global_batch, num_epochs=config.train.epochs, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  meta = {'config': config.to_dict(), 'class_names': list(dataset.class_names),
+          'pixel_mean': mean, 'pixel_std': std, 'wall_s': 0.0}
+
+  # ---- Restore ------------------------------------------------------------------------------
+  manager = checkpointing.make_manager(workdir, keep_latest=config.train.keep_latest,
+                                       keep_best=config.train.keep_best)
+  start_step = 0
+  if manager.latest_step() is not None:
+    start_step = manager.latest_step()
+    state, saved_meta = checkpointing.restore(manager, start_step, abstract_state,
+                                              train_iter)
+    meta['wall_s'] = saved_meta.get('wall_s', 0.0)
+    logging.info('resumed from step %d (epoch %.2f)', start_step, start_step / spe)
+
+  # ---- Compile ------------------------------------------------------------------------------
+  steps = compile_steps(ctx, mode, mesh)
+  train_fn, eval_fn, put_batch, canonical = steps.train, steps.eval, steps.put_batch, steps.canonical
+  state = steps.prepare_state(state)
+  run_eval = functools.partial(evaluate, eval_fn, global_batch=eval_batch, mode=mode, mesh=mesh,
+                               num_classes=dataset.num_classes)
+
+  # ---- Train loop ---------------------------------------------------------------------------
+  writer = MetricWriter(workdir, enabled=is_chief)
+  t_start = time.time()
+  timed_images, timed_s = 0, 0.0
+  window = []
+  epoch_sums: dict[str, float] = {}
+  epoch_count = 0
+  step = start_step
+  t_last = time.time()
+  while step < stop_step:
+    batch = put_batch(next(train_iter))
+    state, step_metrics = train_fn(state, batch)
+    step += 1
+    window.append(step_metrics)
+    if step % config.train.log_every_steps == 0 or step == stop_step or step % spe == 0:
+      host = [parallel.to_host(m) for m in window]
+      host = [parallel.unreplicate_from_pmap(m) for m in host] if mode == 'pmap' else host
+      now = time.time()
+      # The first window of a run includes compilation: leave it out of the throughput.
+      if step - len(window) > start_step:
+        timed_images += len(window) * global_batch
+        timed_s += now - t_last
+      ips = len(window) * global_batch / max(now - t_last, 1e-9)
+      means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      if not np.isfinite(means['loss']):
+        from fer_jax.errors import FerJaxError
+        raise FerJaxError(f'loss became {means["loss"]} by step {step}: training diverged '
+                          '(lower config.train.learning_rate?)')
+      for k, v in means.items():
+        epoch_sums[k] = epoch_sums.get(k, 0.0) + v * len(window)
+      epoch_count += len(window)
+      logging.info('step %d/%d  epoch %.2f  loss %.4f  acc %.3f  %.0f img/s', step, total_steps,
+                   step / spe, means['loss'], means['accuracy'], ips)
+      writer.write(step, {**means, 'images_per_s': ips}, 'train_steps')
+      window, t_last = [], time.time()
+    epoch_end = step % spe == 0
+    periodic = config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0
+    if epoch_end or periodic or step == stop_step:
+      result = run_eval(state.params, eval_split)
+      if epoch_end and epoch_count:
+        train_means = {k: v / epoch_count for k, v in epoch_sums.items()}
+        writer.write(step, {'epoch': step // spe, **train_means}, 'train')
+        epoch_sums, epoch_count = {}, 0
+      writer.write(step, {'epoch': step / spe, **result}, config.data.eval_split)
+      logging.info('step %d  %s: accuracy %.4f  macro-F1 %.4f  loss %.4f', step,
+                   config.data.eval_split, result['accuracy'], result['macro_f1'], result['loss'])
+      meta['wall_s'] += time.time() - t_start
+      t_start = time.time()
+      checkpointing.save(manager, step, canonical(state), train_iter, meta,
+                         {'accuracy': result['accuracy']})
+      t_last = time.time()  # eval and save are not training time
+  manager.wait_until_finished()
+
+  # ---- Final evaluation of the best checkpoint ------------------------------------------------
+  best_step = manager.best_step()
+  if best_step is None:
+    raise RuntimeError('no checkpoint was written')
+  best_state, _ = checkpointing.restore(manager, best_step, abstract_state)
+  best_params = best_state.params
+  best_params = steps.prepare_state(best_params)
+  splits = {}
+  for name in (config.data.eval_split, config.data.test_split):
+    splits[name] = run_eval(best_params, dataset[name])
+    logging.info('best checkpoint (step %d) on %s:\n%s', best_step, name,
+                 metrics.format_table(metrics.classification_report(
+                     np.asarray(splits[name]['confusion_matrix'])), dataset.class_names))
+  meta['wall_s'] += time.time() - t_start
+  results = {
+      'config': config.to_dict(),
+      'epochs': int(step // spe),
+      'steps': int(step),
+      'wall_s': round(meta['wall_s'], 2),
+      'train_images_per_s': round(timed_images / timed_s, 1) if timed_s else None,
+      'best_step': int(best_step),
+      'test_time_augmentation': 'none',
+      'splits': splits,
+  }
+  if is_chief:
+    path = os.path.join(workdir, 'results.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(results, f, indent=1, default=_json_default)
+    os.replace(path + '.tmp', path)
+    logging.info('wrote %s: %s accuracy %.4f, %s accuracy %.4f', path, config.data.eval_split,
+                 splits[config.data.eval_split]['accuracy'], config.data.test_split,
+                 splits[config.data.test_split]['accuracy'])
+  manager.close()
+  writer.close()
+  return results
+
+
+def _json_default(o):
+  if isinstance(o, (np.floating, np.integer)):
+    return o.item()
+  if isinstance(o, tuple):
+    return list(o)
+  raise TypeError(type(o))
