@@ -107,6 +107,16 @@ def test_kind_version_and_params_are_part_of_the_key(source, tmp_path):
   assert build.calls == 4
 
 
+def test_entries_for_other_params_coexist(source, tmp_path):
+  cache_dir = tmp_path / 'cache'
+  build = Builder()
+  for size in (48, 150, 48, 150):
+    get(source, cache_dir, build, params={'image_size': size})
+  assert build.calls == 2 and len(entries(cache_dir)) == 2
+  get(source, cache_dir, build, params={'image_size': 48}, version=2)  # replaces v1's entry
+  assert build.calls == 3 and len(entries(cache_dir)) == 2
+
+
 def test_build_that_raises_writes_nothing(source, tmp_path):
   cache_dir = tmp_path / 'cache'
   cache_dir.mkdir()

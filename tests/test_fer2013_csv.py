@@ -4,6 +4,7 @@ import gzip
 import logging
 import os
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -89,13 +90,14 @@ def test_gzip_detected_by_magic_not_name(tmp_path):
   check_parsed(parse_fer2013_csv(path), 5)
 
 
-def test_multi_member_gzip(tmp_path):
-  lines = good_lines(6)
-  first = (HEADER + '\n' + '\n'.join(lines[:3]) + '\n').encode()
-  second = ('\n'.join(lines[3:]) + '\n').encode()
+def test_multi_member_gzip(tmp_path, small_blocks):
+  # The size in the trailer is the last member's: the output arrays must grow.
+  lines = good_lines(24)
+  first = (HEADER + '\n' + '\n'.join(lines[:21]) + '\n').encode()
+  second = ('\n'.join(lines[21:]) + '\n').encode()
   path = tmp_path / 'multi.csv.gz'
-  path.write_bytes(gzip.compress(first) + gzip.compress(second))
-  check_parsed(parse_fer2013_csv(str(path)), 6)
+  path.write_bytes(gzip.compress(first) + gzip.compress(second) + b'\0' * 10)
+  check_parsed(parse_fer2013_csv(str(path)), 24)
 
 
 @pytest.mark.parametrize('variant', ['crlf', 'bom', 'bom_crlf', 'no_final_newline', 'blank_lines'])
@@ -197,8 +199,8 @@ BAD_ROWS = {
 }
 
 
-@pytest.mark.parametrize('gz', [False, True], ids=['plain', 'gz'])
-@pytest.mark.parametrize('row', [0, 15, 29], ids=['first', 'middle', 'last'])
+@pytest.mark.parametrize('row,gz', [(0, False), (15, False), (29, False), (15, True)],
+                         ids=['first', 'middle', 'last', 'middle_gz'])
 @pytest.mark.parametrize('case', sorted(BAD_ROWS))
 def test_bad_row_reports_file_and_line(tmp_path, small_blocks, case, row, gz):
   lines = good_lines(30)
@@ -301,11 +303,12 @@ def test_header_only(tmp_path, final_newline):
     parse_fer2013_csv(path, skip_bad_rows=True)
 
 
-@pytest.mark.parametrize('header', ['emotion,pixels', 'emotion,pixels,Usage,extra', 'Emotion,Pixels,Usage',
-                                    'emotion, Usage, pixels', ''])
+@pytest.mark.parametrize('header', ['emotion,pixels', 'emotion,pixels,Usage,extra',
+                                    'Emotion,Pixels,Usage', 'emotion, Usage, pixels', ''])
 def test_wrong_header(tmp_path, header):
   path = write_csv(tmp_path / 'f.csv', good_lines(2), header=header)
-  with pytest.raises(DataError, match=r"f\.csv line 1: header is .*expected 'emotion,pixels,Usage'"):
+  expected = r"f\.csv line 1: header is .*expected 'emotion,pixels,Usage'"
+  with pytest.raises(DataError, match=expected):
     parse_fer2013_csv(path, skip_bad_rows=True)
 
 
@@ -348,6 +351,20 @@ def test_gz_name_without_gzip_data(tmp_path):
     parse_fer2013_csv(path)
 
 
+def test_gzip_bomb_is_bounded(tmp_path):
+  """A tiny .gz of one 200 MB line fails on the line length, without inflating it all."""
+  path = tmp_path / 'bomb.csv.gz'
+  path.write_bytes(gzip.compress(HEADER.encode() + b'\n' + b'7' * 200_000_000, compresslevel=1))
+  tracemalloc.start()
+  try:
+    with pytest.raises(DataError, match='line 2: longer than'):
+      parse_fer2013_csv(str(path))
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 80_000_000
+
+
 def test_overlong_line(tmp_path, small_blocks):
   path = write_csv(tmp_path / 'f.csv', good_lines(2) + ['1,' + '7 ' * 600_000 + ',Training'])
   with pytest.raises(DataError, match='line 4: longer than'):
@@ -357,15 +374,19 @@ def test_overlong_line(tmp_path, small_blocks):
 # --- load_fer2013_csv: Dataset, cache, skipped-row reporting -------------------------------------
 
 
-def test_load_dataset_and_cache(tmp_path):
-  path = write_csv(tmp_path / 'f.csv', good_lines(30))
+@pytest.mark.parametrize('sort_by_usage', [False, True], ids=['mixed', 'sorted'])
+def test_load_dataset_and_cache(tmp_path, sort_by_usage):
+  labels, pixels, usage = make_rows(30)
+  order = list(range(30))
+  if sort_by_usage:  # FER2013's own layout: the splits are views, not copies
+    order.sort(key=lambda r: FER2013_USAGES.index(usage[r]))
+  path = write_csv(tmp_path / 'f.csv', [row_text(labels[r], pixels[r], usage[r]) for r in order])
   cache_dir = str(tmp_path / 'cache')
   ds = load_fer2013_csv(path, cache_dir=cache_dir)
-  labels, pixels, usage = make_rows(30)
   assert ds.class_names == FER2013_CLASSES
   assert list(ds.splits) == list(FER2013_USAGES)
-  for i, name in enumerate(FER2013_USAGES):
-    rows = [r for r in range(30) if usage[r] == name]
+  for name in FER2013_USAGES:
+    rows = [r for r in order if usage[r] == name]
     split = ds[name]
     assert split.images.shape == (len(rows), 48, 48, 1) and split.images.dtype == np.uint8
     np.testing.assert_array_equal(split.images.reshape(len(rows), -1), pixels[rows])
@@ -374,6 +395,7 @@ def test_load_dataset_and_cache(tmp_path):
   again = load_fer2013_csv(path, cache_dir=cache_dir)
   for name in FER2013_USAGES:
     np.testing.assert_array_equal(again[name].images, ds[name].images)
+    np.testing.assert_array_equal(again[name].labels, ds[name].labels)
 
 
 def test_cached_load_reports_skipped_rows_again(tmp_path, caplog):
@@ -402,13 +424,22 @@ def test_load_missing_file(tmp_path):
 
 
 def test_real_fer2013(fer2013_path):
-  start = time.perf_counter()
-  parsed = parse_fer2013_csv(str(fer2013_path))
-  elapsed = time.perf_counter() - start
-  print(f'parsed {fer2013_path} ({parsed.rows_read} rows) in {elapsed:.2f} s')
+  tracemalloc.start()
+  try:
+    start = time.perf_counter()
+    parsed = parse_fer2013_csv(str(fer2013_path))
+    elapsed = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  print(f'parsed {fer2013_path} ({parsed.rows_read} rows) in {elapsed:.2f} s, '
+        f'peak memory {peak / 1e6:.0f} MB')
+  # Streamed: the peak stays below the 301 MB of text, output (83 MB) included.
+  assert peak < 300_000_000
   assert parsed.rows_read == 35887 and parsed.skipped == {}
   np.testing.assert_array_equal(np.bincount(parsed.usage), [28709, 3589, 3589])
-  np.testing.assert_array_equal(np.bincount(parsed.labels), [4953, 547, 5121, 8989, 6077, 4002, 6198])
+  np.testing.assert_array_equal(np.bincount(parsed.labels),
+                                [4953, 547, 5121, 8989, 6077, 4002, 6198])
   assert parsed.images.shape == (35887, 48, 48)
   # The first row of FER2013 starts 70 80 82 72 and is Angry/Training.
   np.testing.assert_array_equal(parsed.images[0, 0, :4], [70, 80, 82, 72])
