@@ -23,7 +23,7 @@ def main() -> None:
   p.add_argument('--size', type=int, default=None, help='model input size (default: config)')
   p.add_argument('--batch', type=int, default=None, help='global batch (default: config)')
   p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'))
-  p.add_argument('--lowering', default=None, choices=('auto', 'xla', 'reshape'))
+  p.add_argument('--lowering', default=None, choices=('auto', 'xla', 'dot'))
   p.add_argument('--parallel', default=None, choices=('jit', 'pmap'))
   p.add_argument('--devices', type=int, default=0, help='simulate N CPU devices (0: as found)')
   p.add_argument('--no-augment', action='store_true')

@@ -12,7 +12,7 @@ from fer_jax.errors import ConfigError, FerJaxError
 _CHOICES = {
     'parallel': ('jit', 'pmap'),
     'model.dtype': ('float32', 'bfloat16'),
-    'model.lowering': ('auto', 'xla', 'reshape'),
+    'model.lowering': ('auto', 'xla', 'dot'),
     'train.schedule': ('constant', 'cosine'),
     'data.source': ('csv', 'folders', 'synthetic'),
     'data.class_weights': ('balanced', 'max_over_count', 'none'),

@@ -72,25 +72,25 @@ def test_pool_lowerings_agree_on_odd_sizes(shape):
     return jnp.sum(layers.max_pool_2x2(x, lowering) * ct)
 
   pool = jax.jit(layers.max_pool_2x2, static_argnums=1)
-  out_x, out_r = pool(x, 'xla'), pool(x, 'reshape')
+  out_x, out_r = pool(x, 'xla'), pool(x, 'dot')
   assert out_r.shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])  # Keras floor(n/2).
   np.testing.assert_array_equal(out_r, out_x)
-  np.testing.assert_array_equal(jax.grad(loss)(x, 'reshape'), jax.grad(loss)(x, 'xla'))
+  np.testing.assert_array_equal(jax.grad(loss)(x, 'dot'), jax.grad(loss)(x, 'xla'))
   # Brute force for the first window: max of the top-left 2x2 block.
   np.testing.assert_array_equal(out_r[:, 0, 0], np.asarray(x)[:, :2, :2].max(axis=(1, 2)))
 
 
 def test_auto_lowering_follows_backend():
-  expected = 'reshape' if jax.default_backend() == 'cpu' else 'xla'
+  expected = 'dot' if jax.default_backend() == 'cpu' else 'xla'
   assert layers.resolve_lowering('auto') == expected
   with pytest.raises(ValueError):
     layers.resolve_lowering('cudnn')
 
 
 @pytest.mark.parametrize('size', [48, 150])
-def test_reshape_lowering_matches_xla(size):
+def test_dot_lowering_matches_xla(size):
   m_xla = models.get_model(_cfg(lowering='xla'), 7)
-  m_rs = models.get_model(_cfg(lowering='reshape'), 7)
+  m_rs = models.get_model(_cfg(lowering='dot'), 7)
   variables = _init(m_xla, size)
   # Same param tree: a checkpoint from one lowering loads into the other.
   assert (jax.tree_util.tree_structure(variables)
@@ -186,7 +186,7 @@ def test_get_model_reads_config():
 @pytest.mark.parametrize('overrides, match', [
     (dict(name='resnet9000'), 'seed_cnn'),
     (dict(dtype='float16'), 'bfloat16'),
-    (dict(lowering='cudnn'), 'reshape'),
+    (dict(lowering='cudnn'), 'dot'),
     (dict(dropout=(0.25, 0.5)), 'dropout'),
     (dict(dropout=(0.25, 0.5, 1.0)), 'dropout'),
 ])

@@ -46,7 +46,8 @@ class SeedCNN(nn.Module):
     dropout: rates after pool 1, after pool 2 and after Dense-128.
     dtype: compute dtype (float32 or bfloat16); params stay float32 and the
       logits are returned as float32 either way.
-    lowering: max-pool lowering, 'auto' | 'xla' | 'reshape' (see layers.py).
+    lowering: 'xla' (lax.conv + nn.max_pool), 'dot' (im2col matmul conv + reshape max-pool,
+      much faster on XLA:CPU) or 'auto' (dot on CPU, xla elsewhere); see layers.py.
   """
   num_classes: int = 7
   dropout: tuple[float, float, float] = (0.25, 0.25, 0.5)
@@ -60,11 +61,12 @@ class SeedCNN(nn.Module):
     p1, p2, p3 = self.dropout
     deterministic = not train
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
+    conv = layers.conv_fn(self.lowering)
     x = x.astype(self.dtype)
-    x = nn.relu(nn.Conv(32, (3, 3), padding='VALID', name='conv1', **kw)(x))
+    x = nn.relu(nn.Conv(32, (3, 3), padding='VALID', name='conv1', conv_general_dilated=conv, **kw)(x))
     x = layers.max_pool_2x2(x, self.lowering)
     x = nn.Dropout(p1, deterministic=deterministic, name='drop1')(x)
-    x = nn.relu(nn.Conv(64, (3, 3), padding='VALID', name='conv2', **kw)(x))
+    x = nn.relu(nn.Conv(64, (3, 3), padding='VALID', name='conv2', conv_general_dilated=conv, **kw)(x))
     x = layers.max_pool_2x2(x, self.lowering)
     x = nn.Dropout(p2, deterministic=deterministic, name='drop2')(x)
     x = x.reshape(x.shape[0], -1)  # Keras Flatten on NHWC: same (H, W, C) order.
