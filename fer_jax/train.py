@@ -24,13 +24,14 @@ from fer_jax.config_checks import check_workdir_writable, validate_config
 from fer_jax.data import pipeline
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
 from fer_jax.data.types import Split
+from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.metric_writer import MetricWriter
 from fer_jax.models import get_model
 from fer_jax.train_step import StepContext, create_train_state, eval_step, make_optimizer, train_step
 
 
 def evaluate(eval_fn: Callable, params: Any, split: Split, *, global_batch: int, mode: str,
-             mesh: jax.sharding.Mesh, num_classes: int) -> dict[str, Any]:
+             mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """Exact metrics over every example of `split` (the last batch is padded and masked)."""
   totals = None
   for batch in pipeline.eval_batches(split, global_batch=global_batch,
@@ -99,7 +100,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_chief = jax.process_index() == 0
   mode = config.parallel
   if mode == 'pmap' and jax.process_count() > 1:
-    from fer_jax.errors import ConfigError
     raise ConfigError("config.parallel='pmap' is single-host; use 'jit' across hosts")
   mesh = parallel.make_mesh()
   global_batch = config.train.batch_size
@@ -115,7 +115,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_split = dataset[config.data.eval_split]
   spe = pipeline.steps_per_epoch(len(train_split), global_batch)
   if spe == 0:
-    from fer_jax.errors import ConfigError
     raise ConfigError(f'config.train.batch_size={global_batch} is larger than the '
                       f'{len(train_split)} training examples')
   total_steps = spe * config.train.epochs
@@ -152,8 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps = compile_steps(ctx, mode, mesh)
   train_fn, eval_fn, put_batch, canonical = steps.train, steps.eval, steps.put_batch, steps.canonical
   state = steps.prepare_state(state)
-  run_eval = functools.partial(evaluate, eval_fn, global_batch=eval_batch, mode=mode, mesh=mesh,
-                               num_classes=dataset.num_classes)
+  run_eval = functools.partial(evaluate, eval_fn, global_batch=eval_batch, mode=mode, mesh=mesh)
 
   # ---- Train loop ---------------------------------------------------------------------------
   writer = MetricWriter(workdir, enabled=is_chief)
@@ -180,7 +178,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ips = len(window) * global_batch / max(now - t_last, 1e-9)
       means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
       if not np.isfinite(means['loss']):
-        from fer_jax.errors import FerJaxError
         raise FerJaxError(f'loss became {means["loss"]} by step {step}: training diverged '
                           '(lower config.train.learning_rate?)')
       for k, v in means.items():
@@ -211,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- Final evaluation of the best checkpoint ------------------------------------------------
   best_step = manager.best_step()
   if best_step is None:
-    raise RuntimeError('no checkpoint was written')
+    raise FerJaxError(f'no checkpoint in {workdir}: nothing to evaluate')
   best_state, _ = checkpointing.restore(manager, best_step, abstract_state)
   best_params = best_state.params
   best_params = steps.prepare_state(best_params)

@@ -19,6 +19,8 @@ import optax
 from flax.training import train_state
 
 from fer_jax import augment
+from fer_jax.errors import ConfigError
+from fer_jax.models import l2_kernels
 
 TrainState = train_state.TrainState
 
@@ -48,7 +50,6 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -
   elif train_cfg.schedule == 'constant':
     lr = train_cfg.learning_rate
   else:
-    from fer_jax.errors import ConfigError
     raise ConfigError(f"config.train.schedule={train_cfg.schedule!r}: expected 'constant' or 'cosine'")
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: path[-1].key == 'kernel', params)
@@ -70,10 +71,9 @@ def _example_keys(ctx: StepContext, step: jax.Array, batch_size: int, axis_name:
   return pair[:, 0], pair[:, 1]
 
 
-def l2_penalty(params: Any) -> jax.Array:
+def l2_penalty(model: nn.Module, params: Any) -> jax.Array:
   """Keras `kernel_regularizer=l2(lam)` adds lam * sum(W**2) of the regularised kernels."""
-  from fer_jax.models import l2_kernels
-  return sum(jnp.sum(jnp.square(k)) for k in l2_kernels(params))
+  return sum(jnp.sum(jnp.square(k)) for k in l2_kernels(model, params))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
@@ -92,7 +92,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
     logits = jax.vmap(one)(x, drop_keys)
     # Keras class_weight: per-example weight, mean over the batch size (not over the weights).
     data_loss = jnp.mean(weights * optax.softmax_cross_entropy(logits, targets))
-    return data_loss + ctx.l2 * l2_penalty(params), (data_loss, logits)
+    return data_loss + ctx.l2 * l2_penalty(ctx.model, params), (data_loss, logits)
 
   (loss, (data_loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {'loss': loss, 'data_loss': data_loss,

@@ -23,3 +23,25 @@ def fer2013_path() -> pathlib.Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
   """Each test session caches parsed data in its own temporary directory."""
   monkeypatch.setenv('FER_JAX_CACHE', str(tmp_path_factory.getbasetemp() / 'fer_jax_cache'))
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory) -> pathlib.Path:
+  """ONE tiny synthetic run (2 epochs, ~15 s), shared read-only by the evaluate/report/predict tests.
+
+  Its data cache is the session's (as `_isolated_cache`), named in the config so the tools that
+  reload the dataset from the checkpoint's config find it.
+  """
+  from experiments import synthetic
+  from fer_jax import train
+  c = synthetic.get_config()
+  c.data.synthetic_train = 384
+  c.data.synthetic_test = 100
+  c.data.cache_dir = str(tmp_path_factory.getbasetemp() / 'fer_jax_cache')
+  c.train.batch_size = 32
+  c.train.eval_batch_size = 64
+  c.train.epochs = 2
+  c.train.log_every_steps = 4
+  workdir = tmp_path_factory.mktemp('trained_workdir')
+  train.train_and_evaluate(c, str(workdir))
+  return workdir

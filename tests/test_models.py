@@ -53,12 +53,8 @@ def test_param_tree_names_and_l2_path():
   model = models.get_model(_cfg(), 7)
   params = _init(model, 48)['params']
   assert set(params) == {'conv1', 'conv2', 'dense1', 'logits'}
-  (kernel,) = seed_cnn.l2_penalty_params(params)
+  (kernel,) = models.l2_kernels(model, params)  # what the loss penalises
   assert kernel is params['dense1']['kernel'] and kernel.shape == (6400, 128)
-  (kernel2,) = models.l2_penalty_params(model, params)
-  assert kernel2 is kernel
-  (kernel3,) = models.l2_kernels(params)  # Architecture-agnostic lookup used by the loss.
-  assert kernel3 is kernel
 
 
 @pytest.mark.parametrize('shape', [(2, 46, 46, 3), (2, 21, 21, 5), (1, 23, 22, 2), (3, 7, 9, 1),

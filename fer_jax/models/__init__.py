@@ -1,10 +1,9 @@
 """Model registry: `get_model(c.model, num_classes)` builds a Flax module by name.
 
 A new model slots in by adding a builder `(model_cfg, num_classes) -> nn.Module`
-to `MODELS` and its class to `_MODEL_CLASSES`. Every model class declares
-`L2_KERNEL_PATHS` (a ClassVar of key paths inside variables['params']) so the
-loss finds the kernels that take the Keras-style L2 penalty without knowing
-the architecture: `l2_kernels(params)` or `l2_penalty_params(model, params)`.
+to `MODELS`. Every model class declares `L2_KERNEL_PATHS` (a ClassVar of key
+paths inside variables['params']) so the loss finds the kernels that take the
+Keras-style L2 penalty without knowing the architecture: `l2_kernels(model, params)`.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ def _seed_cnn(model_cfg: Any, num_classes: int) -> nn.Module:
 MODELS: dict[str, Callable[[Any, int], nn.Module]] = {
     'seed_cnn': _seed_cnn,
 }
-_MODEL_CLASSES: tuple[type[nn.Module], ...] = (SeedCNN,)
 
 
 def get_model(model_cfg: Any, num_classes: int) -> nn.Module:
@@ -71,31 +69,15 @@ def count_params(params: Any) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def l2_penalty_params(model: nn.Module, params: Any) -> list[jax.Array]:
-  """The kernels of `model` that take the L2 penalty, from variables['params']."""
-  return [_lookup(params, path) for path in type(model).L2_KERNEL_PATHS]
-
-
-def l2_kernels(params: Any) -> list[jax.Array]:
-  """The L2-penalised kernels in `params` (variables['params']) of any registered model.
-
-  Looks up every registered model's `L2_KERNEL_PATHS` and returns the kernels
-  present, each once; for SeedCNN that is [params['dense1']['kernel']].
-  """
-  paths = dict.fromkeys(p for cls in _MODEL_CLASSES for p in cls.L2_KERNEL_PATHS)
+def l2_kernels(model: nn.Module, params: Any) -> list[jax.Array]:
+  """The kernels that take the Keras-style L2 penalty: `type(model).L2_KERNEL_PATHS` in params."""
   out = []
-  for path in paths:
-    try:
-      out.append(_lookup(params, path))
-    except (KeyError, TypeError):
-      continue
+  for path in type(model).L2_KERNEL_PATHS:
+    tree = params
+    for key in path:
+      tree = tree[key]
+    out.append(tree)
   return out
 
 
-__all__ = ['MODELS', 'SeedCNN', 'count_params', 'get_model', 'l2_kernels', 'l2_penalty_params']
+__all__ = ['MODELS', 'SeedCNN', 'count_params', 'get_model', 'l2_kernels']

@@ -10,7 +10,7 @@ Here the last layer returns float32 logits; the softmax lives in the loss.
 Parameter names are fixed (conv1, conv2, dense1, logits) and identical for
 every pooling lowering and dtype, so checkpoints move freely between them.
 The Keras L2 penalty applies to the Dense-128 kernel only, which lives at
-params['dense1']['kernel'] (see `L2_KERNEL_PATHS` / `l2_penalty_params`).
+params['dense1']['kernel'] (see `SeedCNN.L2_KERNEL_PATHS`).
 """
 
 from __future__ import annotations
@@ -22,21 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from fer_jax.models import layers
-
-# Paths (inside variables['params']) of the kernels that get the L2 penalty.
-L2_KERNEL_PATHS: tuple[tuple[str, ...], ...] = (('dense1', 'kernel'),)
-
-
-def l2_penalty_params(params: Any) -> list[jax.Array]:
-  """The arrays the Keras-style L2 penalty applies to (variables['params'])."""
-  return [_get_path(params, path) for path in L2_KERNEL_PATHS]
-
-
-def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
 
 class SeedCNN(nn.Module):
   """The seed notebook's CNN; NHWC float input (B, S, S, 1) -> (B, K) logits.
@@ -54,7 +39,8 @@ class SeedCNN(nn.Module):
   dtype: Any = jnp.float32
   lowering: str = 'auto'
 
-  L2_KERNEL_PATHS: ClassVar[tuple[tuple[str, ...], ...]] = L2_KERNEL_PATHS
+  # Paths (inside variables['params']) of the kernels that get the Keras L2 penalty.
+  L2_KERNEL_PATHS: ClassVar[tuple[tuple[str, ...], ...]] = (('dense1', 'kernel'),)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

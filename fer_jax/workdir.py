@@ -1,0 +1,163 @@
+"""Loads a trained workdir once for the evaluation, report and prediction tools.
+
+A checkpoint carries everything needed to rebuild the model and its input pipeline: the config,
+the class names and the training pixel statistics (its 'meta' item). Only the parameters of the
+train state are read: the abstract target holds `params` alone and orbax restores that subtree,
+so neither the optimizer nor the data iterator has to be rebuilt, and the weights land directly
+on the requested sharding (replicated over a mesh, or on one device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from fer_jax import checkpointing
+from fer_jax.errors import FerJaxError
+from fer_jax.models import get_model
+
+CHECKPOINT_CHOICES = "'best', 'latest' or a step number"
+# What orbax says, as a warning, about every read-only manager: expected here, so not shown.
+_READ_ONLY_NOTICES = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
+
+
+class _DropReadOnlyNotices(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_READ_ONLY_NOTICES)
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+  absl_logger = logging.getLogger('absl')
+  notice_filter = _DropReadOnlyNotices()
+  absl_logger.addFilter(notice_filter)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(notice_filter)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """A restored checkpoint: the model, its parameters and how its inputs were prepared."""
+  workdir: str
+  checkpoint: str  # as asked for: 'best', 'latest' or the step as a string
+  step: int
+  config: ml_collections.ConfigDict
+  class_names: tuple[str, ...]
+  pixel_mean: float
+  pixel_std: float
+  model: nn.Module
+  params: Any
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def image_size(self) -> int:
+    """The model's input side length (the device resizes to it)."""
+    return int(self.config.model.image_size)
+
+  @property
+  def data_size(self) -> int:
+    """The side length of the stored training images: 48 for FER2013 CSV and synthetic data.
+
+    Faces cropped from photos are resized to this on the host, so they reach the model through
+    the same device-side resize (48 -> image_size) as the training images did.
+    """
+    return self.image_size if self.config.data.source == 'folders' else 48
+
+
+def resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int) -> int:
+  """'best' (by PublicTest accuracy), 'latest', or an existing step number -> the step."""
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FerJaxError(f'{manager.directory}: no checkpoints (has this workdir been trained?)')
+  spec = str(checkpoint).strip()
+  if spec == 'latest':
+    return int(manager.latest_step())
+  if spec == 'best':
+    best = manager.best_step()
+    return int(best if best is not None else manager.latest_step())
+  try:
+    step = int(spec)
+  except ValueError:
+    raise FerJaxError(f'checkpoint={spec!r}: expected {CHECKPOINT_CHOICES}') from None
+  if step not in steps:
+    raise FerJaxError(f'{manager.directory}: no checkpoint at step {step}; kept steps: '
+                      f'{", ".join(map(str, steps))}')
+  return step
+
+
+def default_sharding() -> jax.sharding.Sharding:
+  """Replicated over all devices on the training mesh's 'data' axis."""
+  from fer_jax import parallel
+  return parallel.replicated(parallel.make_mesh())
+
+
+def load(workdir: str, checkpoint: str | int = 'best', *,
+         sharding: jax.sharding.Sharding | None = None) -> TrainedModel:
+  """Restores the parameters and metadata of one checkpoint of `workdir`.
+
+  Args:
+    workdir: a directory written by `train_and_evaluate` (it holds checkpoints/).
+    checkpoint: 'best' (highest PublicTest accuracy), 'latest' or a step number.
+    sharding: where the parameters go; replicated over every device when None.
+
+  Raises:
+    FerJaxError: a missing workdir, no checkpoints, or an unknown step, as one line.
+  """
+  workdir = os.path.abspath(os.fspath(workdir))
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    what = 'has no checkpoints/ directory' if os.path.isdir(workdir) else 'not found'
+    raise FerJaxError(f'workdir {workdir}: {what}')
+  with _quiet_read_only():
+    manager = checkpointing.make_manager(workdir, keep_latest=1, keep_best=1, read_only=True)
+  try:
+    step = resolve_step(manager, checkpoint)
+    meta = checkpointing.restore_meta(manager, step)
+    config = ml_collections.ConfigDict(meta['config'])
+    class_names = tuple(meta['class_names'])
+    model = get_model(config.model, len(class_names))
+    size = int(config.model.image_size)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1), jnp.float32),
+                           train=False)['params'])
+    sharding = sharding or default_sharding()
+    target = {'params': jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+  finally:
+    manager.close()
+  return TrainedModel(workdir=workdir, checkpoint=str(checkpoint), step=step, config=config,
+                      class_names=class_names, pixel_mean=float(meta['pixel_mean']),
+                      pixel_std=float(meta['pixel_std']), model=model,
+                      params=restored['state']['params'])
+
+
+class _QuietLibraries(logging.Filter):
+  """orbax's and grain's INFO records, hidden unless --verbosity is raised (as launch.py)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    from absl import logging as absl_logging
+    noisy = '/orbax/' in record.pathname or '/grain/' in record.pathname
+    return not noisy or record.levelno >= logging.WARNING or absl_logging.get_verbosity() > 0
+
+
+def quiet_library_logs() -> None:
+  """For the command-line tools: keep their output to what they report."""
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())

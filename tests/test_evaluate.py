@@ -1,0 +1,130 @@
+"""fer_jax.evaluate: exact metrics, TTA views on the device, image folders, the CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from fer_jax import evaluate, workdir
+from fer_jax.data.types import FER2013_CLASSES
+from fer_jax.errors import ConfigError, FerJaxError
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope='module')
+def trained(trained_workdir):
+  return workdir.load(str(trained_workdir), 'best')
+
+
+@pytest.fixture(scope='module')
+def private_test(trained):
+  return evaluate.load_eval_data(trained, 'PrivateTest')[1]
+
+
+def test_tta_views_geometry():
+  ch, cw, views = evaluate.tta_views('tencrop', 48, 48)
+  assert (ch, cw) == (42, 42)
+  assert len({tuple(v) for v in views}) == 10
+  assert {(y, x) for y, x, _ in views} == {(0, 0), (0, 6), (6, 0), (6, 6), (3, 3)}
+  assert sorted(views[:, 2]) == [0] * 5 + [1] * 5
+  assert evaluate.tta_views('flip', 48, 48)[2].tolist() == [[0, 0, 0], [0, 0, 1]]
+  assert evaluate.tta_views('tencrop', 150, 150)[:2] == (131, 131)
+  with pytest.raises(ConfigError, match='tta'):
+    evaluate.tta_views('fivecrop', 48, 48)
+
+
+def test_none_equals_the_training_loops_evaluation(trained, trained_workdir):
+  results = json.loads((trained_workdir / 'results.json').read_text())
+  assert trained.step == results['best_step']
+  for split in ('PublicTest', 'PrivateTest'):
+    report, probs, data = evaluate.evaluate(trained, split=split, tta='none', batch_size=24)
+    expected = results['splits'][split]
+    assert report['confusion_matrix'] == expected['confusion_matrix']
+    assert report['accuracy'] == pytest.approx(expected['accuracy'])
+    assert report['loss'] == pytest.approx(expected['loss'], rel=1e-4)
+    assert probs.shape == (len(data), 7)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    assert report['test_time_augmentation'] == 'none' and report['tta_views'] == 1
+
+
+def test_flip_averages_image_and_mirror(trained, private_test):
+  images = private_test.images[:16]
+  none = jax.jit(evaluate.predict_probs_fn(trained, 'none'))
+  flip = jax.jit(evaluate.predict_probs_fn(trained, 'flip'))
+  expected = (np.asarray(none(trained.params, images)) +
+              np.asarray(none(trained.params, images[:, :, ::-1]))) / 2
+  np.testing.assert_allclose(np.asarray(flip(trained.params, images)), expected, atol=1e-6)
+
+
+def test_tencrop_averages_the_ten_static_crops(trained, private_test):
+  images = private_test.images[:8]
+  none = jax.jit(evaluate.predict_probs_fn(trained, 'none'))
+  tencrop = jax.jit(evaluate.predict_probs_fn(trained, 'tencrop'))
+  pixels = images.astype(np.float32)
+  total = 0
+  for top, left in ((0, 0), (0, 6), (6, 0), (6, 6), (3, 3)):
+    crop = jax.image.resize(pixels[:, top:top + 42, left:left + 42], (8, 48, 48, 1), 'linear')
+    for view in (crop, crop[:, :, ::-1]):
+      total = total + np.asarray(none(trained.params, view))
+  np.testing.assert_allclose(np.asarray(tencrop(trained.params, images)), total / 10, atol=1e-5)
+  # And the views differ: ten-crop is not the plain prediction.
+  assert not np.allclose(total / 10, np.asarray(none(trained.params, images)), atol=1e-4)
+
+
+def _write_class_folders(root, split, limit=None):
+  for i, (image, label) in enumerate(zip(split.images[:limit], split.labels[:limit])):
+    folder = root / FER2013_CLASSES[label].capitalize()
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0]).save(folder / f'{i:04d}.png')
+
+
+def test_image_folders_give_the_same_numbers(trained, private_test, tmp_path):
+  direct, _, _ = evaluate.evaluate(trained, split='PrivateTest', tta='flip')
+  _write_class_folders(tmp_path / 'fer' / 'test', private_test)
+  # One folder of emotion folders: the folder is the split.
+  single, _, data = evaluate.evaluate(trained, tta='flip', data_path=str(tmp_path / 'fer' / 'test'))
+  assert single['split'] == 'test' and len(data) == len(private_test)
+  assert single['confusion_matrix'] == direct['confusion_matrix']
+  assert 'image folder' in single['data']
+  # The Kaggle root (train/ and test/): test/ serves as PrivateTest.
+  _write_class_folders(tmp_path / 'fer' / 'train', private_test, limit=30)
+  root, _, _ = evaluate.evaluate(trained, split='PrivateTest', tta='flip',
+                                 data_path=str(tmp_path / 'fer'))
+  assert root['confusion_matrix'] == direct['confusion_matrix']
+
+
+def test_unknown_checkpoint_and_split_are_one_line_errors(trained_workdir, trained):
+  with pytest.raises(FerJaxError, match='no checkpoint at step 5; kept steps: 12, 24'):
+    workdir.load(str(trained_workdir), 5)
+  with pytest.raises(FerJaxError, match="expected 'best', 'latest' or a step"):
+    workdir.load(str(trained_workdir), 'newest')
+  with pytest.raises(FerJaxError, match='not found'):
+    workdir.load(str(trained_workdir / 'nope'))
+  with pytest.raises(ConfigError, match="split 'Validation' not in the dataset"):
+    evaluate.evaluate(trained, split='Validation')
+
+
+def test_cli_prints_table_and_writes_json(trained_workdir, tmp_path):
+  work = tmp_path / 'w'
+  shutil.copytree(trained_workdir, work)
+  out = subprocess.run([sys.executable, '-m', 'fer_jax.evaluate', f'--workdir={work}',
+                        '--tta=tencrop', '--checkpoint=latest', '--split=PublicTest'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'test-time augmentation: tencrop (10 views)' in out.stdout
+  assert 'macro_f1' in out.stdout and 'surprise' in out.stdout
+  saved = json.loads((work / 'eval' / 'PublicTest_latest_tencrop.json').read_text())
+  assert saved['test_time_augmentation'] == 'tencrop' and saved['step'] == 24
+  assert np.asarray(saved['confusion_matrix']).sum() == saved['num_examples'] == 100
+  assert len(saved['per_class_f1']) == 7 and saved['class_names'][3] == 'happy'
+  bad = subprocess.run([sys.executable, '-m', 'fer_jax.evaluate', f'--workdir={work}',
+                        '--checkpoint=7'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1
+  assert 'error:' in bad.stderr and 'step 7' in bad.stderr and 'Traceback' not in bad.stderr
