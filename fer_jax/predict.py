@@ -1,7 +1,7 @@
 """Find the faces in photos (or video frames) and name their expressions.
 
   python -m fer_jax.predict --workdir W [--checkpoint best] [--annotate_dir DIR]
-      [--whole_image] [--detector haar|none] [--margin 0.2] PATH...
+      [--whole_image] [--detector haar|none] [--margin 0.1] PATH...
 
 PATH may be image files, folders (searched recursively for images and videos) or video files
 (read frame by frame with OpenCV, every --frame_step-th frame). For each image or frame one JSON
@@ -178,14 +178,15 @@ class Predictor:
     checkpoint: 'best', 'latest' or a step.
     detector: 'haar' (default), 'none' (the whole image is the face) or a callable
       gray uint8 (H, W) -> int (N, 4) [x, y, w, h] boxes.
-    margin: fraction of the box side added on every side before cropping (FER2013's faces
-      include the forehead and chin, which a Haar box cuts off).
+    margin: fraction of the box side added on every side before cropping. FER2013's faces
+      are cropped tight, about a Haar box plus 0.1: on skimage's astronaut a model trained on
+      FER2013 says happy with p=0.91 at margin 0.1, 0.81 at 0.2 and 0.66 at 0.3.
     whole_image_fallback: when no face is found, classify the whole image as one face.
     tta: test-time augmentation, as in fer_jax.evaluate ('none', 'flip', 'tencrop').
   """
 
   def __init__(self, workdir: str, checkpoint: str | int = 'best', *,
-               detector: str | Detector = 'haar', margin: float = 0.2,
+               detector: str | Detector = 'haar', margin: float = 0.1,
                whole_image_fallback: bool = False, tta: str = 'none'):
     from fer_jax import evaluate
     from fer_jax import workdir as workdir_lib
@@ -439,7 +440,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'best', "'best' (PublicTest accuracy), 'latest' or a step.")
   flags.DEFINE_enum('detector', 'haar', ('haar', 'none'),
                     "'haar': OpenCV's frontal-face cascade; 'none': each image is one face.")
-  flags.DEFINE_float('margin', 0.2, 'Added around each detected box, as a fraction of its side.')
+  flags.DEFINE_float('margin', 0.1, 'Added around each detected box, as a fraction of its side.')
   flags.DEFINE_bool('whole_image', False, 'Classify the whole image as one face when no face is '
                     'detected.')
   flags.DEFINE_string('annotate_dir', '', 'Write a copy of each image with boxes and the top '

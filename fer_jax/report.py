@@ -116,8 +116,12 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def training_curves(records: Sequence[dict[str, Any]], path: str, *, eval_split: str = 'PublicTest',
-                    best_step: int | None = None, steps_per_epoch: float | None = None) -> str | None:
-  """Loss and accuracy per epoch, train vs `eval_split`; None when there is nothing per epoch."""
+                    mark_step: int | None = None, mark_label: str = 'best checkpoint',
+                    steps_per_epoch: float | None = None) -> str | None:
+  """Loss and accuracy per epoch, train vs `eval_split`; None when there is nothing per epoch.
+
+  `mark_step` (e.g. the evaluated checkpoint) is drawn as a dashed line labelled `mark_label`.
+  """
   train = [r for r in records if r.get('split') == 'train' and 'epoch' in r]
   evals = [r for r in records if r.get('split') == eval_split and 'epoch' in r]
   if not train and not evals:
@@ -133,9 +137,9 @@ def training_curves(records: Sequence[dict[str, Any]], path: str, *, eval_split:
     if evals:
       ax.plot([r['epoch'] for r in evals], [r[key] for r in evals], 's-', ms=3.5,
               color=_COLORS['PublicTest'], label=eval_split)
-    if best_step is not None and steps_per_epoch:
-      ax.axvline(best_step / steps_per_epoch, color='0.45', ls='--', lw=1,
-                 label=f'best checkpoint (epoch {best_step / steps_per_epoch:g})')
+    if mark_step is not None and steps_per_epoch:
+      epoch = mark_step / steps_per_epoch
+      ax.axvline(epoch, color='0.45', ls='--', lw=1, label=f'{mark_label} (epoch {epoch:.3g})')
     ax.set_xlabel('epoch')
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
@@ -288,7 +292,7 @@ def build_dataset_report(dataset: Dataset, source: str, out_dir: str) -> str:
   figs = dataset_figures(dataset, out_dir)
   counts = [(name, *np.bincount(s.labels, minlength=dataset.num_classes).tolist(), len(s))
             for name, s in dataset.splits.items()]
-  lines = [f'# Dataset report', '', f'Data: {source}', '',
+  lines = ['# Dataset report', '', f'Data: {source}', '',
            _markdown_table(('split', *dataset.class_names, 'total'), counts), '',
            '## Class distribution', '', f'![class distribution]({_rel(figs["class_distribution"], out_dir)})',
            '', '## Example faces', '', f'![examples]({_rel(figs["examples"], out_dir)})', '']
@@ -313,9 +317,10 @@ def build_report(trained, out_dir: str, *, split: str = 'PrivateTest', tta: str 
   records = read_metrics(trained.workdir)
   results = _read_json(os.path.join(trained.workdir, 'results.json'))
   spe = _steps_per_epoch(records)
+  mark = 'best checkpoint' if trained.checkpoint == 'best' else f'checkpoint {trained.checkpoint}'
   curves = training_curves(records, os.path.join(out_dir, 'training_curves.png'),
-                           eval_split=trained.config.data.eval_split,
-                           best_step=(results or {}).get('best_step'), steps_per_epoch=spe)
+                           eval_split=trained.config.data.eval_split, mark_step=trained.step,
+                           mark_label=mark, steps_per_epoch=spe)
 
   data = dataset[split]
   probs = evaluate.predict_split(trained, data, tta=tta,
@@ -332,7 +337,8 @@ def build_report(trained, out_dir: str, *, split: str = 'PrivateTest', tta: str 
     raise ConfigError(f'samples {bad} are outside {split} (0..{len(data) - 1})')
   figs['samples'] = sample_predictions(data, probs, indices, names,
                                        os.path.join(out_dir, 'sample_predictions.png'),
-                                       title=f'Predicted probabilities: {what}')
+                                       title=f'Predicted probabilities: {what}\n'
+                                       '(green: the true class; red: a wrong prediction)')
   mistakes = confident_mistakes(data, probs, names, os.path.join(out_dir, 'confident_mistakes.png'),
                                 title=f'Most confident mistakes: {what}', count=num_mistakes)
 

@@ -51,7 +51,7 @@ def test_read_metrics_keeps_the_last_record_per_step(tmp_path):
   assert [(r['split'], r['loss']) for r in records] == [('PublicTest', 1.9), ('train', 1.5)]
   assert report._steps_per_epoch(records) == 12
   assert report.training_curves([], str(tmp_path / 'x.png')) is None
-  assert report.training_curves(records, str(tmp_path / 'c.png'), best_step=12,
+  assert report.training_curves(records, str(tmp_path / 'c.png'), mark_step=12,
                                 steps_per_epoch=12) == str(tmp_path / 'c.png')
 
 
