@@ -2,6 +2,12 @@
 
 Run: python launch.py --config experiments/base.py \
        --config.data.path=../shared/data/fer2013.csv.gz --workdir runs/base
+
+The layers are the seed's; the recipe is sized for a ~10-minute budget on a 2-core CPU, where
+the model underfits (train accuracy under dropout stays below PublicTest), so it regularises
+lightly: dropout 0.1 / 0.1 / 0.25 instead of 0.25 / 0.25 / 0.5, horizontal flips only,
+per-image standardization (removes lighting), adamw 2e-3 with warmup + cosine decay, batch 32,
+no class weights. Measured on PublicTest at equal epochs, each change helped (see the README).
 """
 
 import ml_collections
@@ -31,24 +37,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.name = 'seed_cnn'
   c.model.image_size = 48  # 48 (native) or 150 (the reference project's)
   c.model.dtype = 'float32'  # 'float32' | 'bfloat16' compute dtype
-  c.model.dropout = (0.25, 0.25, 0.5)
+  c.model.dropout = (0.1, 0.1, 0.25)  # the seed's rates: (0.25, 0.25, 0.5)
   c.model.lowering = 'auto'  # 'auto' | 'xla' | 'dot' (conv + pooling lowering)
 
   c.augment = ml_collections.ConfigDict()
   c.augment.enabled = True
   c.augment.flip = True
-  c.augment.rotation_deg = 10.0
-  c.augment.zoom = 0.1  # scale in [1 - zoom, 1 + zoom]
-  c.augment.shift = 0.1  # fraction of the image size
+  c.augment.rotation_deg = 0.0
+  c.augment.zoom = 0.0  # scale in [1 - zoom, 1 + zoom]
+  c.augment.shift = 0.0  # fraction of the image size
   c.augment.shear_deg = 0.0
   c.augment.brightness = 0.0  # additive, fraction of the range
   c.augment.contrast = 0.0  # multiplicative in [1 - c, 1 + c]
-  c.augment.standardize = 'dataset'  # 'dataset' | 'per_image' | 'none'
+  c.augment.standardize = 'per_image'  # 'dataset' | 'per_image' | 'none'
 
   c.train = ml_collections.ConfigDict()
-  c.train.epochs = 30
-  c.train.batch_size = 64  # global batch
-  c.train.learning_rate = 1e-3
+  c.train.epochs = 8
+  c.train.batch_size = 32  # global batch
+  c.train.learning_rate = 2e-3
   c.train.schedule = 'cosine'  # 'constant' | 'cosine'
   c.train.warmup_epochs = 1.0
   c.train.weight_decay = 1e-4  # adamw decoupled decay

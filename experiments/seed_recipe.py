@@ -13,6 +13,10 @@ from experiments import base
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.data.class_weights = 'max_over_count'
+  c.model.dropout = (0.25, 0.25, 0.5)
+  c.train.batch_size = 64
+  c.train.learning_rate = 1e-3
+  c.augment.flip = True
   c.augment.rotation_deg = 20.0
   c.augment.zoom = 0.2
   c.augment.shift = 0.2
