@@ -5,6 +5,7 @@ command on every host; `jax.distributed` starts when the environment (SLURM, Clo
 the --coordinator_address/--num_processes/--process_id flags say so.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -56,9 +57,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _config_name() -> str:
-  import os
   return os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]
 
 
 if __name__ == '__main__':
+  from fer_jax import runtime
+  tuned = runtime.tuned_environ()
+  if tuned is not None:  # glibc reads its malloc settings at start-up: run again with them
+    os.execve(sys.executable, [sys.executable] + sys.argv, tuned)
   app.run(main, flags_parser=_parse_flags)

@@ -29,7 +29,14 @@ def main() -> None:
   p.add_argument('--no-augment', action='store_true')
   p.add_argument('--windows', type=int, default=5)
   p.add_argument('--steps-per-window', type=int, default=10)
+  p.add_argument('--no-malloc-tuning', action='store_true',
+                 help="glibc's default allocator settings (see fer_jax/runtime.py)")
   args = p.parse_args()
+  from fer_jax import runtime
+  if args.no_malloc_tuning:
+    os.environ.setdefault('FER_JAX_MALLOC_TUNED', '0')
+  elif (tuned := runtime.tuned_environ()) is not None:  # as launch.py does
+    os.execve(sys.executable, [sys.executable] + sys.argv, tuned)
   if args.devices:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={args.devices}')
@@ -86,6 +93,7 @@ def main() -> None:
       'augment': bool(config.augment.enabled), 'model': config.model.name,
       'windows': [round(r, 1) for r in rates], 'backend': jax.default_backend(),
       'jax': jax.__version__,
+      'malloc_tuned': os.environ.get('FER_JAX_MALLOC_TUNED') == '1',
   }
   print(json.dumps(result))
 

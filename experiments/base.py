@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.standardize = 'per_image'  # 'dataset' | 'per_image' | 'none'
 
   c.train = ml_collections.ConfigDict()
-  c.train.epochs = 8
+  c.train.epochs = 14
   c.train.batch_size = 32  # global batch
   c.train.learning_rate = 2e-3
   c.train.schedule = 'cosine'  # 'constant' | 'cosine'
@@ -65,5 +65,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 0  # 0: checkpoint at the end of every epoch only
   c.train.keep_latest = 2
   c.train.keep_best = 1
+  c.train.restart_if_unreadable = False  # True: no readable checkpoint -> train from scratch
   c.train.eval_batch_size = 512
   return c

@@ -3,19 +3,28 @@
 Keeps the latest N and the best M by PublicTest accuracy. The two are combined with a
 preservation policy: orbax's `best_fn` together with `max_to_keep` would delete the newest
 checkpoints, which breaks resuming.
+
+Resuming tolerates damaged checkpoints (a truncated or deleted file, say from a full disk):
+`restore_newest_readable` tries the steps newest first, and `set_aside` moves the unreadable
+ones out of the way, since orbax silently skips saving a step that is not newer than its
+latest one.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, NamedTuple
 
+from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 BEST_METRIC = 'accuracy'
+UNREADABLE_DIR = 'checkpoints_unreadable'
 
 
 def make_manager(workdir: str, *, keep_latest: int, keep_best: int,
@@ -62,3 +71,56 @@ def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs carrying the shardings of `tree`, as restore targets."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Restored(NamedTuple):
+  """What `restore_newest_readable` found: `step` is None when no checkpoint was readable."""
+  step: int | None
+  state: Any
+  meta: dict | None
+  unreadable: dict[int, str]  # step -> why it could not be read, newest first
+
+
+def _reason(e: Exception) -> str:
+  first_line = (str(e).strip().splitlines() or [''])[0]
+  return f'{type(e).__name__}: {first_line[:200]}'
+
+
+def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
+                            data_iter: grain.DatasetIterator | None = None) -> Restored:
+  """Restores the newest step that reads back whole, warning about each newer one that doesn't.
+
+  When none is readable the iterator is put back where it was, so training can start fresh.
+  """
+  initial_iter_state = data_iter.get_state() if data_iter is not None else None
+  unreadable: dict[int, str] = {}
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, meta = restore(manager, step, abstract_state, data_iter)
+    except Exception as e:  # pylint: disable=broad-except
+      # orbax and tensorstore raise many types for a damaged file; any of them means unreadable.
+      unreadable[step] = _reason(e)
+      logging.warning('checkpoint step %d in %s is unreadable (%s); trying an older one', step,
+                      manager.directory, unreadable[step])
+      continue
+    return Restored(step, state, meta, unreadable)
+  if data_iter is not None:
+    data_iter.set_state(initial_iter_state)
+  return Restored(None, None, None, unreadable)
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> str:
+  """Moves the step directories out of checkpoints/ (kept for inspection); returns where to."""
+  directory = os.fspath(manager.directory)
+  dest = os.path.join(os.path.dirname(directory), UNREADABLE_DIR,
+                      time.strftime('%Y%m%d-%H%M%S'))
+  if jax.process_index() == 0:
+    os.makedirs(dest, exist_ok=True)
+    for step in steps:
+      path = os.path.join(directory, str(step))
+      if os.path.exists(path):
+        shutil.move(path, os.path.join(dest, str(step)))
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes('fer_jax_set_aside_unreadable')
+  manager.reload()
+  return dest

@@ -8,6 +8,8 @@ so both produce the same numbers for the same global batch.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 from typing import Any
 
@@ -26,9 +28,11 @@ def maybe_initialize_distributed(coordinator_address: str = '', num_processes: i
                                  process_id: int = -1) -> None:
   """Starts jax.distributed only when a multi-host setup is present or asked for.
 
-  The bare `jax.distributed.initialize()` raises on a single host, so it is only called with
-  explicit flags, or when the environment names a cluster (SLURM with several tasks, a
-  multi-worker Cloud TPU VM, or JAX's own coordinator variable).
+  The bare `jax.distributed.initialize()` raises on a plain single machine, so it is only called
+  with explicit flags, or when the environment names a cluster: SLURM with several tasks, a
+  Cloud TPU VM (JAX reads the pod's workers from the VM metadata; one worker is a cluster of
+  one), or JAX's own coordinator variable. Besides joining the hosts, it starts JAX's preemption
+  service, which the train loop uses to stop all hosts at the same step on SIGTERM.
   """
   if coordinator_address or num_processes > 1:
     kwargs = dict(coordinator_address=coordinator_address or None,
@@ -45,6 +49,17 @@ def maybe_initialize_distributed(coordinator_address: str = '', num_processes: i
   if multi_host:
     logging.info('multi-host environment detected: jax.distributed.initialize()')
     jax.distributed.initialize()
+  elif on_cloud_tpu_vm():
+    try:
+      jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:  # e.g. a notebook TPU VM without pod metadata
+      logging.warning('TPU VM without a pod description (%s): running single-host', e)
+
+
+def on_cloud_tpu_vm() -> bool:
+  """TPU chips (/dev/accel* up to v4, /dev/vfio/<n> from v5e) and libtpu installed."""
+  chips = glob.glob('/dev/accel[0-9]*') or glob.glob('/dev/vfio/[0-9]*')
+  return bool(chips) and importlib.util.find_spec('libtpu') is not None
 
 
 def make_mesh() -> Mesh:

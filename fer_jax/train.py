@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import checkpointing, metrics, parallel
+from fer_jax import checkpointing, metrics, parallel, preemption, runtime
 from fer_jax.config_checks import check_workdir_writable, validate_config
 from fer_jax.data import pipeline
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
@@ -50,6 +50,38 @@ def evaluate(eval_fn: Callable, params: Any, split: Split, *, global_batch: int,
           'loss': float(totals['loss_sum'] / totals['count']),
           'per_class_accuracy': list(report['per_class_accuracy']),
           'confusion_matrix': cm.tolist()}
+
+
+def _metrics_to_host(window: list[dict[str, jax.Array]], mode: str) -> list[dict[str, np.ndarray]]:
+  host = [parallel.to_host(m) for m in window]
+  return [parallel.unreplicate_from_pmap(m) for m in host] if mode == 'pmap' else host
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _raise_if_diverged(host_window: list[dict[str, np.ndarray]], last_step: int,
+                       manager: Any, params: Any = None) -> None:
+  """Stops at the first step whose loss (or, before a save, whose parameters) is not finite.
+
+  Checked on every log window and before every checkpoint, so nothing from after the
+  divergence is saved; the last good checkpoint finishes writing before the error.
+  """
+  first_step = last_step - len(host_window) + 1
+  bad = [i for i, m in enumerate(host_window) if not np.isfinite(m['loss'])]
+  if bad:
+    problem = f'loss became {float(host_window[bad[0]]["loss"])} at step {first_step + bad[0]}'
+  elif params is not None and not bool(_all_finite(params)):
+    problem = f'the parameters became non-finite at step {last_step}'
+  else:
+    return
+  manager.wait_until_finished()
+  kept = manager.latest_step()
+  raise FerJaxError(f'{problem}: training diverged (lower config.train.learning_rate?); '
+                    + (f'the last good checkpoint is step {kept}' if kept is not None
+                       else 'no checkpoint was written'))
 
 
 class Steps(NamedTuple):
@@ -93,8 +125,13 @@ def make_step_context(config: ml_collections.ConfigDict, *, num_classes: int, we
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.json."""
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.json.
+
+  On SIGTERM (preemption) it checkpoints at the next step boundary and returns
+  `{'preempted': True, 'steps': step}` without the final evaluation; rerunning resumes.
+  """
   # ---- Setup --------------------------------------------------------------------------------
+  runtime.tune_malloc()  # no-op when launch.py already started us with tuned MALLOC_* variables
   validate_config(config)
   check_workdir_writable(workdir)
   is_chief = jax.process_index() == 0
@@ -140,12 +177,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager = checkpointing.make_manager(workdir, keep_latest=config.train.keep_latest,
                                        keep_best=config.train.keep_best)
   start_step = 0
-  if manager.latest_step() is not None:
-    start_step = manager.latest_step()
-    state, saved_meta = checkpointing.restore(manager, start_step, abstract_state,
-                                              train_iter)
-    meta['wall_s'] = saved_meta.get('wall_s', 0.0)
-    logging.info('resumed from step %d (epoch %.2f)', start_step, start_step / spe)
+  if manager.all_steps():
+    found = checkpointing.restore_newest_readable(manager, abstract_state, train_iter)
+    if found.step is None and not config.train.restart_if_unreadable:
+      reasons = '; '.join(f'step {s}: {r}' for s, r in found.unreadable.items())
+      raise FerJaxError(f'{manager.directory}: no checkpoint is readable ({reasons}); pass '
+                        '--config.train.restart_if_unreadable=True to train from scratch')
+    if found.unreadable:
+      moved_to = checkpointing.set_aside(manager, list(found.unreadable))
+      logging.warning('moved the unreadable checkpoint(s) of step(s) %s to %s',
+                      ', '.join(map(str, found.unreadable)), moved_to)
+    if found.step is None:
+      logging.warning('no readable checkpoint: training from scratch (restart_if_unreadable)')
+    else:
+      start_step, state = found.step, found.state
+      meta['wall_s'] = found.meta.get('wall_s', 0.0)
+      logging.info('resumed from step %d (epoch %.2f)', start_step, start_step / spe)
 
   # ---- Compile ------------------------------------------------------------------------------
   steps = compile_steps(ctx, mode, mesh)
@@ -162,24 +209,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   epoch_count = 0
   step = start_step
   t_last = time.time()
+  watcher = preemption.PreemptionWatcher(start_step, agree_every=config.train.log_every_steps)
+  preempted = False
   while step < stop_step:
     batch = put_batch(next(train_iter))
     state, step_metrics = train_fn(state, batch)
     step += 1
     window.append(step_metrics)
-    if step % config.train.log_every_steps == 0 or step == stop_step or step % spe == 0:
-      host = [parallel.to_host(m) for m in window]
-      host = [parallel.unreplicate_from_pmap(m) for m in host] if mode == 'pmap' else host
+    preempted = watcher.should_stop(step)  # the same answer on every process
+    if (step % config.train.log_every_steps == 0 or step == stop_step or step % spe == 0
+        or preempted):
+      host = _metrics_to_host(window, mode)
       now = time.time()
       # The first window of a run includes compilation: leave it out of the throughput.
       if step - len(window) > start_step:
         timed_images += len(window) * global_batch
         timed_s += now - t_last
       ips = len(window) * global_batch / max(now - t_last, 1e-9)
+      _raise_if_diverged(host, step, manager)
       means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-      if not np.isfinite(means['loss']):
-        raise FerJaxError(f'loss became {means["loss"]} by step {step}: training diverged '
-                          '(lower config.train.learning_rate?)')
       for k, v in means.items():
         epoch_sums[k] = epoch_sums.get(k, 0.0) + v * len(window)
       epoch_count += len(window)
@@ -189,7 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       window, t_last = [], time.time()
     epoch_end = step % spe == 0
     periodic = config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0
-    if epoch_end or periodic or step == stop_step:
+    if epoch_end or periodic or step == stop_step or preempted:
+      _raise_if_diverged(_metrics_to_host(window, mode), step, manager, params=state.params)
       result = run_eval(state.params, eval_split)
       if epoch_end and epoch_count:
         train_means = {k: v / epoch_count for k, v in epoch_sums.items()}
@@ -203,7 +252,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointing.save(manager, step, canonical(state), train_iter, meta,
                          {'accuracy': result['accuracy']})
       t_last = time.time()  # eval and save are not training time
+    if preempted:
+      break
+  watcher.close()
   manager.wait_until_finished()
+  if preempted:
+    logging.warning('preempted: checkpoint at step %d saved in %s; run the same command again '
+                    'to resume', step, workdir)
+    manager.close()
+    writer.close()
+    return {'preempted': True, 'steps': int(step)}
 
   # ---- Final evaluation of the best checkpoint ------------------------------------------------
   best_step = manager.best_step()
