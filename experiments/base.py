@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.standardize = 'per_image'  # 'dataset' | 'per_image' | 'none'
 
   c.train = ml_collections.ConfigDict()
-  c.train.epochs = 14
+  c.train.epochs = 8
   c.train.batch_size = 32  # global batch
   c.train.learning_rate = 2e-3
   c.train.schedule = 'cosine'  # 'constant' | 'cosine'
