@@ -21,9 +21,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.parallel = 'jit'
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'csv'  # 'csv' | 'folders' | 'synthetic'
-  c.data.path = 'data/fer2013.csv'  # FER2013 CSV (.csv or .csv.gz) or image-folder root
+  c.data.source = 'csv'  # 'csv' | 'folders' | 'synthetic' | 'tfds'
+  # FER2013 CSV (.csv or .csv.gz) or image-folder root; for 'tfds', the CSV in the manual dir.
+  c.data.path = 'data/fer2013.csv'
   c.data.cache_dir = ''  # '' -> $FER_JAX_CACHE or ~/.cache/fer_jax
+  c.data.tfds_data_dir = ''  # source='tfds': where the built dataset lives ('' -> <cache>/tfds)
+  c.data.labels = 'fer2013'  # 'fer2013' | 'ferplus' (Microsoft's FER+ votes; csv or tfds)
+  c.data.ferplus_path = ''  # '' -> fer2013new.csv beside c.data.path
+  c.data.ferplus_mode = 'majority'  # 'majority' | 'probability' (soft labels for training)
+  c.data.ferplus_classes = 8  # 8 (with contempt) | 7 (FER2013's classes)
   c.data.skip_bad_rows = False  # True: skip invalid CSV rows and report how many
   c.data.train_split = 'Training'
   c.data.eval_split = 'PublicTest'  # model selection
@@ -60,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 1e-4  # adamw decoupled decay
   c.train.l2 = 1e-4  # Keras kernel_regularizer=l2(.) on the Dense-128 kernel
   c.train.label_smoothing = 0.0
+  # A speed switch that does not change the maths (see fer_jax/train_step.py):
+  c.train.microbatch_size = -1  # -1: auto (cache-sized chunks on CPU), 0: whole batch, N: N/device
   c.train.max_steps = -1  # stop early at this step (smoke runs); schedules still use epochs
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 0  # 0: checkpoint at the end of every epoch only

@@ -27,7 +27,8 @@ from fer_jax.data.types import Split
 from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.metric_writer import MetricWriter
 from fer_jax.models import get_model
-from fer_jax.train_step import StepContext, create_train_state, eval_step, make_optimizer, train_step
+from fer_jax.train_step import (StepContext, create_train_state, eval_step, make_optimizer,
+                               resolve_microbatch, train_step)
 
 
 def evaluate(eval_fn: Callable, params: Any, split: Split, *, global_batch: int, mode: str,
@@ -117,11 +118,15 @@ def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps
 
 def make_step_context(config: ml_collections.ConfigDict, *, num_classes: int, weights: np.ndarray,
                       mean: float, std: float) -> StepContext:
+  per_device_batch = max(config.train.batch_size // jax.device_count(), 1)
   return StepContext(model=get_model(config.model, num_classes), augment_cfg=config.augment,
                      image_size=config.model.image_size, num_classes=num_classes,
                      class_weights=jnp.asarray(weights), l2=config.train.l2,
                      label_smoothing=config.train.label_smoothing, mean=mean, std=std,
-                     seed=config.seed)
+                     seed=config.seed,
+                     microbatch=resolve_microbatch(config.train.get('microbatch_size', 0),
+                                                   per_device_batch, config.model.image_size,
+                                                   jax.default_backend()))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def test_dropout_per_example_under_vmap():
   assert not np.allclose(out_a, per_example(keys_b, x, True))  # other key: differs
   # One example's result depends only on its own key and input, not on the batch.
   single = model.apply(variables, x[2], train=True, rngs={'dropout': keys_a[2]})
-  np.testing.assert_allclose(out_a[2], single, rtol=1e-5, atol=1e-6)
+  _assert_close(out_a[2], single)
   # train=False ignores the rngs and equals the plain batched apply.
   eval_a, eval_b = per_example(keys_a, x, False), per_example(keys_b, x, False)
   np.testing.assert_array_equal(eval_a, eval_b)
@@ -189,3 +189,28 @@ def test_get_model_reads_config():
 def test_bad_config_raises_config_error(overrides, match):
   with pytest.raises(ConfigError, match=match):
     models.get_model(_cfg(**overrides), 7)
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.25, 0.5])
+def test_hash_dropout_rate_scale_and_independence(rate):
+  x = jnp.ones((64, 23, 23, 32))
+  layer = layers.Dropout(rate)
+  keys = jax.random.split(jax.random.key(11), 64)
+  out = jax.jit(jax.vmap(lambda k, xi: layer.apply({}, xi, rngs={'dropout': k})))(keys, x)
+  out = np.asarray(out)
+  kept = out != 0
+  n = kept.size
+  # Keep rate within 5 standard errors, kept values rescaled by 1 / (1 - rate).
+  assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+  np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-6)
+  # Masks differ between examples and are uncorrelated with each other and with position.
+  flat = kept.reshape(64, -1).astype(np.float64)
+  assert not np.array_equal(flat[0], flat[1])
+  corr = np.corrcoef(flat)[np.triu_indices(64, 1)]
+  assert np.abs(corr).max() < 0.05
+  per_position = flat.mean(axis=0)  # over 64 examples: binomial(64, 1 - rate) / 64
+  assert abs(per_position.std() - np.sqrt(rate * (1 - rate) / 64)) < 0.01
+  # Same key, same mask; a different key, a different mask.
+  again = layer.apply({}, x[0], rngs={'dropout': keys[0]})
+  np.testing.assert_array_equal(np.asarray(again), out[0])
+  assert layers.Dropout(rate, deterministic=True).apply({}, x[0]) is not None

@@ -2,23 +2,59 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 import numpy as np
 
 from fer_jax.errors import ConfigError
-from fer_jax.data.types import Dataset
+from fer_jax.data.types import FER2013_CLASSES, FER2013_USAGES, Dataset, Split
 
-SOURCES = ('csv', 'folders', 'synthetic')
+SOURCES = ('csv', 'folders', 'synthetic', 'tfds')
+LABELS = ('fer2013', 'ferplus')
 CLASS_WEIGHT_FORMULAS = ('balanced', 'max_over_count', 'none')
 
 
+def ferplus_path(data_cfg: ml_collections.ConfigDict) -> str:
+  """config.data.ferplus_path, or fer2013new.csv in the folder of config.data.path."""
+  from fer_jax.data.ferplus import FILE_NAME
+  if data_cfg.get('ferplus_path'):
+    return os.path.expanduser(data_cfg.ferplus_path)
+  return os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(data_cfg.path))),
+                      FILE_NAME)
+
+
 def load_dataset(data_cfg: ml_collections.ConfigDict, *, image_size: int) -> Dataset:
-  """Loads (through the on-disk cache) the dataset that `data_cfg.source` names."""
+  """Loads (through the on-disk cache) the dataset that `data_cfg.source` names.
+
+  With `data_cfg.labels == 'ferplus'` the csv and tfds sources carry FER+ labels instead.
+  """
   from fer_jax.data import cache
   cache_dir = data_cfg.cache_dir or cache.default_cache_dir()
-  if data_cfg.source == 'csv':
+  # Configs saved before FER+ existed lack the FER+ keys: they mean FER2013 labels.
+  labels = data_cfg.get('labels', 'fer2013')
+  if labels not in LABELS:
+    raise ConfigError(f'config.data.labels={labels!r}: expected one of {LABELS}')
+  if labels == 'ferplus' and data_cfg.source not in ('csv', 'tfds'):
+    raise ConfigError(f"config.data.labels='ferplus' needs config.data.source 'csv' or 'tfds', "
+                      f'not {data_cfg.source!r}')
+  ferplus_args = dict(mode=data_cfg.get('ferplus_mode', 'majority'),
+                      num_classes=data_cfg.get('ferplus_classes', 8),
+                      train_split=data_cfg.train_split)
+  if data_cfg.source == 'csv' and labels == 'ferplus':
+    from fer_jax.data import ferplus
+    votes_path = ferplus_path(data_cfg)
+    if os.path.exists(data_cfg.path) and not os.path.isfile(votes_path):
+      raise ConfigError(f"config.data.labels='ferplus': {votes_path} not found. "
+                        f'{ferplus.WHERE_FROM}; put it there or pass '
+                        '--config.data.ferplus_path=...')
+    ds = ferplus.load_ferplus_csv(data_cfg.path, votes_path, cache_dir=cache_dir,
+                                  skip_bad_rows=data_cfg.skip_bad_rows, **ferplus_args)
+  elif data_cfg.source == 'csv':
     from fer_jax.data.fer2013_csv import load_fer2013_csv
     ds = load_fer2013_csv(data_cfg.path, cache_dir=cache_dir, skip_bad_rows=data_cfg.skip_bad_rows)
+  elif data_cfg.source == 'tfds':
+    ds = _load_tfds(data_cfg, cache_dir, labels, ferplus_args)
   elif data_cfg.source == 'synthetic':
     from fer_jax.data.fer2013_csv import load_fer2013_csv
     from fer_jax.data.synthetic import ensure_synthetic_csv
@@ -34,6 +70,31 @@ def load_dataset(data_cfg: ml_collections.ConfigDict, *, image_size: int) -> Dat
     if name not in ds.splits:
       raise ConfigError(f'split {name!r} not in the dataset (it has {sorted(ds.splits)})')
   return ds
+
+
+def _load_tfds(data_cfg: ml_collections.ConfigDict, cache_dir: str, labels: str,
+               ferplus_args: dict) -> Dataset:
+  """The TFDS `fer2013` dataset (built on first use from the manual dir) as a Dataset."""
+  try:
+    from fer_jax.data import tfds_fer2013
+  except ImportError as e:
+    raise ConfigError("config.data.source='tfds' needs tensorflow-datasets: "
+                      f"pip install 'fer_jax[tfds]' ({e})") from None
+  data_dir = data_cfg.get('tfds_data_dir') or tfds_fer2013.default_data_dir(cache_dir)
+  splits = tfds_fer2013.read_fer2013(data_dir=data_dir,
+                                     manual_dir=tfds_fer2013.manual_dir_of(data_cfg.path),
+                                     with_votes=labels == 'ferplus')
+  if labels == 'ferplus':
+    from fer_jax.data import ferplus
+    names = list(splits)
+    return ferplus.ferplus_dataset(
+        np.concatenate([splits[n]['image'] for n in names]),
+        np.concatenate([np.full(len(splits[n]['label']), FER2013_USAGES.index(n), np.int8)
+                        for n in names]),
+        np.concatenate([splits[n]['ferplus_votes'] for n in names]), **ferplus_args)
+  return Dataset(
+      splits={n: Split(images=s['image'], labels=s['label']) for n, s in splits.items()},
+      class_names=FER2013_CLASSES)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, formula: str) -> np.ndarray:

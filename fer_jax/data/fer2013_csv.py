@@ -595,13 +595,13 @@ def _read(path: str, skip_bad_rows: bool, pool: futures.Executor) -> _Accumulato
   return acc
 
 
-def load_fer2013_csv(path: str | os.PathLike, *, cache_dir: str | None = None,
-                     skip_bad_rows: bool = False) -> Dataset:
-  """FER2013 as a Dataset of the 'Training', 'PublicTest', 'PrivateTest' splits.
+def load_fer2013_rows(path: str | os.PathLike, *, cache_dir: str | None = None,
+                      skip_bad_rows: bool = False) -> ParsedCSV:
+  """`parse_fer2013_csv(path)` through the on-disk cache: every kept row, in file order.
 
-  The parsed arrays are cached on disk keyed on the file's path, size and mtime, so
-  later runs load in well under a second; the skipped-row counts are cached too and
-  logged again on a cached load.
+  The parsed arrays are cached keyed on the file's path, size and mtime, so later runs load
+  in well under a second; the skipped-row counts are cached too and logged again on a
+  cached load. File order is what row-for-row companions (FER+ votes) are matched against.
   """
   path = os.fspath(path)
   _check_path(path)
@@ -623,7 +623,15 @@ def load_fer2013_csv(path: str | os.PathLike, *, cache_dir: str | None = None,
                     'pass --config.data.skip_bad_rows=True to skip them')
   if skipped and not fresh:
     _log_skipped(path, skipped, int(meta['rows_read']))
-  images, labels, usage = arrays['images'][..., None], arrays['labels'], arrays['usage']
+  return ParsedCSV(images=arrays['images'], labels=arrays['labels'], usage=arrays['usage'],
+                   skipped=skipped, rows_read=int(meta['rows_read']))
+
+
+def load_fer2013_csv(path: str | os.PathLike, *, cache_dir: str | None = None,
+                     skip_bad_rows: bool = False) -> Dataset:
+  """FER2013 as a Dataset of the 'Training', 'PublicTest', 'PrivateTest' splits (cached)."""
+  parsed = load_fer2013_rows(path, cache_dir=cache_dir, skip_bad_rows=skip_bad_rows)
+  images, labels, usage = parsed.images[..., None], parsed.labels, parsed.usage
   splits = {}
   if np.all(usage[1:] >= usage[:-1]):
     # The usual layout (Training, then PublicTest, then PrivateTest): views, no copies.

@@ -30,12 +30,15 @@ class _Gather:
   """Turns a global batch of indices into this process's uint8 batch."""
 
   def __init__(self, split: Split, lo: int, hi: int):
-    self._images, self._labels = split.images, split.labels
+    self._images, self._labels, self._soft = split.images, split.labels, split.soft_labels
     self._lo, self._hi = lo, hi
 
   def __call__(self, indices: np.ndarray) -> Batch:
     idx = indices[self._lo:self._hi]
-    return {'image': self._images[idx], 'label': self._labels[idx]}
+    batch = {'image': self._images[idx], 'label': self._labels[idx]}
+    if self._soft is not None:
+      batch['soft_label'] = self._soft[idx]
+    return batch
 
 
 def make_train_iterator(
@@ -77,7 +80,7 @@ def eval_batches(
 
   The final global batch is padded (with copies of example 0) up to full size and carries
   `mask` = 0 on the padding, so metrics count each example once whatever the batch size or
-  number of processes.
+  number of processes. Batches carry 'soft_label' when the split has soft labels.
   """
   per_process = global_batch // process_count
   n = len(split)
@@ -86,4 +89,7 @@ def eval_batches(
     idx = idx[process_index * per_process:(process_index + 1) * per_process]
     mask = idx < n
     idx = np.where(mask, idx, 0)
-    yield {'image': split.images[idx], 'label': split.labels[idx], 'mask': mask.astype(np.float32)}
+    batch = {'image': split.images[idx], 'label': split.labels[idx], 'mask': mask.astype(np.float32)}
+    if split.soft_labels is not None:
+      batch['soft_label'] = split.soft_labels[idx]
+    yield batch

@@ -7,7 +7,10 @@ the same maths with ops XLA:CPU is good at:
 - convolution (stride 1, 'VALID') as im2col: the kh*kw shifted views are concatenated on the
   channel axis and multiplied by the reshaped kernel in ONE matmul (its gradients are matmuls too);
 - 2x2 max-pool as crop-to-even + reshape + max over the window axes, whose gradient is a cheap
-  elementwise mask.
+  elementwise mask;
+- the conv's input cropped to the rows and columns the following floor-pool keeps.
+
+`ConvReluPool` is the layer SeedCNN uses (conv + relu + pool under either lowering).
 
 The parameters are the same `nn.Conv` kernels in every lowering, so checkpoints are
 interchangeable; 'xla' stays the straightforward path used on GPU/TPU.
@@ -15,6 +18,7 @@ interchangeable; 'xla' stays the straightforward path used on GPU/TPU.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -77,6 +81,88 @@ def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dil
   return out.reshape(b, ho, wo, o)
 
 
-def conv_fn(lowering: str):
-  """The convolution function nn.Conv should use under `lowering`."""
-  return im2col_conv if resolve_lowering(lowering) == 'dot' else lax.conv_general_dilated
+def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
+  """Crops H and W so a VALID conv of `kernel_size` yields an even size.
+
+  The 2x2 floor-pool that follows drops the conv's last odd row/column, and those outputs are
+  the only ones that read the input's last row/column: cropping it first changes nothing but
+  saves the wasted outputs and, on XLA:CPU, halves the conv's gradient time (measured: the
+  slice after an odd-sized im2col matmul is far slower to differentiate than one before it).
+  """
+  _, h, w, _ = x.shape
+  keep = lambda n: n - ((n - kernel_size + 1) % 2)
+  return x[:, :keep(h), :keep(w), :]
+
+
+class ConvReluPool(nn.Module):
+  """Conv2D(features, k, relu, 'valid') then 2x2 max-pool (stride 2, floor), as one layer.
+
+  Parameters are exactly nn.Conv's (`kernel` (k, k, C, features), lecun-normal; `bias`, zeros),
+  so checkpoints are interchangeable with nn.Conv and between lowerings.
+
+  'xla' is the straightforward path: lax.conv, bias, relu, nn.max_pool. 'dot' computes the
+  same numbers with ops XLA:CPU is fast at: it crops the rows the pool would drop
+  (`crop_for_pool`), convolves with one im2col matmul and max-pools by reshape. (Moving bias
+  and relu after the pool, which commutes exactly, measured slower: XLA fuses them into the
+  pool's gradient mask anyway.)
+  """
+  features: int
+  kernel_size: int = 3
+  lowering: str = 'auto'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (k, k, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if resolve_lowering(self.lowering) == 'xla':
+      y = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return max_pool_2x2(nn.relu(y + bias), 'xla')
+    y = im2col_conv(crop_for_pool(x, k), kernel, (1, 1), 'VALID')
+    return max_pool_2x2(nn.relu(y + bias), 'dot')
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer: a bijection on uint32 with full avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 bits for every element of `shape`: a keyed hash of the element's index.
+
+  The key's own bits (a threefry output, already well mixed) seed two murmur finalizer rounds
+  over a counter, like a counter-based generator with a cheap round function.
+  """
+  k = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+  counter = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  h = _fmix32((counter * jnp.uint32(0x9E3779B9)) ^ k[0])
+  return _fmix32(h + k[-1])
+
+
+class Dropout(nn.Module):
+  """Inverted dropout like nn.Dropout (rng stream 'dropout'), with hash-derived masks.
+
+  Why: jax.random's threefry lowers on XLA:CPU to a rolled while-loop of small kernels, and
+  XLA duplicates the mask computation into every consumer (the 9 im2col slices of the next
+  conv); this mask costs ~10 integer ops per element. The key still comes from
+  `make_rng('dropout')`, so masks are per example under vmap and fresh each step.
+  """
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    threshold = jnp.uint32(min(int(round(self.rate * 2.0 ** 32)), 2 ** 32 - 1))
+    keep = hash_bits(self.make_rng('dropout'), x.shape) >= threshold
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)

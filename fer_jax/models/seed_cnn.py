@@ -47,16 +47,13 @@ class SeedCNN(nn.Module):
     p1, p2, p3 = self.dropout
     deterministic = not train
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
-    conv = layers.conv_fn(self.lowering)
     x = x.astype(self.dtype)
-    x = nn.relu(nn.Conv(32, (3, 3), padding='VALID', name='conv1', conv_general_dilated=conv, **kw)(x))
-    x = layers.max_pool_2x2(x, self.lowering)
-    x = nn.Dropout(p1, deterministic=deterministic, name='drop1')(x)
-    x = nn.relu(nn.Conv(64, (3, 3), padding='VALID', name='conv2', conv_general_dilated=conv, **kw)(x))
-    x = layers.max_pool_2x2(x, self.lowering)
-    x = nn.Dropout(p2, deterministic=deterministic, name='drop2')(x)
+    x = layers.ConvReluPool(32, lowering=self.lowering, name='conv1', **kw)(x)
+    x = layers.Dropout(p1, deterministic=deterministic, name='drop1')(x)
+    x = layers.ConvReluPool(64, lowering=self.lowering, name='conv2', **kw)(x)
+    x = layers.Dropout(p2, deterministic=deterministic, name='drop2')(x)
     x = x.reshape(x.shape[0], -1)  # Keras Flatten on NHWC: same (H, W, C) order.
     x = nn.relu(nn.Dense(128, name='dense1', **kw)(x))
-    x = nn.Dropout(p3, deterministic=deterministic, name='drop3')(x)
+    x = layers.Dropout(p3, deterministic=deterministic, name='drop3')(x)
     x = nn.Dense(self.num_classes, name='logits', **kw)(x)
     return x.astype(jnp.float32)
