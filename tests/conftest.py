@@ -45,3 +45,15 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp('trained_workdir')
   train.train_and_evaluate(c, str(workdir))
   return workdir
+
+
+def synthetic_config(*, train_examples: int, test_examples: int, **train):
+  """experiments/synthetic.py shrunk to `train_examples` / `test_examples` faces per split,
+  with `config.train` overrides: the end-to-end tests' common starting point."""
+  from experiments import synthetic
+  c = synthetic.get_config()
+  c.data.synthetic_train = train_examples
+  c.data.synthetic_test = test_examples
+  for k, v in train.items():
+    c.train[k] = v
+  return c

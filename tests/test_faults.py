@@ -17,28 +17,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import synthetic
 from fer_jax import checkpointing, train
 from fer_jax.errors import FerJaxError
 
-from tests.conftest import REPO
+from tests.conftest import REPO, synthetic_config
 
 
 def tiny_config(**train_overrides):
   """4 steps an epoch, a checkpoint every 2 steps, a constant learning rate."""
-  c = synthetic.get_config()
-  c.data.synthetic_train = 64
-  c.data.synthetic_test = 32
-  c.train.batch_size = 16
-  c.train.eval_batch_size = 32
-  c.train.epochs = 2
-  c.train.schedule = 'constant'
-  c.train.warmup_epochs = 0.0
-  c.train.log_every_steps = 4
-  c.train.checkpoint_every_steps = 2
-  for k, v in train_overrides.items():
-    c.train[k] = v
-  return c
+  return synthetic_config(train_examples=64, test_examples=32, **{
+      'batch_size': 16, 'eval_batch_size': 32, 'epochs': 2, 'schedule': 'constant',
+      'warmup_epochs': 0.0, 'log_every_steps': 4, 'checkpoint_every_steps': 2,
+      **train_overrides})
 
 
 def read_only_manager(workdir) -> ocp.CheckpointManager:

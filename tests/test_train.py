@@ -10,23 +10,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import synthetic
 from fer_jax import checkpointing, train
 
-from tests.conftest import REPO
+from tests.conftest import REPO, synthetic_config
 
 
 def tiny_config(**train_overrides):
-  c = synthetic.get_config()
-  c.data.synthetic_train = 384
-  c.data.synthetic_test = 100
-  c.train.batch_size = 32
-  c.train.eval_batch_size = 64
-  c.train.epochs = 2
-  c.train.log_every_steps = 4
-  for k, v in train_overrides.items():
-    c.train[k] = v
-  return c
+  return synthetic_config(train_examples=384, test_examples=100, **{
+      'batch_size': 32, 'eval_batch_size': 64, 'epochs': 2, 'log_every_steps': 4,
+      **train_overrides})
 
 
 def final_params(workdir):
