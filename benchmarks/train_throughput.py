@@ -91,6 +91,7 @@ def main() -> None:
       'size': size, 'batch': batch_size, 'devices': jax.device_count(),
       'dtype': config.model.dtype, 'lowering': config.model.lowering, 'parallel': config.parallel,
       'augment': bool(config.augment.enabled), 'model': config.model.name,
+      'microbatch': ctx.microbatch,
       'windows': [round(r, 1) for r in rates], 'backend': jax.default_backend(),
       'jax': jax.__version__,
       'malloc_tuned': os.environ.get('FER_JAX_MALLOC_TUNED') == '1',

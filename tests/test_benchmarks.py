@@ -1,0 +1,36 @@
+"""The benchmark scripts run and print their JSON; the Keras side is skipped cleanly without TF."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _last_json(stdout: str) -> dict:
+  return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_train_throughput_prints_its_settings():
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/train_throughput.py', '--size', '48', '--batch', '8',
+       '--windows', '2', '--steps-per-window', '1'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = _last_json(out.stdout)
+  assert result['images_per_s'] > 0 and len(result['windows']) == 2
+  assert (result['size'], result['batch'], result['augment']) == (48, 8, True)
+  for key in ('devices', 'dtype', 'lowering', 'parallel', 'microbatch', 'malloc_tuned'):
+    assert key in result
+
+
+def test_compare_keras_without_tensorflow_reports_fer_jax_only(tmp_path):
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/compare_keras.py', '--rounds', '1', '--rows', '48x8',
+       '--windows', '1', '--steps-per-window', '1', '--keras-python', str(tmp_path / 'no-python')],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = _last_json(out.stdout)
+  assert result['keras_skipped'] and 'does not exist' in result['keras_skipped']
+  (row,) = result['summary']
+  assert row['fer_jax_images_per_s'] > 0 and row['keras_images_per_s'] is None
