@@ -52,32 +52,14 @@ def max_pool_2x2(x: jax.Array, lowering: str = 'auto') -> jax.Array:
   return jnp.max(x.reshape(b, ho, 2, wo, 2, c), axis=(2, 4))
 
 
-def _is_plain_valid(window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count) -> bool:
-  ones = lambda v: v is None or all(int(d) == 1 for d in v)
-  no_pad = padding == 'VALID' or (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
-  return ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation) and no_pad and feature_group_count == 1
-
-
-def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
-                rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
-  """Drop-in for `lax.conv_general_dilated` (NHWC x HWIO, as nn.Conv calls it): one matmul.
-
-  Only stride 1 / 'VALID' / undilated / ungrouped convolutions take the im2col path; anything
-  else falls back to lax.conv_general_dilated.
-  """
-  if lhs.ndim != 4 or not _is_plain_valid(window_strides, padding, lhs_dilation, rhs_dilation,
-                                          feature_group_count):
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, precision=precision,
-                                    preferred_element_type=preferred_element_type)
-  b, h, w, c = lhs.shape
-  kh, kw, _, o = rhs.shape
+def im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'VALID' convolution, NHWC x HWIO, as ONE matmul over the kh*kw shifted views."""
+  b, h, w, c = x.shape
+  kh, kw, _, o = kernel.shape
   ho, wo = h - kh + 1, w - kw + 1
-  patches = jnp.concatenate([lhs[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
-                            axis=-1)  # (B, Ho, Wo, kh*kw*C) in HWI order, matching rhs.reshape
-  out = jnp.dot(patches.reshape(-1, kh * kw * c), rhs.reshape(kh * kw * c, o), precision=precision,
-                preferred_element_type=preferred_element_type)
+  patches = jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
+                            axis=-1)  # (B, Ho, Wo, kh*kw*C) in HWI order, matching the reshape
+  out = jnp.dot(patches.reshape(-1, kh * kw * c), kernel.reshape(kh * kw * c, o))
   return out.reshape(b, ho, wo, o)
 
 
@@ -123,7 +105,7 @@ class ConvReluPool(nn.Module):
       y = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       return max_pool_2x2(nn.relu(y + bias), 'xla')
-    y = im2col_conv(crop_for_pool(x, k), kernel, (1, 1), 'VALID')
+    y = im2col_conv(crop_for_pool(x, k), kernel)
     return max_pool_2x2(nn.relu(y + bias), 'dot')
 
 
