@@ -51,9 +51,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.model.dropout={tuple(config.model.dropout)}: expected 3 rates in [0, 1)')
   if config.model.image_size < 12:
     raise ConfigError(f'config.model.image_size={config.model.image_size}: SeedCNN needs at least 12')
-  if config.data.labels == 'ferplus' and config.data.source not in ('csv', 'tfds'):
-    raise ConfigError(f"config.data.labels='ferplus' needs config.data.source 'csv' or 'tfds', "
-                      f'not {config.data.source!r}')
   if config.data.source == 'tfds' and config.data.ferplus_path:
     raise ConfigError("config.data.ferplus_path is not used with source='tfds': the builder reads "
                       'fer2013new.csv from its manual dir (the folder of config.data.path)')

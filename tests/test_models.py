@@ -213,4 +213,4 @@ def test_hash_dropout_rate_scale_and_independence(rate):
   # Same key, same mask; a different key, a different mask.
   again = layer.apply({}, x[0], rngs={'dropout': keys[0]})
   np.testing.assert_array_equal(np.asarray(again), out[0])
-  assert layers.Dropout(rate, deterministic=True).apply({}, x[0]) is not None
+  np.testing.assert_array_equal(layers.Dropout(rate, deterministic=True).apply({}, x[0]), x[0])

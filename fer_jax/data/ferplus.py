@@ -48,7 +48,6 @@ _SEVEN_CLASS_COLUMNS = tuple(
                                     'surprise', 'neutral'))
 _UNKNOWN_NF_COLUMNS = (8, 9)
 _USAGE_IDS = {u.encode(): i for i, u in enumerate(FER2013_USAGES)}
-_NEWLINE, _COMMA, _CR = 10, 44, 13
 _MAX_DIGITS = 3
 _FIELD_STRIP = b' \t"'
 WHERE_FROM = ('fer2013new.csv holds the FER+ votes, row for row with fer2013.csv '
@@ -106,44 +105,6 @@ def _check_header(path: str, line: bytes) -> None:
                     f'{",".join(HEADER)!r} (the FER+ {FILE_NAME})')
 
 
-def _parse_fast(body: bytes) -> tuple[np.ndarray, np.ndarray] | None:
-  """(usage, votes) of canonical rows (`Usage,name,v,...,v`, optional CR), vectorised.
-
-  None when any row is not canonical; the per-row parser then finds the problem.
-  """
-  a = np.frombuffer(body, np.uint8)
-  ends = np.flatnonzero(a == _NEWLINE)
-  n = len(ends)
-  commas = np.flatnonzero(a == _COMMA)
-  if len(commas) != 11 * n or np.any(np.diff(np.searchsorted(commas, ends), prepend=0) != 11):
-    return None
-  c = commas.reshape(n, 11)
-  starts = np.concatenate([[0], ends[:-1] + 1])
-  stops = ends - (a[ends - 1] == _CR)
-  bounds = np.concatenate([c[:, 1:], stops[:, None]], axis=1)  # the 10 votes lie between these
-  token_end = bounds[:, 1:]
-  length = token_end - bounds[:, :-1] - 1
-  if length.min() < 1 or length.max() > _MAX_DIGITS:
-    return None
-  is_digit = (a - np.uint8(48)) <= 9
-  digits = np.concatenate([[0], np.cumsum(is_digit, dtype=np.int32)])
-  if np.any(digits[stops] - digits[c[:, 1]] != length.sum(axis=1)):
-    return None  # something other than digits between the commas
-  votes = np.zeros((n, 10), np.int32)
-  for k, scale in enumerate((1, 10, 100)):
-    digit = a[np.maximum(token_end - 1 - k, 0)].astype(np.int32) - 48
-    votes += np.where(length > k, digit * scale, 0)
-  usage = np.full(n, -1, np.int8)
-  usage_len = c[:, 0] - starts
-  for i, name in enumerate(FER2013_USAGES):
-    rows = np.flatnonzero(usage_len == len(name))
-    chars = a[starts[rows, None] + np.arange(len(name))]
-    usage[rows[(chars == np.frombuffer(name.encode(), np.uint8)).all(axis=1)]] = i
-  if np.any(usage < 0):
-    return None
-  return usage, votes
-
-
 def _parse_row(line: bytes) -> tuple[int, list[int]] | None:
   """Exact parse of one data line: (usage, votes), None if blank; ValueError if bad.
 
@@ -176,26 +137,20 @@ def parse_ferplus_csv(path: str | os.PathLike) -> FerPlusVotes:
   header_end = data.find(b'\n')
   _check_header(path, data if header_end < 0 else data[:header_end])
   body = b'' if header_end < 0 else data[header_end + 1:]
-  if body and not body.endswith(b'\n'):
-    body += b'\n'
-  fast = _parse_fast(body) if body else None
-  if fast is not None:
-    usage, votes = fast
-    lines = np.arange(2, len(usage) + 2, dtype=np.int32)
-  else:
-    usage_list, vote_list, line_list = [], [], []
-    for number, line in enumerate(body.split(b'\n'), start=2):
-      try:
-        row = _parse_row(line)
-      except ValueError as e:
-        raise DataError(f'{path} line {number}: {e}') from None
-      if row is not None:
-        usage_list.append(row[0])
-        vote_list.append(row[1])
-        line_list.append(number)
-    usage = np.array(usage_list, np.int8)
-    votes = np.array(vote_list, np.int32).reshape(-1, len(VOTE_COLUMNS))
-    lines = np.array(line_list, np.int32)
+  # One exact pass per row: 0.23 s for the 35,887 rows, once per run.
+  usage_list, vote_list, line_list = [], [], []
+  for number, line in enumerate(body.split(b'\n'), start=2):
+    try:
+      row = _parse_row(line)
+    except ValueError as e:
+      raise DataError(f'{path} line {number}: {e}') from None
+    if row is not None:
+      usage_list.append(row[0])
+      vote_list.append(row[1])
+      line_list.append(number)
+  usage = np.array(usage_list, np.int8)
+  votes = np.array(vote_list, np.int32).reshape(-1, len(VOTE_COLUMNS))
+  lines = np.array(line_list, np.int32)
   if not len(usage):
     raise DataError(f'{path} has a header but no data rows')
   return FerPlusVotes(votes=votes, usage=usage, lines=lines)
