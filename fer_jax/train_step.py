@@ -1,7 +1,8 @@
 """The train and eval steps: one function each, driven by jax.jit (mesh) or jax.pmap.
 
-Randomness is per example: each example's augmentation and dropout keys are
-fold_in(fold_in(seed_key, step), global_index_in_batch). The numbers therefore do not depend
+Randomness is per example: each example's augmentation key is
+fold_in(fold_in(seed_key, step), global_index_in_batch) and its dropout masks are keyed by the
+step's dropout key and the same global index (`example_ids`). The numbers therefore do not depend
 on how the global batch is split over devices or hosts, which is what lets jit and pmap (and
 1 host x 4 devices vs 2 hosts x 2 devices) agree.
 """
@@ -41,11 +42,12 @@ class StepContext:
   microbatch: int = 0  # examples per device per chunk; 0 = the whole batch (resolve_microbatch)
 
 
-# Input pixels per chunk that keep a SeedCNN forward+backward inside the CPU's caches: up to
-# 40 images at 48x48 (so 32 of a batch of 64), 4 at 150x150. Measured on a 2-core machine,
-# gradient of a batch of 64: 48x48 whole 406 img/s, chunks of 32: 572, 16: 576, 8: 515;
-# 150x150 whole 33, chunks of 16: 45, 8: 50, 4: 49.
-_CPU_CHUNK_PIXELS = 40 * 48 * 48
+# Chunk size that keeps a SeedCNN forward+backward inside the CPU's caches without re-reading
+# the dense kernel too often: up to 2400 / image_size images, i.e. 32 of a batch of 64 at
+# 48x48 and 16 at 150x150. Measured on a 2-core machine (images/s, batch 64): 48x48 whole 406,
+# chunks of 32: 572, 16: 576, 8: 515; 150x150 (custom-VJP conv layers) chunks of 4: 66,
+# 8: 72, 16: 72, 32: 65.
+_CPU_CHUNK_IMAGES_X_SIDE = 2400
 
 
 def resolve_microbatch(requested: int, per_device_batch: int, image_size: int,
@@ -59,7 +61,7 @@ def resolve_microbatch(requested: int, per_device_batch: int, image_size: int,
   if requested == -1:
     if backend != 'cpu':
       return 0
-    target = max(1, _CPU_CHUNK_PIXELS // (image_size * image_size))
+    target = max(1, _CPU_CHUNK_IMAGES_X_SIDE // image_size)
     requested = max(d for d in range(1, per_device_batch + 1)
                     if per_device_batch % d == 0 and d <= target)
   if requested < 0:
@@ -93,12 +95,13 @@ def create_train_state(ctx: StepContext, tx: optax.GradientTransformation) -> Tr
 
 
 def _example_keys(ctx: StepContext, step: jax.Array, batch_size: int, axis_name: str | None):
-  """Per-example (augment, dropout) keys from the example's global position in the batch."""
+  """Per-example augmentation keys, the step's dropout key, and global example ids."""
   offset = jax.lax.axis_index(axis_name) * batch_size if axis_name else 0
+  ids = offset + jnp.arange(batch_size)
   step_key = jax.random.fold_in(jax.random.key(ctx.seed + 1), step)
-  keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(offset + jnp.arange(batch_size))
-  pair = jax.vmap(jax.random.split)(keys)
-  return pair[:, 0], pair[:, 1]
+  aug_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(ids)
+  dropout_key = jax.random.fold_in(jax.random.key(ctx.seed + 2), step)
+  return aug_keys, dropout_key, ids
 
 
 def l2_penalty(model: nn.Module, params: Any) -> jax.Array:
@@ -149,20 +152,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
   """One optimizer step on a uint8 batch: augment on device, weighted CE + L2, adamw."""
   images, labels = batch['image'], batch['label']
   batch_size = images.shape[0]
-  aug_keys, drop_keys = _example_keys(ctx, state.step, batch_size, axis_name)
+  aug_keys, dropout_key, example_ids = _example_keys(ctx, state.step, batch_size, axis_name)
   # FER+ probability mode trains on the vote distribution; otherwise one-hot labels.
   targets = (batch['soft_label'] if 'soft_label' in batch
              else jax.nn.one_hot(labels, ctx.num_classes))
   targets = optax.smooth_labels(targets, ctx.label_smoothing)
   weights = ctx.class_weights[labels]
 
-  def weighted_ce_sum(params, images, targets, weights, aug_keys, drop_keys):
+  def weighted_ce_sum(params, images, targets, weights, aug_keys, example_ids):
     x = augment.preprocess_batch(images, aug_keys, ctx.augment_cfg, out_size=ctx.image_size,
                                  train=True, mean=ctx.mean, std=ctx.std)
-
-    def one(xi, key):
-      return state.apply_fn({'params': params}, xi[None], train=True, rngs={'dropout': key})[0]
-    logits = jax.vmap(one)(x, drop_keys)
+    logits = state.apply_fn({'params': params}, x, train=True, rngs={'dropout': dropout_key},
+                            example_ids=example_ids)
     return jnp.sum(weights * optax.softmax_cross_entropy(logits, targets)), logits
 
   def chunk_grads(chunk):
@@ -170,7 +171,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
     return (ce_sum, grads), logits
 
   (ce_sum, grads), logits = _map_batch(
-      chunk_grads, (images, targets, weights, aug_keys, drop_keys), ctx, axis_name)
+      chunk_grads, (images, targets, weights, aug_keys, example_ids), ctx, axis_name)
   # Keras class_weight: per-example weight, mean over the batch size (not over the weights).
   data_loss = ce_sum / batch_size
   l2_loss, l2_grads = jax.value_and_grad(lambda p: ctx.l2 * l2_penalty(ctx.model, p))(state.params)

@@ -80,7 +80,7 @@ def test_chunked_eval_equals_whole_batch():
     (-1, 64, 48, 'cpu', 32),
     (-1, 256, 48, 'cpu', 32),
     (-1, 40, 48, 'cpu', 0),
-    (-1, 64, 150, 'cpu', 4),
+    (-1, 64, 150, 'cpu', 16),
     (-1, 64, 48, 'gpu', 0),
     (-1, 8, 48, 'cpu', 0),  # the whole per-device batch fits: no chunking
     (0, 64, 48, 'cpu', 0),

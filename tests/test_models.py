@@ -91,6 +91,10 @@ def test_dot_lowering_matches_xla(size):
   # Same param tree: a checkpoint from one lowering loads into the other.
   assert (jax.tree_util.tree_structure(variables)
           == jax.tree_util.tree_structure(_init(m_rs, size)))
+  # Nonzero biases: the dot lowering adds them after the pool.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, v: v + 0.1 * jax.random.normal(jax.random.key(v.size), v.shape)
+      if path[-1].key == 'bias' else v, variables)
   x = jax.random.normal(jax.random.key(3), (2, size, size, 1))
   w = jax.random.normal(jax.random.key(4), (2, 7))
 
@@ -214,3 +218,25 @@ def test_hash_dropout_rate_scale_and_independence(rate):
   again = layer.apply({}, x[0], rngs={'dropout': keys[0]})
   np.testing.assert_array_equal(np.asarray(again), out[0])
   np.testing.assert_array_equal(layers.Dropout(rate, deterministic=True).apply({}, x[0]), x[0])
+
+
+def test_dropout_example_ids_make_masks_independent_of_batch_layout():
+  """With example_ids an example's mask depends on its id, not on which slice of the batch
+  (device shard, gradient chunk) the call sees."""
+  model = models.get_model(_cfg(dropout=(0.5, 0.5, 0.5)), 7)
+  variables = _init(model, 48)
+  x = jax.random.normal(jax.random.key(12), (6, 48, 48, 1))
+  ids = jnp.arange(10, 16)
+  rngs = {'dropout': jax.random.key(13)}
+  whole = model.apply(variables, x, train=True, rngs=rngs, example_ids=ids)
+  part = model.apply(variables, x[3:], train=True, rngs=rngs, example_ids=ids[3:])
+  _assert_close(whole[3:], part)
+  # Another id is another mask; so is another key.
+  moved = model.apply(variables, x[3:], train=True, rngs=rngs, example_ids=ids[:3])
+  assert not np.allclose(whole[3:], moved)
+  other = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(14)}, example_ids=ids)
+  assert not np.allclose(whole, other)
+  # Identical inputs with different ids get different masks.
+  same = jnp.broadcast_to(x[:1], x.shape)
+  out = model.apply(variables, same, train=True, rngs=rngs, example_ids=ids)
+  assert not np.allclose(out[0], out[1])

@@ -8,7 +8,9 @@ the same maths with ops XLA:CPU is good at:
   channel axis and multiplied by the reshaped kernel in ONE matmul (its gradients are matmuls too);
 - 2x2 max-pool as crop-to-even + reshape + max over the window axes, whose gradient is a cheap
   elementwise mask;
-- the conv's input cropped to the rows and columns the following floor-pool keeps.
+- the conv's input cropped to the rows and columns the following floor-pool keeps;
+- a hand-written gradient for conv + relu + pool (`conv_relu_pool`): one mask and three
+  matmuls, instead of JAX's tie-counting max gradient.
 
 `ConvReluPool` is the layer SeedCNN uses (conv + relu + pool under either lowering).
 
@@ -38,6 +40,12 @@ def resolve_lowering(lowering: str) -> str:
   return lowering
 
 
+def _pool_windows(y: jax.Array) -> jax.Array:
+  """(B, 2H, 2W, C) -> (B, H, 2, W, 2, C): each 2x2 pool window on its own pair of axes."""
+  b, h, w, c = y.shape
+  return y.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
 def max_pool_2x2(x: jax.Array, lowering: str = 'auto') -> jax.Array:
   """2x2 max-pool, stride 2, 'valid' padding on NHWC input.
 
@@ -46,21 +54,17 @@ def max_pool_2x2(x: jax.Array, lowering: str = 'auto') -> jax.Array:
   """
   if resolve_lowering(lowering) == 'xla':
     return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
-  b, h, w, c = x.shape
-  ho, wo = h // 2, w // 2
-  x = x[:, :2 * ho, :2 * wo, :]
-  return jnp.max(x.reshape(b, ho, 2, wo, 2, c), axis=(2, 4))
+  _, h, w, _ = x.shape
+  return jnp.max(_pool_windows(x[:, :h // 2 * 2, :w // 2 * 2, :]), axis=(2, 4))
 
 
-def im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'VALID' convolution, NHWC x HWIO, as ONE matmul over the kh*kw shifted views."""
-  b, h, w, c = x.shape
-  kh, kw, _, o = kernel.shape
+def im2col_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
+  """(B, H, W, C) -> (B, Ho, Wo, kh*kw*C): the kh*kw shifted views of a stride-1 'VALID' conv,
+  concatenated on the channel axis in HWI order (matching an HWIO kernel's reshape)."""
+  _, h, w, _ = x.shape
   ho, wo = h - kh + 1, w - kw + 1
-  patches = jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
-                            axis=-1)  # (B, Ho, Wo, kh*kw*C) in HWI order, matching the reshape
-  out = jnp.dot(patches.reshape(-1, kh * kw * c), kernel.reshape(kh * kw * c, o))
-  return out.reshape(b, ho, wo, o)
+  return jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
+                         axis=-1)
 
 
 def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
@@ -76,6 +80,50 @@ def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
   return x[:, :keep(h), :keep(w), :]
 
 
+def _conv_relu_pool_fwd(x, kernel, bias):
+  kh, kw, c, o = kernel.shape
+  patches = im2col_patches(crop_for_pool(x, kh), kh, kw)
+  y = jnp.dot(patches.reshape(-1, kh * kw * c), kernel.reshape(kh * kw * c, o))
+  y = y.reshape(*patches.shape[:3], o)
+  # max(y + b) == max(y) + b exactly (rounding is monotonic), and relu(max) == max(relu):
+  # the bias and relu act on the 4x smaller pooled array.
+  pooled = jnp.max(_pool_windows(y), axis=(2, 4))
+  out = jnp.maximum(pooled + bias, 0)
+  return out, (x, patches, kernel, bias, y, pooled)
+
+
+def _conv_relu_pool_bwd(res, d_out):
+  x, patches, kernel, bias, y, pooled = res
+  kh, kw, c, o = kernel.shape
+  # The pool's gradient is a mask: the window's max, if it survives the relu, takes d_out.
+  d_pooled = jnp.where(pooled + bias > 0, d_out, 0).astype(y.dtype)
+  winner = _pool_windows(y) == pooled[:, :, None, :, None, :]
+  dy = jnp.where(winner, d_pooled[:, :, None, :, None, :], 0).reshape(-1, o)
+  flat = patches.reshape(-1, kh * kw * c)
+  d_kernel = jnp.dot(flat.T, dy).reshape(kernel.shape)
+  d_bias = jnp.sum(d_pooled, axis=(0, 1, 2))
+  d_patches = jnp.dot(dy, kernel.reshape(kh * kw * c, o).T).reshape(patches.shape)
+  _, patches_vjp = jax.vjp(lambda v: im2col_patches(crop_for_pool(v, kh), kh, kw), x)
+  (d_x,) = patches_vjp(d_patches)
+  return d_x, d_kernel, d_bias
+
+
+@jax.custom_vjp
+def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """max_pool_2x2(relu(conv(x, kernel) + bias)) by im2col, with a hand-written gradient.
+
+  Why the custom VJP: differentiating `jnp.max` makes JAX count the ties in every window
+  (compare, convert, sum, divide) and XLA:CPU spends longer on that than on the conv's
+  matmul. Here the gradient is one mask (the window's max, if positive, takes the incoming
+  gradient) and three matmuls/col2im. It equals `nn.max_pool`'s wherever the window's max is
+  unique, which holds for real-valued activations except exact ties.
+  """
+  return _conv_relu_pool_fwd(x, kernel, bias)[0]
+
+
+conv_relu_pool.defvjp(_conv_relu_pool_fwd, _conv_relu_pool_bwd)
+
+
 class ConvReluPool(nn.Module):
   """Conv2D(features, k, relu, 'valid') then 2x2 max-pool (stride 2, floor), as one layer.
 
@@ -83,10 +131,8 @@ class ConvReluPool(nn.Module):
   so checkpoints are interchangeable with nn.Conv and between lowerings.
 
   'xla' is the straightforward path: lax.conv, bias, relu, nn.max_pool. 'dot' computes the
-  same numbers with ops XLA:CPU is fast at: it crops the rows the pool would drop
-  (`crop_for_pool`), convolves with one im2col matmul and max-pools by reshape. (Moving bias
-  and relu after the pool, which commutes exactly, measured slower: XLA fuses them into the
-  pool's gradient mask anyway.)
+  same numbers with `conv_relu_pool`: the rows the pool would drop are cropped, the conv is
+  one im2col matmul, the pool a reshape + max, and the gradient is written by hand.
   """
   features: int
   kernel_size: int = 3
@@ -105,8 +151,7 @@ class ConvReluPool(nn.Module):
       y = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       return max_pool_2x2(nn.relu(y + bias), 'xla')
-    y = im2col_conv(crop_for_pool(x, k), kernel)
-    return max_pool_2x2(nn.relu(y + bias), 'dot')
+    return conv_relu_pool(x, kernel, bias)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -136,15 +181,25 @@ class Dropout(nn.Module):
   Why: jax.random's threefry lowers on XLA:CPU to a rolled while-loop of small kernels, and
   XLA duplicates the mask computation into every consumer (the 9 im2col slices of the next
   conv); this mask costs ~10 integer ops per element. The key still comes from
-  `make_rng('dropout')`, so masks are per example under vmap and fresh each step.
+  `make_rng('dropout')`, fresh each step.
+
+  `example_ids` (B,) gives each example its own mask stream, fold_in(key, id): an example's
+  mask then depends on its id, not on its position in whatever slice of the batch this call
+  sees (a device's shard, a gradient chunk). Without ids the mask covers the whole array
+  (per example under vmap, as with nn.Dropout).
   """
   rate: float
   deterministic: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, example_ids: jax.Array | None = None) -> jax.Array:
     if self.deterministic or self.rate == 0.0:
       return x
     threshold = jnp.uint32(min(int(round(self.rate * 2.0 ** 32)), 2 ** 32 - 1))
-    keep = hash_bits(self.make_rng('dropout'), x.shape) >= threshold
-    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)
+    key = self.make_rng('dropout')
+    if example_ids is None:
+      bits = hash_bits(key, x.shape)
+    else:
+      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
+      bits = jax.vmap(lambda k: hash_bits(k, x.shape[1:]))(keys)
+    return jnp.where(bits >= threshold, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)

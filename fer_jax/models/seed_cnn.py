@@ -43,17 +43,19 @@ class SeedCNN(nn.Module):
   L2_KERNEL_PATHS: ClassVar[tuple[tuple[str, ...], ...]] = (('dense1', 'kernel'),)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool,
+               example_ids: jax.Array | None = None) -> jax.Array:
+    """`example_ids` (B,): per-example dropout streams that do not depend on batch layout."""
     p1, p2, p3 = self.dropout
     deterministic = not train
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
     x = x.astype(self.dtype)
     x = layers.ConvReluPool(32, lowering=self.lowering, name='conv1', **kw)(x)
-    x = layers.Dropout(p1, deterministic=deterministic, name='drop1')(x)
+    x = layers.Dropout(p1, deterministic=deterministic, name='drop1')(x, example_ids)
     x = layers.ConvReluPool(64, lowering=self.lowering, name='conv2', **kw)(x)
-    x = layers.Dropout(p2, deterministic=deterministic, name='drop2')(x)
+    x = layers.Dropout(p2, deterministic=deterministic, name='drop2')(x, example_ids)
     x = x.reshape(x.shape[0], -1)  # Keras Flatten on NHWC: same (H, W, C) order.
     x = nn.relu(nn.Dense(128, name='dense1', **kw)(x))
-    x = layers.Dropout(p3, deterministic=deterministic, name='drop3')(x)
+    x = layers.Dropout(p3, deterministic=deterministic, name='drop3')(x, example_ids)
     x = nn.Dense(self.num_classes, name='logits', **kw)(x)
     return x.astype(jnp.float32)
