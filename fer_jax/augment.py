@@ -100,6 +100,11 @@ def affine_matrix(flip, angle, scale, tx, ty, shear, size: int) -> jax.Array:
   ]).astype(f32)
 
 
+def flip_draw(key: jax.Array) -> jax.Array:
+  """Whether this example is mirrored left-right (the same draw as in sample_affine)."""
+  return jax.random.bernoulli(jax.random.fold_in(key, _FLIP))
+
+
 def sample_affine(key: jax.Array, cfg: Any, out_size: int) -> jax.Array:
   """Draws ONE example's random affine map from `cfg`'s ranges.
 
@@ -116,7 +121,7 @@ def sample_affine(key: jax.Array, cfg: Any, out_size: int) -> jax.Array:
   def uniform(tag: int, lo: float, hi: float) -> jax.Array:
     return jax.random.uniform(jax.random.fold_in(key, tag), (), jnp.float32, lo, hi)
 
-  flip = jax.random.bernoulli(jax.random.fold_in(key, _FLIP)) if g['flip'] else False
+  flip = flip_draw(key) if g['flip'] else False
   r, z, t, sh = g['rotation_deg'], g['zoom'], g['shift'] * out_size, g['shear_deg']
   angle = uniform(_ANGLE, -r, r) if r else 0.0
   scale = uniform(_SCALE, 1 - z, 1 + z) if z else 1.0
@@ -231,12 +236,16 @@ def preprocess_batch(images_u8: jax.Array, keys: jax.Array | None, cfg: Any, *,
     raise ValueError(f'expected (B, H, W, C) images, got shape {images_u8.shape}')
   bsz, h, w, _ = images_u8.shape
   x = rescale(images_u8)
+  resize = (h, w) != (out_size, out_size)
 
   augment = bool(train) and bool(cfg.enabled)
-  geometric = augment and any(_geometry(cfg).values())
+  geometry = _geometry(cfg)
+  geometric = augment and any(geometry.values())
+  # A flip alone at the input size is a pixel copy: skip the bilinear resample (same numbers).
+  flip_only = geometric and not resize and not any(
+      v for k, v in geometry.items() if k != 'flip')
   brightness = _num(cfg, 'brightness') if augment else 0.0
   contrast = _num(cfg, 'contrast') if augment else 0.0
-  resize = (h, w) != (out_size, out_size)
 
   if geometric or brightness or contrast:
     if keys is None or keys.shape[0] != bsz:
@@ -244,7 +253,9 @@ def preprocess_batch(images_u8: jax.Array, keys: jax.Array | None, cfg: Any, *,
                        f'{None if keys is None else keys.shape}')
 
     def one(image: jax.Array, key: jax.Array) -> jax.Array:
-      if geometric:
+      if flip_only:
+        image = jnp.where(flip_draw(key), image[:, ::-1, :], image)
+      elif geometric:
         image = warp(image, sample_affine(key, cfg, out_size), out_size)
       elif resize:
         image = warp(image, jnp.eye(3, dtype=jnp.float32), out_size)

@@ -241,3 +241,19 @@ def test_invalid_config_and_missing_keys_raise():
                              train=False, mean=0.5, std=0.0)
   with pytest.raises(ValueError, match='one PRNG key per example'):
     augment.preprocess_batch(batch, None, _cfg(flip=True), out_size=48, train=True)
+
+
+def test_flip_only_shortcut_equals_the_affine_resample():
+  """Flip-only at the input size skips the bilinear warp; the pixels must be the same."""
+  cfg = ml_collections.ConfigDict(dict(enabled=True, flip=True, rotation_deg=0.0, zoom=0.0,
+                                       shift=0.0, shear_deg=0.0, brightness=0.0, contrast=0.0,
+                                       standardize='none'))
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 48, 48, 1), np.uint8))
+  keys = jax.random.split(jax.random.key(3), 16)
+  fast = augment.preprocess_batch(images, keys, cfg, out_size=48, train=True)
+  warped = jax.vmap(lambda im, k: augment.warp(im, augment.sample_affine(k, cfg, 48), 48))(
+      augment.rescale(images), keys)
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(warped), atol=1e-6)
+  flipped = np.asarray(jax.vmap(augment.flip_draw)(keys))
+  assert 0 < flipped.sum() < 16  # both branches were exercised
+  np.testing.assert_array_equal(np.asarray(fast)[flipped], np.asarray(augment.rescale(images))[flipped][:, :, ::-1])
