@@ -243,17 +243,30 @@ def test_invalid_config_and_missing_keys_raise():
     augment.preprocess_batch(batch, None, _cfg(flip=True), out_size=48, train=True)
 
 
-def test_flip_only_shortcut_equals_the_affine_resample():
-  """Flip-only at the input size skips the bilinear warp; the pixels must be the same."""
+@pytest.mark.parametrize('out_size', [48, 150])
+def test_flip_only_shortcut_equals_the_affine_resample(out_size):
+  """Flip-only skips the general affine warp (a pixel flip, then the separable resize);
+  the pixels must match warp's."""
   cfg = ml_collections.ConfigDict(dict(enabled=True, flip=True, rotation_deg=0.0, zoom=0.0,
                                        shift=0.0, shear_deg=0.0, brightness=0.0, contrast=0.0,
                                        standardize='none'))
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 48, 48, 1), np.uint8))
   keys = jax.random.split(jax.random.key(3), 16)
-  fast = augment.preprocess_batch(images, keys, cfg, out_size=48, train=True)
-  warped = jax.vmap(lambda im, k: augment.warp(im, augment.sample_affine(k, cfg, 48), 48))(
-      augment.rescale(images), keys)
-  np.testing.assert_allclose(np.asarray(fast), np.asarray(warped), atol=1e-6)
+  fast = augment.preprocess_batch(images, keys, cfg, out_size=out_size, train=True)
+  warped = jax.vmap(lambda im, k: augment.warp(im, augment.sample_affine(k, cfg, out_size),
+                                               out_size))(augment.rescale(images), keys)
+  # warp computes its sample positions in float32, `resize` its weights in float64: they
+  # agree to a few 1e-6 (a pixel level is 1/255 = 4e-3).
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(warped), atol=1e-5)
   flipped = np.asarray(jax.vmap(augment.flip_draw)(keys))
   assert 0 < flipped.sum() < 16  # both branches were exercised
-  np.testing.assert_array_equal(np.asarray(fast)[flipped], np.asarray(augment.rescale(images))[flipped][:, :, ::-1])
+  plain = np.asarray(augment.preprocess_batch(images, None, cfg, out_size=out_size, train=False))
+  np.testing.assert_array_equal(np.asarray(fast)[~flipped], plain[~flipped])
+  np.testing.assert_allclose(np.asarray(fast)[flipped], plain[flipped][:, :, ::-1], atol=1e-6)
+
+
+@pytest.mark.parametrize('size_in,size_out', [(48, 150), (48, 48), (40, 48), (48, 37)])
+def test_resize_equals_identity_warp(size_in, size_out):
+  image = jax.random.uniform(jax.random.key(4), (size_in, size_in, 2))
+  np.testing.assert_allclose(augment.resize(image, size_out),
+                             augment.warp(image, jnp.eye(3), size_out), atol=1e-5)
