@@ -9,8 +9,8 @@ the same maths with ops XLA:CPU is good at:
 - 2x2 max-pool as crop-to-even + reshape + max over the window axes, whose gradient is a cheap
   elementwise mask;
 - the conv's input cropped to the rows and columns the following floor-pool keeps;
-- a hand-written gradient for conv + relu + pool (`conv_relu_pool`): one mask and three
-  matmuls, instead of JAX's tie-counting max gradient.
+- a hand-written gradient for conv + relu + pool (`conv_relu_pool`): one mask, two matmuls
+  and the im2col transpose, instead of JAX's tie-counting max gradient.
 
 `ConvReluPool` is the layer SeedCNN uses (conv + relu + pool under either lowering).
 
@@ -115,8 +115,8 @@ def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
   Why the custom VJP: differentiating `jnp.max` makes JAX count the ties in every window
   (compare, convert, sum, divide) and XLA:CPU spends longer on that than on the conv's
   matmul. Here the gradient is one mask (the window's max, if positive, takes the incoming
-  gradient) and three matmuls/col2im. It equals `nn.max_pool`'s wherever the window's max is
-  unique, which holds for real-valued activations except exact ties.
+  gradient), two matmuls and the im2col transpose. It equals `nn.max_pool`'s wherever the
+  window's max is unique, which holds for real-valued activations except exact ties.
   """
   return _conv_relu_pool_fwd(x, kernel, bias)[0]
 
