@@ -23,10 +23,12 @@ def main() -> None:
   p.add_argument('--size', type=int, default=None, help='model input size (default: config)')
   p.add_argument('--batch', type=int, default=None, help='global batch (default: config)')
   p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'))
-  p.add_argument('--lowering', default=None, choices=('auto', 'xla', 'dot'))
+  p.add_argument('--lowering', default=None, choices=('auto', 'xla', 'dot', 'native'))
   p.add_argument('--parallel', default=None, choices=('jit', 'pmap'))
   p.add_argument('--devices', type=int, default=0, help='simulate N CPU devices (0: as found)')
   p.add_argument('--no-augment', action='store_true')
+  p.add_argument('--microbatch', type=int, default=None,
+                 help='examples per gradient chunk (-1: auto, 0: whole batch; default: config)')
   p.add_argument('--windows', type=int, default=5)
   p.add_argument('--steps-per-window', type=int, default=10)
   p.add_argument('--no-malloc-tuning', action='store_true',
@@ -45,6 +47,7 @@ def main() -> None:
   import jax
   import numpy as np
   from fer_jax import parallel
+  from fer_jax.models import layers
   from fer_jax.train import compile_steps, make_step_context
   from fer_jax.train_step import create_train_state, make_optimizer
 
@@ -58,6 +61,7 @@ def main() -> None:
   if args.lowering: config.model.lowering = args.lowering
   if args.parallel: config.parallel = args.parallel
   if args.no_augment: config.augment.enabled = False
+  if args.microbatch is not None: config.train.microbatch_size = args.microbatch
 
   batch_size, size = config.train.batch_size, config.model.image_size
   mesh = parallel.make_mesh()
@@ -89,7 +93,8 @@ def main() -> None:
   result = {
       'images_per_s': round(float(np.median(rates)), 1),
       'size': size, 'batch': batch_size, 'devices': jax.device_count(),
-      'dtype': config.model.dtype, 'lowering': config.model.lowering, 'parallel': config.parallel,
+      'dtype': config.model.dtype, 'lowering': config.model.lowering,
+      'lowering_resolved': layers.resolve_lowering(config.model.lowering), 'parallel': config.parallel,
       'augment': bool(config.augment.enabled), 'model': config.model.name,
       'microbatch': ctx.microbatch,
       'windows': [round(r, 1) for r in rates], 'backend': jax.default_backend(),

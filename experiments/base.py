@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.image_size = 48  # 48 (native) or 150 (the reference project's)
   c.model.dtype = 'float32'  # 'float32' | 'bfloat16' compute dtype
   c.model.dropout = (0.1, 0.1, 0.25)  # the seed's rates: (0.25, 0.25, 0.5)
-  c.model.lowering = 'auto'  # 'auto' | 'xla' | 'dot' (conv + pooling lowering)
+  c.model.lowering = 'auto'  # 'auto' | 'xla' | 'dot' | 'native' (conv + pooling lowering)
 
   c.augment = ml_collections.ConfigDict()
   c.augment.enabled = True

@@ -12,7 +12,7 @@ from fer_jax.errors import ConfigError, FerJaxError
 _CHOICES = {
     'parallel': ('jit', 'pmap'),
     'model.dtype': ('float32', 'bfloat16'),
-    'model.lowering': ('auto', 'xla', 'dot'),
+    'model.lowering': ('auto', 'xla', 'dot', 'native'),
     'train.schedule': ('constant', 'cosine'),
     'data.source': ('csv', 'folders', 'synthetic', 'tfds'),
     'data.labels': ('fer2013', 'ferplus'),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fer_jax import models
+from fer_jax import native
 from fer_jax.errors import ConfigError
 from fer_jax.models import layers
 from fer_jax.models import seed_cnn
@@ -77,16 +78,21 @@ def test_pool_lowerings_agree_on_odd_sizes(shape):
 
 
 def test_auto_lowering_follows_backend():
-  expected = 'dot' if jax.default_backend() == 'cpu' else 'xla'
+  expected = 'xla'
+  if jax.default_backend() == 'cpu':
+    expected = 'native' if native.available() else 'dot'
   assert layers.resolve_lowering('auto') == expected
   with pytest.raises(ValueError):
     layers.resolve_lowering('cudnn')
 
 
+@pytest.mark.parametrize('lowering', ['dot', 'native'])
 @pytest.mark.parametrize('size', [48, 150])
-def test_dot_lowering_matches_xla(size):
+def test_cpu_lowerings_match_xla(size, lowering):
+  if lowering == 'native' and not native.available():
+    pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
   m_xla = models.get_model(_cfg(lowering='xla'), 7)
-  m_rs = models.get_model(_cfg(lowering='dot'), 7)
+  m_rs = models.get_model(_cfg(lowering=lowering), 7)
   variables = _init(m_xla, size)
   # Same param tree: a checkpoint from one lowering loads into the other.
   assert (jax.tree_util.tree_structure(variables)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fer_jax import native
 from fer_jax.errors import ConfigError
 from fer_jax.models import layers
 from fer_jax.models.seed_cnn import SeedCNN
@@ -30,6 +31,9 @@ def _parse_dtype(name: str) -> Any:
 def _parse_lowering(name: str) -> str:
   if name not in layers.LOWERINGS:
     raise ConfigError(f'model.lowering={name!r} is not supported; use one of {list(layers.LOWERINGS)}')
+  if name == 'native' and not native.available():
+    raise ConfigError(f"model.lowering='native' needs the C++ conv kernels, which are not "
+                      f"available here: {native.unavailable_reason()} (use 'auto' or 'dot')")
   return name
 
 

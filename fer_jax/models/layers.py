@@ -1,18 +1,21 @@
 """CPU-friendly lowerings of SeedCNN's convolution and max-pool.
 
 Why: on XLA:CPU the gradient of `nn.max_pool` lowers to select_and_scatter and the gradients of
-`lax.conv_general_dilated` run far below the machine's matmul speed. The 'dot' lowering writes
-the same maths with ops XLA:CPU is good at:
+`lax.conv_general_dilated` run far below the machine's matmul speed. The 'dot' and 'native'
+lowerings write the same maths with pieces XLA:CPU is good at:
 
-- convolution (stride 1, 'VALID') as im2col: the kh*kw shifted views are concatenated on the
-  channel axis and multiplied by the reshaped kernel in ONE matmul (its gradients are matmuls too);
 - 2x2 max-pool as crop-to-even + reshape + max over the window axes, whose gradient is a cheap
   elementwise mask;
 - the conv's input cropped to the rows and columns the following floor-pool keeps;
-- a hand-written gradient for conv + relu + pool (`conv_relu_pool`): one mask, two matmuls
-  and the im2col transpose, instead of JAX's tie-counting max gradient.
+- a hand-written gradient for conv + relu + pool (`conv_relu_pool`): one mask and the conv's
+  two gradients, instead of JAX's tie-counting max gradient;
+- the convolution (stride 1, 'VALID') itself: under 'dot' as im2col, the kh*kw shifted views
+  concatenated on the channel axis and multiplied by the reshaped kernel in ONE matmul; under
+  'native' by the C++ direct-convolution kernels of `fer_jax.native` (called through the XLA
+  FFI; no patch matrix, which at 150x150 costs as much memory traffic as the matmul).
 
-`ConvReluPool` is the layer SeedCNN uses (conv + relu + pool under either lowering).
+`ConvReluPool` is the layer SeedCNN uses (conv + relu + pool under every lowering). 'auto' picks
+'native' on the CPU backend ('dot' where the kernels cannot be built) and 'xla' elsewhere.
 
 The parameters are the same `nn.Conv` kernels in every lowering, so checkpoints are
 interchangeable; 'xla' stays the straightforward path used on GPU/TPU.
@@ -20,6 +23,7 @@ interchangeable; 'xla' stays the straightforward path used on GPU/TPU.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -28,15 +32,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-LOWERINGS: tuple[str, ...] = ('auto', 'xla', 'dot')
+from fer_jax import native
+
+LOWERINGS: tuple[str, ...] = ('auto', 'xla', 'dot', 'native')
 
 
 def resolve_lowering(lowering: str) -> str:
-  """Maps 'auto' to 'dot' on the CPU backend and to 'xla' elsewhere."""
+  """Maps 'auto' to 'native' on the CPU backend ('dot' where the C++ kernels cannot be built)
+  and to 'xla' elsewhere."""
   if lowering not in LOWERINGS:
     raise ValueError(f'unknown lowering {lowering!r}; expected one of {LOWERINGS}')
   if lowering == 'auto':
-    return 'dot' if jax.default_backend() == 'cpu' else 'xla'
+    if jax.default_backend() != 'cpu':
+      return 'xla'
+    return 'native' if native.available() else 'dot'
   return lowering
 
 
@@ -80,11 +89,31 @@ def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
   return x[:, :keep(h), :keep(w), :]
 
 
-def _conv_relu_pool_fwd(x, kernel, bias):
+def _conv(xc: jax.Array, kernel: jax.Array, method: str) -> tuple[jax.Array, Any]:
+  """The conv's output and what its backward needs besides xc (the patches, for im2col)."""
   kh, kw, c, o = kernel.shape
-  patches = im2col_patches(crop_for_pool(x, kh), kh, kw)
+  if method == 'direct':
+    return native.conv(xc, kernel), None
+  patches = im2col_patches(xc, kh, kw)
   y = jnp.dot(patches.reshape(-1, kh * kw * c), kernel.reshape(kh * kw * c, o))
-  y = y.reshape(*patches.shape[:3], o)
+  return y.reshape(*patches.shape[:3], o), patches
+
+
+def _conv_grads(xc: jax.Array, patches: Any, kernel: jax.Array, dy: jax.Array,
+                method: str) -> tuple[jax.Array, jax.Array]:
+  """(d xc, d kernel) of the conv, given the output gradient dy (B, Ho, Wo, O)."""
+  kh, kw, c, o = kernel.shape
+  if method == 'direct':
+    return native.conv_input_grad(dy, kernel), native.conv_kernel_grad(xc, dy, (kh, kw))
+  flat, dy = patches.reshape(-1, kh * kw * c), dy.reshape(-1, o)
+  d_kernel = jnp.dot(flat.T, dy).reshape(kernel.shape)
+  d_patches = jnp.dot(dy, kernel.reshape(kh * kw * c, o).T).reshape(patches.shape)
+  _, patches_vjp = jax.vjp(lambda v: im2col_patches(v, kh, kw), xc)
+  return patches_vjp(d_patches)[0], d_kernel
+
+
+def _conv_relu_pool_fwd(x, kernel, bias, method):
+  y, patches = _conv(crop_for_pool(x, kernel.shape[0]), kernel, method)
   # max(y + b) == max(y) + b exactly (rounding is monotonic), and relu(max) == max(relu):
   # the bias and relu act on the 4x smaller pooled array.
   pooled = jnp.max(_pool_windows(y), axis=(2, 4))
@@ -92,33 +121,33 @@ def _conv_relu_pool_fwd(x, kernel, bias):
   return out, (x, patches, kernel, bias, y, pooled)
 
 
-def _conv_relu_pool_bwd(res, d_out):
+def _conv_relu_pool_bwd(method, res, d_out):
   x, patches, kernel, bias, y, pooled = res
-  kh, kw, c, o = kernel.shape
   # The pool's gradient is a mask: the window's max, if it survives the relu, takes d_out.
   d_pooled = jnp.where(pooled + bias > 0, d_out, 0).astype(y.dtype)
   winner = _pool_windows(y) == pooled[:, :, None, :, None, :]
-  dy = jnp.where(winner, d_pooled[:, :, None, :, None, :], 0).reshape(-1, o)
-  flat = patches.reshape(-1, kh * kw * c)
-  d_kernel = jnp.dot(flat.T, dy).reshape(kernel.shape)
-  d_bias = jnp.sum(d_pooled, axis=(0, 1, 2))
-  d_patches = jnp.dot(dy, kernel.reshape(kh * kw * c, o).T).reshape(patches.shape)
-  _, patches_vjp = jax.vjp(lambda v: im2col_patches(crop_for_pool(v, kh), kh, kw), x)
-  (d_x,) = patches_vjp(d_patches)
-  return d_x, d_kernel, d_bias
+  dy = jnp.where(winner, d_pooled[:, :, None, :, None, :], 0).reshape(y.shape)
+  crop = lambda v: crop_for_pool(v, kernel.shape[0])
+  d_xc, d_kernel = _conv_grads(crop(x), patches, kernel, dy, method)
+  (d_x,) = jax.vjp(crop, x)[1](d_xc)
+  return d_x, d_kernel, jnp.sum(d_pooled, axis=(0, 1, 2))
 
 
-@jax.custom_vjp
-def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """max_pool_2x2(relu(conv(x, kernel) + bias)) by im2col, with a hand-written gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                   method: str = 'im2col') -> jax.Array:
+  """max_pool_2x2(relu(conv(x, kernel) + bias)) with a hand-written gradient.
+
+  `method` computes the conv: 'im2col' (patches + one XLA matmul) or 'direct' (the C++
+  kernels of `fer_jax.native`, float32 on the CPU backend, no patch matrix).
 
   Why the custom VJP: differentiating `jnp.max` makes JAX count the ties in every window
   (compare, convert, sum, divide) and XLA:CPU spends longer on that than on the conv's
   matmul. Here the gradient is one mask (the window's max, if positive, takes the incoming
-  gradient), two matmuls and the im2col transpose. It equals `nn.max_pool`'s wherever the
-  window's max is unique, which holds for real-valued activations except exact ties.
+  gradient) and the conv's two gradients. It equals `nn.max_pool`'s wherever the window's
+  max is unique, which holds for real-valued activations except exact ties.
   """
-  return _conv_relu_pool_fwd(x, kernel, bias)[0]
+  return _conv_relu_pool_fwd(x, kernel, bias, method)[0]
 
 
 conv_relu_pool.defvjp(_conv_relu_pool_fwd, _conv_relu_pool_bwd)
@@ -130,9 +159,10 @@ class ConvReluPool(nn.Module):
   Parameters are exactly nn.Conv's (`kernel` (k, k, C, features), lecun-normal; `bias`, zeros),
   so checkpoints are interchangeable with nn.Conv and between lowerings.
 
-  'xla' is the straightforward path: lax.conv, bias, relu, nn.max_pool. 'dot' computes the
-  same numbers with `conv_relu_pool`: the rows the pool would drop are cropped, the conv is
-  one im2col matmul, the pool a reshape + max, and the gradient is written by hand.
+  'xla' is the straightforward path: lax.conv, bias, relu, nn.max_pool. 'dot' and 'native'
+  compute the same numbers with `conv_relu_pool`: the rows the pool would drop are cropped, the
+  conv is one im2col matmul ('dot') or the C++ direct kernels ('native', float32 only: a
+  bfloat16 model uses im2col), the pool a reshape + max, and the gradient is written by hand.
   """
   features: int
   kernel_size: int = 3
@@ -147,11 +177,14 @@ class ConvReluPool(nn.Module):
                         (k, k, x.shape[-1], self.features), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if resolve_lowering(self.lowering) == 'xla':
+    lowering = resolve_lowering(self.lowering)
+    if lowering == 'xla':
       y = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       return max_pool_2x2(nn.relu(y + bias), 'xla')
-    return conv_relu_pool(x, kernel, bias)
+    # The C++ kernels are float32; a bfloat16 model computes its convs by im2col.
+    direct = lowering == 'native' and x.dtype == jnp.float32
+    return conv_relu_pool(x, kernel, bias, 'direct' if direct else 'im2col')
 
 
 def _fmix32(h: jax.Array) -> jax.Array:

@@ -32,7 +32,9 @@ class SeedCNN(nn.Module):
     dtype: compute dtype (float32 or bfloat16); params stay float32 and the
       logits are returned as float32 either way.
     lowering: 'xla' (lax.conv + nn.max_pool), 'dot' (im2col matmul conv + reshape max-pool,
-      much faster on XLA:CPU) or 'auto' (dot on CPU, xla elsewhere); see layers.py.
+      much faster on XLA:CPU), 'native' (C++ direct conv kernels + reshape max-pool, faster
+      still) or 'auto' (native on CPU, or dot where they cannot be built; xla elsewhere);
+      see layers.py.
   """
   num_classes: int = 7
   dropout: tuple[float, float, float] = (0.25, 0.25, 0.5)

@@ -1,0 +1,175 @@
+"""Direct convolution kernels in C++ for XLA:CPU, built on first use and called via the XLA FFI.
+
+Why: the 'dot' lowering's im2col copies the input kh*kw times into a patch matrix and scatters
+the patch gradient back; at 150x150 those copies run at DRAM speed and cost as much as a third
+of the train step. These kernels (conv_kernels.cc) read the input in place: a forward conv and
+the kernel gradient; the input gradient is the forward conv of the padded output gradient with
+the flipped kernel.
+
+The library is compiled with the machine's C++ compiler (`$CXX`, else `c++`/`g++`) the first time
+a process asks for it, into a cache keyed by the sources, the compiler, jaxlib and the CPU
+(`$FER_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/fer_jax`, else `~/.cache/fer_jax`). It is written
+to a temporary name and renamed, so a crash never leaves a half-written library. Where there is no
+compiler, or `FER_JAX_NATIVE=0`, `available()` is False and the 'auto' lowering uses 'dot'.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE_DIR = Path(__file__).resolve().parent
+SOURCES = ('conv_kernels.cc', 'ffi.cc')
+HEADERS = ('conv_kernels.h',)
+_TARGETS = {'fer_jax_conv_forward': 'FerJaxConvForward',
+            'fer_jax_conv_kernel_grad': 'FerJaxConvKernelGrad'}
+_BASE_FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC')
+
+
+class NativeUnavailable(RuntimeError):
+  """The C++ kernels cannot be built or loaded here (the message says why)."""
+
+
+def cache_dir() -> Path:
+  if os.environ.get('FER_JAX_CACHE_DIR'):
+    return Path(os.environ['FER_JAX_CACHE_DIR'])
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return Path(base) / 'fer_jax'
+
+
+def _compiler() -> str:
+  cxx = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
+  if not cxx:
+    raise NativeUnavailable('no C++ compiler found (set CXX or install g++)')
+  if not shutil.which(cxx):
+    raise NativeUnavailable(f'C++ compiler {cxx!r} (from $CXX) not found')
+  return cxx
+
+
+def _cpu_identity() -> str:
+  """The CPU's model and feature flags: -march=native code must not move between CPUs."""
+  try:
+    text = Path('/proc/cpuinfo').read_text()
+    lines = [l for l in text.splitlines() if l.startswith(('model name', 'flags', 'Features'))]
+    return '\n'.join(dict.fromkeys(lines))
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def _build_key(cxx: str, flags: tuple[str, ...]) -> str:
+  h = hashlib.sha256()
+  for name in SOURCES + HEADERS:
+    h.update((SOURCE_DIR / name).read_bytes())
+  version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  for part in (cxx, version, ' '.join(flags), jaxlib.__version__, _cpu_identity()):
+    h.update(part.encode())
+  return h.hexdigest()[:16]
+
+
+def _compile(cxx: str, flags: tuple[str, ...], out: Path) -> None:
+  """Compiles SOURCES into `out` atomically (temporary file + rename)."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + '.', suffix='.tmp')
+  os.close(fd)
+  cmd = [cxx, *flags, '-isystem', jax.ffi.include_dir(),
+         *(str(SOURCE_DIR / s) for s in SOURCES), '-o', tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+      raise NativeUnavailable(f'{" ".join(cmd)} failed: {proc.stderr.strip()[-2000:]}')
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def build() -> Path:
+  """Path of the compiled library, compiling it if this machine has none cached yet."""
+  cxx = _compiler()
+  last_error = None
+  # -march=native first (AVX2/FMA kernels); a compiler without it gets the portable build.
+  for extra in (('-march=native',), ()):
+    flags = _BASE_FLAGS + extra
+    path = cache_dir() / 'native' / _build_key(cxx, flags) / 'libfer_jax_native.so'
+    if path.exists():
+      return path
+    try:
+      _compile(cxx, flags, path)
+      return path
+    except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
+      last_error = e
+  raise NativeUnavailable(str(last_error))
+
+
+@functools.cache
+def _load() -> ctypes.CDLL:
+  if os.environ.get('FER_JAX_NATIVE', '1') == '0':
+    raise NativeUnavailable('disabled by FER_JAX_NATIVE=0')
+  lib = ctypes.CDLL(str(build()))
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+  return lib
+
+
+def ensure_loaded() -> None:
+  """Builds (once per machine) and registers the kernels; raises NativeUnavailable if it can't."""
+  try:
+    _load()
+  except NativeUnavailable:
+    raise
+  except Exception as e:  # ctypes/jax errors: report them the same way
+    raise NativeUnavailable(f'{type(e).__name__}: {e}') from e
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+  """None if the kernels are usable in this process, else one line saying why not."""
+  try:
+    ensure_loaded()
+    return None
+  except NativeUnavailable as e:
+    reason = str(e).splitlines()[0] if str(e) else 'unknown error'
+    logging.info('fer_jax native conv kernels unavailable: %s', reason)
+    return reason
+
+
+def available() -> bool:
+  return unavailable_reason() is None
+
+
+def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'VALID' convolution, NHWC x HWIO -> NHWC, float32, on the CPU backend."""
+  ensure_loaded()
+  n, h, w, _ = x.shape
+  kh, kw, _, o = kernel.shape
+  out = jax.ShapeDtypeStruct((n, h - kh + 1, w - kw + 1, o), jnp.float32)
+  return jax.ffi.ffi_call('fer_jax_conv_forward', out, vmap_method='sequential')(
+      x.astype(jnp.float32), kernel.astype(jnp.float32))
+
+
+def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int]) -> jax.Array:
+  """d(conv(x, k))/dk contracted with dy: (kh, kw, C, O), float32."""
+  ensure_loaded()
+  kh, kw = kernel_hw
+  out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
+  return jax.ffi.ffi_call('fer_jax_conv_kernel_grad', out, vmap_method='sequential')(
+      x.astype(jnp.float32), dy.astype(jnp.float32))
+
+
+def conv_input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:
+  """d(conv(x, k))/dx contracted with dy: the full correlation of dy with the flipped kernel."""
+  kh, kw, _, _ = kernel.shape
+  padded = jnp.pad(dy, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+  return conv(padded, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))

@@ -1,0 +1,651 @@
+// Direct stride-1 'VALID' convolution kernels (see conv_kernels.h).
+//
+// Both kernels rest on one fact about NHWC: for a fixed kernel row i, the kw*c input values
+// that output pixel (p, q) meets are contiguous: x[b, p + i, q : q + kw, :]. Call that the
+// "run" (length kw*c) and index it with r = j*c + ch; the HWIO kernel row i is then a dense
+// (run x o) matrix at k + i*run*o.
+//
+// ConvForward: register tile of MR output pixels x NV*8 output channels. Per reduction step
+// (i, r): NV vector loads of the packed kernel panel, MR broadcasts of x, MR*NV FMAs. Pixels are
+// numbered over the flattened (b, p, q) space, so a tile may span rows; each pixel carries its
+// own x pointer. Kernel panels (NV*8 channels wide, zero-padded) are packed once per call.
+//
+// ConvKernelGrad: a GEMM dk[(i, r), f] = sum_pixels x[pix + i*w*c + r] * dy[pix, f]. Register
+// tile of MR consecutive r x NV*8 f, reduced over a chunk of output pixels whose x rows and dy
+// rows stay in L1 (dy repacked per chunk into contiguous NV*8-wide panels: the strided original
+// rows thrash L1 sets). Work items are fixed chunks of pixel rows (independent of the thread count),
+// each accumulating into its own partial dk; the partials are summed in item order, so the
+// result is bitwise independent of threading.
+#include "conv_kernels.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FER_JAX_AVX2 1
+#else
+#define FER_JAX_AVX2 0
+#endif
+
+// Fully unrolls the small register-tile loops early, so the accumulators become registers.
+#if defined(__clang__)
+#define FER_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define FER_UNROLL _Pragma("GCC unroll 16")
+#else
+#define FER_UNROLL
+#endif
+
+namespace fer_jax {
+namespace {
+
+// Tuning constants (measured on a 2-core AMD Zen 3, AVX2 + FMA).
+constexpr int64_t kFwdMaxChunk = 192;     // output pixels per ConvForward work item (max)
+constexpr int kWideMr = 3;                // pixels per 3x32 tile (tiny reduction, c == 1)
+constexpr int64_t kStreamBytes = int64_t{16} << 20;  // streaming stores for outputs this large
+constexpr int64_t kStreamMaxDepth = 64;   // ... of convs with a reduction this short
+constexpr int64_t kDkChunkPixels = 128;   // output pixels per ConvKernelGrad chunk (about)
+constexpr int64_t kDkMaxItems = 16;       // ConvKernelGrad partial sums (fixed, not per thread)
+constexpr int64_t kDkPartialBytes = int64_t{64} << 20;  // cap on all partial sums together
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rows of output pixels per ConvKernelGrad chunk: about `target` pixels, at least one row.
+inline int64_t RowsPerChunk(int64_t ow, int64_t target) {
+  return std::max<int64_t>(1, std::min<int64_t>(target / std::max<int64_t>(ow, 1), 1 << 20));
+}
+
+// Reduces `items` partial buffers of `len` floats (laid out one after another) into out, in item
+// order, split over parallel_for by element ranges (deterministic).
+void ReducePartials(const float* parts, int64_t items, int64_t len, float* out,
+                    const ParallelFor& parallel_for) {
+  if (items == 1) {
+    std::memcpy(out, parts, sizeof(float) * len);
+    return;
+  }
+  const int64_t block = 4096;
+  const int64_t nblocks = CeilDiv(len, block);
+  auto body = [&](int64_t bi) {
+    const int64_t e0 = bi * block, e1 = std::min(len, e0 + block);
+    for (int64_t e = e0; e < e1; ++e) out[e] = parts[e];
+    for (int64_t it = 1; it < items; ++it) {
+      const float* p = parts + it * len;
+      for (int64_t e = e0; e < e1; ++e) out[e] += p[e];
+    }
+  };
+  if (nblocks == 1) {
+    body(0);
+  } else {
+    parallel_for(nblocks, body);
+  }
+}
+
+#if FER_JAX_AVX2
+
+inline __m256i TailMask(int valid) {  // first `valid` lanes (1..8) on
+  alignas(32) static const int32_t kBits[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                0,  0,  0,  0,  0,  0,  0,  0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kBits + 8 - valid));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+// acc[t][v] = sum_{i<kh, r<run} x_t[i*xrs + r] * panel[(i*run + r)*NV*8 + v*8 .. +8]
+// then stored to y_t + v*8 (the last vector with `tail` lanes).
+// KH, RUN: compile-time kh and run when nonzero (the fully unrolled 3x3, c == 1 case).
+template <int MR, int NV, int KH, int RUN>
+inline void FwdTile(const float* const* xp, int64_t xrs, int64_t kh_rt, int64_t run_rt,
+                    const float* __restrict panel, float* const* yp, int tail, bool stream) {
+  __m256 acc[MR][NV];
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t)
+    FER_UNROLL
+    for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_setzero_ps();
+  const float* xs[MR];
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t) xs[t] = xp[t];
+  const int64_t kh = KH ? KH : kh_rt;
+  const int64_t run = RUN ? RUN : run_rt;
+  const float* bp = panel;
+  for (int64_t i = 0; i < kh; ++i) {
+    const int64_t base = i * xrs;
+    for (int64_t r = 0; r < run; ++r) {
+      if constexpr (MR * NV + NV + 1 <= 16) {  // kernel row in registers
+        __m256 bv[NV];
+        FER_UNROLL
+        for (int v = 0; v < NV; ++v) bv[v] = _mm256_load_ps(bp + 8 * v);
+        FER_UNROLL
+        for (int t = 0; t < MR; ++t) {
+          const __m256 a = _mm256_broadcast_ss(xs[t] + base + r);
+          FER_UNROLL
+          for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_fmadd_ps(a, bv[v], acc[t][v]);
+        }
+      } else {  // too few registers: FMAs with memory operands
+        FER_UNROLL
+        for (int t = 0; t < MR; ++t) {
+          const __m256 a = _mm256_broadcast_ss(xs[t] + base + r);
+          FER_UNROLL
+          for (int v = 0; v < NV; ++v)
+            acc[t][v] = _mm256_fmadd_ps(a, _mm256_load_ps(bp + 8 * v), acc[t][v]);
+        }
+      }
+      bp += 8 * NV;
+    }
+  }
+  if (stream) {  // aligned, full vectors
+    FER_UNROLL
+    for (int t = 0; t < MR; ++t)
+      FER_UNROLL
+      for (int v = 0; v < NV; ++v) _mm256_stream_ps(yp[t] + 8 * v, acc[t][v]);
+  } else if (tail == 8) {
+    FER_UNROLL
+    for (int t = 0; t < MR; ++t)
+      FER_UNROLL
+      for (int v = 0; v < NV; ++v) _mm256_storeu_ps(yp[t] + 8 * v, acc[t][v]);
+  } else {
+    const __m256i m = TailMask(tail);
+    FER_UNROLL
+    for (int t = 0; t < MR; ++t) {
+      FER_UNROLL
+      for (int v = 0; v < NV - 1; ++v) _mm256_storeu_ps(yp[t] + 8 * v, acc[t][v]);
+      _mm256_maskstore_ps(yp[t] + 8 * (NV - 1), m, acc[t][NV - 1]);
+    }
+  }
+}
+
+template <int NV, int MRMAX, int KH, int RUN>
+inline void FwdTileDispatch(int mr, const float* const* xp, int64_t xrs, int64_t kh,
+                            int64_t run, const float* panel, float* const* yp, int tail, bool stream) {
+  static_assert(MRMAX <= 6, "");
+  switch (mr) {
+    case 6: if constexpr (MRMAX >= 6) { FwdTile<6, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); } break;
+    case 5: if constexpr (MRMAX >= 5) { FwdTile<5, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); } break;
+    case 4: if constexpr (MRMAX >= 4) { FwdTile<4, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); } break;
+    case 3: FwdTile<3, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); break;
+    case 2: FwdTile<2, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); break;
+    case 1: FwdTile<1, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); break;
+    default: break;
+  }
+}
+
+struct FwdBlock {  // one packed panel of output channels
+  int64_t f0;      // first output channel
+  int nv;          // vectors (panel width nv*8)
+  int tail;        // valid lanes of the last vector (1..8)
+  int mr;          // pixels per register tile
+  int64_t offset;  // panel offset in the packed buffer (floats)
+};
+
+void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* y,
+                     const ParallelFor& parallel_for) {
+  const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
+  const int64_t run = s.kw * c, kdepth = s.kh * run;
+  const int64_t npix = s.n * oh * ow;
+  const int64_t xrs = s.w * c;
+
+  // Channel blocks: 16 wide (6 pixels per tile); the last block 8 wide if 8 or fewer remain.
+  // With a tiny reduction (c == 1) the tile is 3 pixels x 32 channels instead (kernel operands
+  // straight from memory: 12 accumulators + 4 kernel vectors would not fit in 16 registers).
+  std::vector<FwdBlock> blocks;
+  int64_t offset = 0;
+  const bool wide = kdepth <= 32 && o >= 32;
+  for (int64_t f0 = 0; f0 < o;) {
+    const int64_t rem = o - f0;
+    FwdBlock b;
+    b.f0 = f0;
+    if (wide && rem >= 24) {
+      b.nv = rem >= 32 ? 4 : 3;
+      b.mr = b.nv == 4 ? kWideMr : 4;
+    } else {
+      b.nv = rem > 8 ? 2 : 1;
+      b.mr = 6;
+    }
+    const int64_t width = std::min<int64_t>(rem, 8 * b.nv);
+    b.tail = static_cast<int>(width - 8 * (b.nv - 1));
+    b.offset = offset;
+    offset += kdepth * 8 * b.nv;
+    blocks.push_back(b);
+    f0 += width;
+  }
+  // Pack the kernel: panel[(i*run + r)*W + f'] = k[(i*run + r)*o + f0 + f'], zero padded.
+  std::vector<float> packed_storage(offset + 16);
+  float* packed = packed_storage.data();
+  {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(packed);
+    packed += ((32 - (a & 31)) & 31) / sizeof(float);
+  }
+  for (const FwdBlock& b : blocks) {
+    const int64_t W = 8 * b.nv;
+    const int64_t width = 8 * (b.nv - 1) + b.tail;
+    float* dst = packed + b.offset;
+    for (int64_t row = 0; row < kdepth; ++row) {
+      const float* src = k + row * o + b.f0;
+      int64_t f = 0;
+      for (; f < width; ++f) dst[row * W + f] = src[f];
+      for (; f < W; ++f) dst[row * W + f] = 0.0f;
+    }
+  }
+
+  // Items: chunks of ~96..192 consecutive pixels (a multiple of 12).
+  const int64_t chunk =
+      std::max<int64_t>(12, std::min<int64_t>(kFwdMaxChunk, CeilDiv(npix, 64) / 12 * 12 + 12));
+  const int64_t items = CeilDiv(npix, chunk);
+  // Streaming (non-temporal) stores for a large output of a cheap conv: the output cannot stay
+  // in cache anyway, and they save the read-for-ownership of every output line.
+  const bool stream = kdepth <= kStreamMaxDepth && npix * o * 4 >= kStreamBytes && o % 8 == 0 &&
+                      reinterpret_cast<uintptr_t>(y) % 32 == 0;
+  const bool small33 = s.kh == 3 && run == 3;
+  auto body = [&](int64_t item) {
+    const int64_t m0 = item * chunk, m1 = std::min(npix, m0 + chunk);
+    const int64_t cnt = m1 - m0;
+    const float* xptr[kFwdMaxChunk];
+    float* yptr[kFwdMaxChunk];
+    {
+      int64_t b = m0 / (oh * ow), rem = m0 % (oh * ow);
+      int64_t p = rem / ow, q = rem % ow;
+      for (int64_t t = 0; t < cnt; ++t) {
+        xptr[t] = x + ((b * s.h + p) * s.w + q) * c;
+        yptr[t] = y + (m0 + t) * o;
+        if (++q == ow) {
+          q = 0;
+          if (++p == oh) {
+            p = 0;
+            ++b;
+          }
+        }
+      }
+    }
+    for (const FwdBlock& blk : blocks) {
+      const float* panel = packed + blk.offset;
+      float* yp[6];
+      for (int64_t t0 = 0; t0 < cnt; t0 += blk.mr) {
+        const int mr = static_cast<int>(std::min<int64_t>(blk.mr, cnt - t0));
+        for (int t = 0; t < mr; ++t) yp[t] = yptr[t0 + t] + blk.f0;
+        if (small33) {
+          switch (blk.nv) {
+            case 4: FwdTileDispatch<4, kWideMr, 3, 3>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
+            case 3: FwdTileDispatch<3, 4, 3, 3>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
+            case 2: FwdTileDispatch<2, 6, 3, 3>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
+            default: FwdTileDispatch<1, 6, 3, 3>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
+          }
+        } else {
+          switch (blk.nv) {
+            case 4: FwdTileDispatch<4, kWideMr, 0, 0>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
+            case 3: FwdTileDispatch<3, 4, 0, 0>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
+            case 2: FwdTileDispatch<2, 6, 0, 0>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
+            default: FwdTileDispatch<1, 6, 0, 0>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
+          }
+        }
+      }
+    }
+    if (stream) _mm_sfence();  // order the streaming stores before the completion signal
+  };
+  if (items == 1) {
+    body(0);
+  } else {
+    parallel_for(items, body);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel gradient.
+
+// acc[t][v] += sum over rows p < nrows, q < ow of xb[p*xrs + q*c + t] * dyp[(p*ow + q)*NV*8 + 8v ..]
+// with acc loaded from / stored to dkt[t*ldk + 8v ..]; dyp is a packed (pixel, NV*8) panel.
+// TAIL: the last vector of dk has `tail` valid lanes.
+template <int MR, int NV, bool TAIL>
+inline void DkTile(const float* __restrict xb, int64_t xrs, int64_t c,
+                   const float* __restrict dyp, int64_t nrows, int64_t ow, float* dkt,
+                   int64_t ldk, int tail) {
+  __m256 acc[MR][NV];
+  const __m256i m = TailMask(TAIL ? tail : 8);
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t) {
+    FER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      acc[t][v] = (TAIL && v == NV - 1) ? _mm256_maskload_ps(dkt + t * ldk + 8 * v, m)
+                                        : _mm256_loadu_ps(dkt + t * ldk + 8 * v);
+    }
+  }
+  const float* dr = dyp;
+  for (int64_t p = 0; p < nrows; ++p) {
+    const float* xr = xb + p * xrs;
+    for (int64_t q = 0; q < ow; ++q) {
+      if constexpr (MR * NV + NV + 1 <= 16) {  // dy vectors in registers
+        __m256 bv[NV];
+        FER_UNROLL
+        for (int v = 0; v < NV; ++v) bv[v] = _mm256_load_ps(dr + 8 * v);
+        FER_UNROLL
+        for (int t = 0; t < MR; ++t) {
+          const __m256 a = _mm256_broadcast_ss(xr + t);
+          FER_UNROLL
+          for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_fmadd_ps(a, bv[v], acc[t][v]);
+        }
+      } else {  // too few registers: FMAs with memory operands
+        FER_UNROLL
+        for (int t = 0; t < MR; ++t) {
+          const __m256 a = _mm256_broadcast_ss(xr + t);
+          FER_UNROLL
+          for (int v = 0; v < NV; ++v)
+            acc[t][v] = _mm256_fmadd_ps(a, _mm256_load_ps(dr + 8 * v), acc[t][v]);
+        }
+      }
+      xr += c;
+      dr += 8 * NV;
+    }
+  }
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t) {
+    FER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      if (TAIL && v == NV - 1) {
+        _mm256_maskstore_ps(dkt + t * ldk + 8 * v, m, acc[t][v]);
+      } else {
+        _mm256_storeu_ps(dkt + t * ldk + 8 * v, acc[t][v]);
+      }
+    }
+  }
+}
+
+template <int NV, int MRMAX, bool TAIL>
+inline void DkTileMr(int mr, const float* xb, int64_t xrs, int64_t c, const float* dyp,
+                     int64_t nrows, int64_t ow, float* dkt, int64_t ldk, int tail) {
+  switch (mr) {
+    case 6: if constexpr (MRMAX >= 6) { DkTile<6, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); } break;
+    case 5: if constexpr (MRMAX >= 5) { DkTile<5, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); } break;
+    case 4: if constexpr (MRMAX >= 4) { DkTile<4, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); } break;
+    case 3: DkTile<3, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); break;
+    case 2: DkTile<2, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); break;
+    case 1: DkTile<1, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); break;
+    default: break;
+  }
+}
+
+template <int NV, int MRMAX>
+inline void DkTileDispatch(int mr, const float* xb, int64_t xrs, int64_t c, const float* dyp,
+                           int64_t nrows, int64_t ow, float* dkt, int64_t ldk, int tail) {
+  if (tail == 8) {
+    DkTileMr<NV, MRMAX, false>(mr, xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail);
+  } else {
+    DkTileMr<NV, MRMAX, true>(mr, xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail);
+  }
+}
+
+struct DkBlock {  // a block of output channels of dk
+  int64_t f0;
+  int nv;    // vectors (packed panel width nv*8)
+  int tail;  // valid lanes of the last vector (1..8)
+  int mr;    // rows (r) per register tile
+  int64_t width;
+  int64_t offset;  // panel offset in the packed dy chunk, per pixel (floats)
+};
+
+void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, float* dk,
+                        const ParallelFor& parallel_for) {
+  const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
+  const int64_t run = s.kw * c, kdepth = s.kh * run, len = kdepth * o;
+  const int64_t xrs = s.w * c;
+
+  // Channel blocks: tiles of 6 r x 16 f; with a very short run (c == 1) 3 r x 32 f.
+  std::vector<DkBlock> blocks;
+  int64_t pw = 0;  // packed floats per pixel
+  for (int64_t f0 = 0; f0 < o;) {
+    const int64_t rem = o - f0;
+    DkBlock b;
+    b.f0 = f0;
+    if (run <= 3 && rem >= 32) {
+      b.nv = 4;
+      b.mr = 3;
+    } else {
+      b.nv = rem > 8 ? 2 : 1;
+      b.mr = 6;
+    }
+    b.width = std::min<int64_t>(rem, 8 * b.nv);
+    b.tail = static_cast<int>(b.width - 8 * (b.nv - 1));
+    b.offset = pw;
+    pw += 8 * b.nv;
+    blocks.push_back(b);
+    f0 += b.width;
+  }
+
+  // Chunks of output rows (within one image) of ~kDkChunkPixels pixels; items are fixed runs of
+  // consecutive chunks, independent of the thread count.
+  const int64_t rows = std::min<int64_t>(oh, RowsPerChunk(ow, kDkChunkPixels));
+  const int64_t chunks_per_image = CeilDiv(oh, rows);
+  const int64_t nchunks = s.n * chunks_per_image;
+  const double flops = 2.0 * s.n * oh * ow * kdepth * o;
+  const int64_t max_items = std::max<int64_t>(1, static_cast<int64_t>(flops / 4e6));
+  const int64_t mem_items = std::max<int64_t>(1, kDkPartialBytes / (len * int64_t{sizeof(float)}));
+  const int64_t items = std::min<int64_t>({nchunks, kDkMaxItems, max_items, mem_items});
+  std::vector<float> parts(static_cast<size_t>(items * len));
+  // One full-width block: the packed panel would be dy itself (aligned loads need 32-byte dy).
+  const bool direct = blocks.size() == 1 && pw == o &&
+                      reinterpret_cast<uintptr_t>(dy) % 32 == 0;
+
+  auto body = [&](int64_t item) {
+    const int64_t c0 = nchunks * item / items, c1 = nchunks * (item + 1) / items;
+    float* part = parts.data() + item * len;
+    std::memset(part, 0, sizeof(float) * len);
+    // Packed dy chunk: per block, a (pixel, nv*8) panel, zero padded.
+    std::vector<float> pack_storage(static_cast<size_t>(rows * ow * pw + 8));
+    float* pack = pack_storage.data();
+    pack += ((32 - (reinterpret_cast<uintptr_t>(pack) & 31)) & 31) / sizeof(float);
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      const int64_t b = ci / chunks_per_image;
+      const int64_t p0 = (ci % chunks_per_image) * rows;
+      const int64_t nrows = std::min(rows, oh - p0);
+      const int64_t npx = nrows * ow;
+      const float* dyb = dy + (b * oh + p0) * ow * o;
+      for (int64_t px = 0; px < npx && !direct; ++px) {  // sequential over dy
+        for (const DkBlock& blk : blocks) {
+          const int64_t W = 8 * blk.nv;
+          const float* src = dyb + px * o + blk.f0;
+          float* d = pack + blk.offset * npx + px * W;
+          int64_t f = 0;
+          for (; f < blk.width; ++f) d[f] = src[f];
+          for (; f < W; ++f) d[f] = 0.0f;
+        }
+      }
+      for (const DkBlock& blk : blocks) {
+        const float* dyp = direct ? dyb : pack + blk.offset * npx;
+        for (int64_t i = 0; i < s.kh; ++i) {
+          const float* xb = x + (b * s.h + p0 + i) * xrs;
+          float* dki = part + i * run * o + blk.f0;
+          for (int64_t r0 = 0; r0 < run; r0 += blk.mr) {
+            const int mr = static_cast<int>(std::min<int64_t>(blk.mr, run - r0));
+            switch (blk.nv) {
+              case 4: DkTileDispatch<4, 3>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              case 2: DkTileDispatch<2, 6>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              default: DkTileDispatch<1, 6>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+            }
+          }
+        }
+      }
+    }
+  };
+  if (items == 1) {
+    body(0);
+  } else {
+    parallel_for(items, body);
+  }
+  ReducePartials(parts.data(), items, len, dk, parallel_for);
+}
+
+#else  // portable fallback ----------------------------------------------------------------------
+// The same register tiling in plain C++ (MR pixels or r values x NR channels), written for the
+// compiler's auto-vectoriser (SSE2, NEON, ...).
+
+// GCC would vectorise the r loop below (contiguous x) with shuffles; the l loops are the ones
+// to vectorise (straight-line SLP over the unrolled tile).
+#if defined(__GNUC__) && !defined(__clang__)
+#define FER_NO_LOOP_VECTORIZE __attribute__((optimize("no-tree-loop-vectorize")))
+#else
+#define FER_NO_LOOP_VECTORIZE
+#endif
+
+// y0[t*o + l] = sum_{i, r} x0[i*xrs + t*c + r] * kf[(i*run + r)*o + l], t < MR, l < NR.
+template <int MR, int NR>
+FER_NO_LOOP_VECTORIZE inline void FbFwdTile(const float* x0, int64_t xrs, int64_t c, int64_t kh, int64_t run,
+                      const float* kf, int64_t o, float* y0) {
+  float acc[MR][NR];
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t)
+    FER_UNROLL
+    for (int l = 0; l < NR; ++l) acc[t][l] = 0.0f;
+  for (int64_t i = 0; i < kh; ++i) {
+    const float* xi = x0 + i * xrs;
+    const float* ki = kf + i * run * o;
+    for (int64_t r = 0; r < run; ++r) {
+      float bv[NR];
+      FER_UNROLL
+      for (int l = 0; l < NR; ++l) bv[l] = ki[r * o + l];
+      FER_UNROLL
+      for (int t = 0; t < MR; ++t) {
+        const float a = xi[t * c + r];
+        FER_UNROLL
+        for (int l = 0; l < NR; ++l) acc[t][l] += a * bv[l];
+      }
+    }
+  }
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t)
+    FER_UNROLL
+    for (int l = 0; l < NR; ++l) y0[t * o + l] = acc[t][l];
+}
+
+template <int NR>
+inline void FbFwdTileMr(int mr, const float* x0, int64_t xrs, int64_t c, int64_t kh,
+                        int64_t run, const float* kf, int64_t o, float* y0) {
+  switch (mr) {
+    case 4: FbFwdTile<4, NR>(x0, xrs, c, kh, run, kf, o, y0); break;
+    case 3: FbFwdTile<3, NR>(x0, xrs, c, kh, run, kf, o, y0); break;
+    case 2: FbFwdTile<2, NR>(x0, xrs, c, kh, run, kf, o, y0); break;
+    default: FbFwdTile<1, NR>(x0, xrs, c, kh, run, kf, o, y0); break;
+  }
+}
+
+void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* y,
+                     const ParallelFor& parallel_for) {
+  const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
+  const int64_t run = s.kw * c;
+  const int64_t xrs = s.w * c;
+  auto body = [&](int64_t row) {  // one output row
+    const int64_t b = row / oh, p = row % oh;
+    const float* xrow = x + (b * s.h + p) * xrs;
+    float* yrow = y + row * ow * o;
+    int64_t f0 = 0;
+    for (; f0 + 8 <= o; f0 += 8) {
+      for (int64_t q = 0; q < ow; q += 4) {
+        const int mr = static_cast<int>(std::min<int64_t>(4, ow - q));
+        FbFwdTileMr<8>(mr, xrow + q * c, xrs, c, s.kh, run, k + f0, o, yrow + q * o + f0);
+      }
+    }
+    for (; f0 < o; ++f0) {
+      for (int64_t q = 0; q < ow; q += 4) {
+        const int mr = static_cast<int>(std::min<int64_t>(4, ow - q));
+        FbFwdTileMr<1>(mr, xrow + q * c, xrs, c, s.kh, run, k + f0, o, yrow + q * o + f0);
+      }
+    }
+  };
+  parallel_for(s.n * oh, body);
+}
+
+// dkt[t*o + l] += sum_{q < ow} x0[q*c + t] * d0[q*o + l], t < MR, l < NR.
+template <int MR, int NR>
+inline void FbDkTile(const float* x0, int64_t c, const float* d0, int64_t o, int64_t ow,
+                     float* dkt) {
+  float acc[MR][NR];
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t)
+    FER_UNROLL
+    for (int l = 0; l < NR; ++l) acc[t][l] = dkt[t * o + l];
+  for (int64_t q = 0; q < ow; ++q) {
+    float bv[NR];
+    FER_UNROLL
+    for (int l = 0; l < NR; ++l) bv[l] = d0[q * o + l];
+    FER_UNROLL
+    for (int t = 0; t < MR; ++t) {
+      const float a = x0[q * c + t];
+      FER_UNROLL
+      for (int l = 0; l < NR; ++l) acc[t][l] += a * bv[l];
+    }
+  }
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t)
+    FER_UNROLL
+    for (int l = 0; l < NR; ++l) dkt[t * o + l] = acc[t][l];
+}
+
+template <int NR>
+inline void FbDkTileMr(int mr, const float* x0, int64_t c, const float* d0, int64_t o,
+                       int64_t ow, float* dkt) {
+  switch (mr) {
+    case 4: FbDkTile<4, NR>(x0, c, d0, o, ow, dkt); break;
+    case 3: FbDkTile<3, NR>(x0, c, d0, o, ow, dkt); break;
+    case 2: FbDkTile<2, NR>(x0, c, d0, o, ow, dkt); break;
+    default: FbDkTile<1, NR>(x0, c, d0, o, ow, dkt); break;
+  }
+}
+
+void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, float* dk,
+                        const ParallelFor& parallel_for) {
+  const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
+  const int64_t run = s.kw * c, kdepth = s.kh * run, len = kdepth * o;
+  const int64_t xrs = s.w * c;
+  const int64_t nrows = s.n * oh;
+  const int64_t mem_items = std::max<int64_t>(1, kDkPartialBytes / (len * int64_t{sizeof(float)}));
+  const int64_t items = std::min<int64_t>({nrows, kDkMaxItems, mem_items});
+  std::vector<float> parts(static_cast<size_t>(items * len));
+  auto body = [&](int64_t item) {
+    const int64_t row0 = nrows * item / items, row1 = nrows * (item + 1) / items;
+    float* part = parts.data() + item * len;
+    std::memset(part, 0, sizeof(float) * len);
+    for (int64_t row = row0; row < row1; ++row) {  // one output row
+      const int64_t b = row / oh, p = row % oh;
+      const float* drow = dy + row * ow * o;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const float* xrow = x + (b * s.h + p + i) * xrs;
+        float* pi = part + i * run * o;
+        for (int64_t r0 = 0; r0 < run; r0 += 4) {
+          const int mr = static_cast<int>(std::min<int64_t>(4, run - r0));
+          int64_t f0 = 0;
+          for (; f0 + 8 <= o; f0 += 8) FbDkTileMr<8>(mr, xrow + r0, c, drow + f0, o, ow, pi + r0 * o + f0);
+          for (; f0 < o; ++f0) FbDkTileMr<1>(mr, xrow + r0, c, drow + f0, o, ow, pi + r0 * o + f0);
+        }
+      }
+    }
+  };
+  parallel_for(items, body);
+  ReducePartials(parts.data(), items, len, dk, parallel_for);
+}
+
+#endif  // FER_JAX_AVX2
+
+}  // namespace
+
+void ConvForward(const ConvShape& s, const float* x, const float* k, float* y,
+                 const ParallelFor& parallel_for) {
+  if (s.n <= 0 || s.o <= 0 || s.oh() <= 0 || s.ow() <= 0) return;
+  if (s.c <= 0 || s.kh <= 0 || s.kw <= 0) {
+    std::memset(y, 0, sizeof(float) * s.n * s.oh() * s.ow() * s.o);
+    return;
+  }
+  ConvForwardImpl(s, x, k, y, parallel_for);
+}
+
+void ConvKernelGrad(const ConvShape& s, const float* x, const float* dy, float* dk,
+                    const ParallelFor& parallel_for) {
+  const int64_t len = s.kh * s.kw * s.c * s.o;
+  if (len <= 0) return;
+  if (s.n <= 0 || s.oh() <= 0 || s.ow() <= 0) {
+    std::memset(dk, 0, sizeof(float) * len);
+    return;
+  }
+  ConvKernelGradImpl(s, x, dy, dk, parallel_for);
+}
+
+}  // namespace fer_jax

@@ -1,0 +1,37 @@
+// Direct (im2col-free) stride-1 'VALID' convolution kernels for XLA:CPU, called through the
+// XLA FFI (see ffi.cc). Layouts: input NHWC, kernel HWIO, output NHWC, all float32, dense
+// row-major.
+//
+// Why: the im2col formulation materialises a kh*kw-times larger patch matrix; at 150x150 a
+// 16-image chunk's patches are 96 MB, so copying them in (im2col) and out (its transpose)
+// runs at DRAM speed. These kernels read the input in place.
+#ifndef FER_JAX_NATIVE_CONV_KERNELS_H_
+#define FER_JAX_NATIVE_CONV_KERNELS_H_
+
+#include <cstdint>
+#include <functional>
+
+namespace fer_jax {
+
+// Calls body(i) once for every i in [0, n), possibly concurrently on other threads, and
+// returns when every call has finished. The caller's thread takes part.
+using ParallelFor = std::function<void(int64_t n, const std::function<void(int64_t)>& body)>;
+
+// Input (n, h, w, c); kernel (kh, kw, c, o); output (n, h - kh + 1, w - kw + 1, o).
+struct ConvShape {
+  int64_t n, h, w, c, kh, kw, o;
+  int64_t oh() const { return h - kh + 1; }
+  int64_t ow() const { return w - kw + 1; }
+};
+
+// y[b, p, q, f] = sum_{i, j, ch} x[b, p + i, q + j, ch] * k[i, j, ch, f]
+void ConvForward(const ConvShape& s, const float* x, const float* k, float* y,
+                 const ParallelFor& parallel_for);
+
+// dk[i, j, ch, f] = sum_{b, p, q} x[b, p + i, q + j, ch] * dy[b, p, q, f]
+void ConvKernelGrad(const ConvShape& s, const float* x, const float* dy, float* dk,
+                    const ParallelFor& parallel_for);
+
+}  // namespace fer_jax
+
+#endif  // FER_JAX_NATIVE_CONV_KERNELS_H_

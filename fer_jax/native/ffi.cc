@@ -1,0 +1,118 @@
+// XLA FFI handlers around the direct convolution kernels (conv_kernels.h), so a jitted JAX
+// program can call them on the CPU backend with XLA's own intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "conv_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// body(i) for i in [0, n) on the caller's thread plus up to num_threads - 1 pool threads.
+// Items are claimed from a shared counter, so the caller alone can finish all of them: no
+// deadlock when every pool thread is busy (this handler may itself run on one).
+class PoolParallelFor {
+ public:
+  explicit PoolParallelFor(ffi::ThreadPool& pool) : pool_(pool) {}
+
+  void operator()(int64_t n, const std::function<void(int64_t)>& body) const {
+    const int64_t helpers = std::min<int64_t>(pool_.num_threads(), n) - 1;
+    if (helpers <= 0) {
+      for (int64_t i = 0; i < n; ++i) body(i);
+      return;
+    }
+    struct State {
+      std::atomic<int64_t> next{0};
+      std::atomic<int64_t> done{0};
+      std::mutex mu;
+      std::condition_variable cv;
+    };
+    auto state = std::make_shared<State>();
+    // A helper that starts late finds next >= n and never touches `body`.
+    auto work = [state, n, &body]() {
+      for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+        body(i);
+        if (state->done.fetch_add(1) + 1 == n) {
+          std::lock_guard<std::mutex> lock(state->mu);
+          state->cv.notify_all();
+        }
+      }
+    };
+    for (int64_t t = 0; t < helpers; ++t) pool_.Schedule([work]() { work(); });
+    work();
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->cv.wait(lock, [&] { return state->done.load() == n; });
+  }
+
+ private:
+  ffi::ThreadPool& pool_;
+};
+
+ffi::Error CheckRank4(ffi::AnyBuffer::Dimensions dims, const char* what) {
+  if (dims.size() != 4) {
+    return ffi::Error::InvalidArgument(std::string(what) + " must have rank 4");
+  }
+  return ffi::Error::Success();
+}
+
+// x (n, h, w, c), k (kh, kw, c, o) -> y (n, h - kh + 1, w - kw + 1, o)
+ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y) {
+  if (auto e = CheckRank4(x.dimensions(), "x"); e.failure()) return e;
+  if (auto e = CheckRank4(k.dimensions(), "kernel"); e.failure()) return e;
+  auto xd = x.dimensions();
+  auto kd = k.dimensions();
+  fer_jax::ConvShape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3]};
+  if (kd[2] != s.c || s.kh > s.h || s.kw > s.w) {
+    return ffi::Error::InvalidArgument("conv: kernel does not fit the input");
+  }
+  auto yd = y->dimensions();
+  if (yd.size() != 4 || yd[0] != s.n || yd[1] != s.oh() || yd[2] != s.ow() || yd[3] != s.o) {
+    return ffi::Error::InvalidArgument("conv: wrong output shape");
+  }
+  PoolParallelFor parallel_for(pool);
+  fer_jax::ConvForward(s, x.typed_data(), k.typed_data(), y->typed_data(), parallel_for);
+  return ffi::Error::Success();
+}
+
+// x (n, h, w, c), dy (n, oh, ow, o) -> dk (kh, kw, c, o)
+ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
+  if (auto e = CheckRank4(x.dimensions(), "x"); e.failure()) return e;
+  if (auto e = CheckRank4(dy.dimensions(), "dy"); e.failure()) return e;
+  auto xd = x.dimensions();
+  auto dyd = dy.dimensions();
+  auto kd = dk->dimensions();
+  if (kd.size() != 4) return ffi::Error::InvalidArgument("dk must have rank 4");
+  fer_jax::ConvShape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3]};
+  if (kd[2] != s.c || s.kh > s.h || s.kw > s.w || dyd[0] != s.n || dyd[1] != s.oh() ||
+      dyd[2] != s.ow() || dyd[3] != s.o) {
+    return ffi::Error::InvalidArgument("conv kernel grad: inconsistent shapes");
+  }
+  PoolParallelFor parallel_for(pool);
+  fer_jax::ConvKernelGrad(s, x.typed_data(), dy.typed_data(), dk->typed_data(), parallel_for);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvKernelGrad, ConvKernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,122 @@
+"""The C++ direct-convolution kernels (fer_jax.native) against lax.conv, and their build."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fer_jax import native
+
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f'native kernels unavailable: {native.unavailable_reason()}')
+
+
+def _lax_conv(x, k):
+  return jax.lax.conv_general_dilated(x, k, (1, 1), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _assert_close(actual, expected, rel=1e-5):
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape
+  scale = max(float(np.abs(expected).max()), 1e-12)
+  np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * scale)
+
+
+def test_kernels_build_wherever_there_is_a_compiler():
+  """CI has g++: there the fast path must really be built, not silently skipped."""
+  if os.environ.get('FER_JAX_NATIVE') == '0' or not (
+      os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')):
+    pytest.skip('no C++ compiler here')
+  assert native.available(), native.unavailable_reason()
+
+
+# (x shape NHWC, kernel HWIO): the model's shapes, then awkward ones for the kernels' remainders.
+SHAPES = [
+    ((2, 48, 48, 1), (3, 3, 1, 32)),
+    ((2, 22, 22, 32), (3, 3, 32, 64)),
+    ((1, 74, 74, 32), (3, 3, 32, 64)),
+    ((3, 9, 11, 3), (3, 3, 3, 5)),
+    ((1, 7, 13, 17), (2, 5, 17, 24)),
+    ((2, 5, 6, 8), (1, 1, 8, 9)),
+    ((1, 3, 3, 2), (3, 3, 2, 40)),
+    ((4, 10, 31, 7), (3, 3, 7, 16)),
+]
+
+
+@needs_native
+@pytest.mark.parametrize('x_shape, k_shape', SHAPES)
+def test_conv_and_its_gradients_match_lax(x_shape, k_shape):
+  kx, kk, kd = jax.random.split(jax.random.key(sum(x_shape) + sum(k_shape)), 3)
+  x = jax.random.normal(kx, x_shape)
+  k = jax.random.normal(kk, k_shape)
+  y_ref, vjp = jax.vjp(_lax_conv, x, k)
+  dy = jax.random.normal(kd, y_ref.shape)
+  dx_ref, dk_ref = vjp(dy)
+
+  y = jax.jit(native.conv)(x, k)
+  dk = jax.jit(native.conv_kernel_grad, static_argnums=2)(x, dy, k_shape[:2])
+  dx = jax.jit(native.conv_input_grad)(dy, k)
+  _assert_close(y, y_ref)
+  _assert_close(dk, dk_ref)
+  _assert_close(dx, dx_ref)
+  # Bitwise repeatable (the kernels split work over threads without changing sum order).
+  np.testing.assert_array_equal(jax.jit(native.conv)(x, k), y)
+  np.testing.assert_array_equal(
+      jax.jit(native.conv_kernel_grad, static_argnums=2)(x, dy, k_shape[:2]), dk)
+
+
+@needs_native
+def test_conv_under_vmap():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 12, 12, 4))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 4, 8))
+  _assert_close(jax.vmap(native.conv, in_axes=(0, None))(x, k),
+                jax.vmap(_lax_conv, in_axes=(0, None))(x, k))
+
+
+_NO_NATIVE = """
+import jax
+from fer_jax import models, native
+from fer_jax.errors import ConfigError
+from fer_jax.models import layers
+assert not native.available()
+print('reason:', native.unavailable_reason())
+assert layers.resolve_lowering('auto') == 'dot'
+try:
+  models.get_model({'name': 'seed_cnn', 'lowering': 'native'}, 7)
+except ConfigError as e:
+  print('config error:', e)
+else:
+  raise SystemExit('no ConfigError')
+"""
+
+
+@pytest.mark.parametrize('env, reason', [
+    ({'FER_JAX_NATIVE': '0'}, 'FER_JAX_NATIVE=0'),
+    ({'CXX': '/nonexistent/c++'}, '/nonexistent/c++'),
+])
+def test_without_the_kernels_auto_falls_back_to_dot(tmp_path, env, reason):
+  env = {**os.environ, 'FER_JAX_CACHE_DIR': str(tmp_path), 'JAX_PLATFORMS': 'cpu', **env}
+  proc = subprocess.run([sys.executable, '-c', _NO_NATIVE], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert reason in proc.stdout
+  assert "model.lowering='native' needs the C++ conv kernels" in proc.stdout
+  assert not list(tmp_path.rglob('*.so'))  # nothing half-built left behind
+  assert not list(tmp_path.rglob('*.tmp'))
+
+
+@needs_native
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+  monkeypatch.setenv('FER_JAX_CACHE_DIR', str(tmp_path))
+  path = native.build()
+  assert path.is_relative_to(tmp_path) and path.stat().st_size > 0
+  mtime = path.stat().st_mtime_ns
+  assert native.build() == path and path.stat().st_mtime_ns == mtime  # not rebuilt
+  assert not list(tmp_path.rglob('*.tmp'))
