@@ -20,7 +20,8 @@ def test_train_throughput_prints_its_settings():
   result = _last_json(out.stdout)
   assert result['images_per_s'] > 0 and len(result['windows']) == 2
   assert (result['size'], result['batch'], result['augment']) == (48, 8, True)
-  for key in ('devices', 'dtype', 'lowering', 'parallel', 'microbatch', 'malloc_tuned'):
+  for key in ('devices', 'dtype', 'lowering', 'lowering_resolved', 'parallel', 'microbatch',
+              'malloc_tuned'):
     assert key in result
 
 
@@ -34,3 +35,17 @@ def test_compare_keras_without_tensorflow_reports_fer_jax_only(tmp_path):
   assert result['keras_skipped'] and 'does not exist' in result['keras_skipped']
   (row,) = result['summary']
   assert row['fer_jax_images_per_s'] > 0 and row['keras_images_per_s'] is None
+
+
+def test_conv_kernels_benchmark_prints_a_row_per_shape():
+  from fer_jax import native
+  if not native.available():
+    import pytest
+    pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/conv_kernels.py', '--reps', '1', '--only', 'c2f48,c1dk48'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = _last_json(out.stdout)['rows']
+  assert [r['row'] for r in rows] == ['c2f48', 'c1dk48']
+  assert all(r['native_ms'] > 0 and r['xla_ms'] > 0 for r in rows)

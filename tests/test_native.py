@@ -1,6 +1,7 @@
 """The C++ direct-convolution kernels (fer_jax.native) against lax.conv, and their build."""
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,10 @@ SHAPES = [
     ((2, 5, 6, 8), (1, 1, 8, 9)),
     ((1, 3, 3, 2), (3, 3, 2, 40)),
     ((4, 10, 31, 7), (3, 3, 7, 16)),
+    # Channel counts that leave a partial last vector in every AVX2 / AVX-512 tile width.
+    ((2, 6, 7, 5), (3, 3, 5, 56)),
+    ((1, 9, 9, 16), (3, 3, 16, 20)),
+    ((2, 12, 12, 1), (3, 3, 1, 44)),
 ]
 
 
@@ -80,6 +85,41 @@ def test_conv_under_vmap():
                 jax.vmap(_lax_conv, in_axes=(0, None))(x, k))
 
 
+def _cpu_flags() -> set[str]:
+  try:
+    lines = open('/proc/cpuinfo').read().splitlines()
+  except OSError:
+    return set()
+  return {f for l in lines if l.startswith('flags') for f in l.split(':', 1)[1].split()}
+
+
+_ISA_CHECK = """
+import sys
+import pytest
+from fer_jax import native
+print('isa:', native.isa())
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1], '-k', 'match_lax']))
+"""
+
+
+@needs_native
+@pytest.mark.parametrize('march, isa', [('haswell', 'avx2'), ('x86-64', 'portable')])
+def test_every_instruction_set_matches_lax(tmp_path, march, isa):
+  """The AVX-512, AVX2 and portable kernels are separate code: check the ones this CPU runs
+  besides its own (-march=native) build."""
+  if platform.machine() not in ('x86_64', 'AMD64'):
+    pytest.skip('x86 targets')
+  if isa == 'avx2' and not all(f in _cpu_flags() for f in ('avx2', 'fma')):
+    pytest.skip('this CPU has no AVX2/FMA')
+  env = {**os.environ, 'FER_JAX_CACHE_DIR': str(tmp_path), 'FER_JAX_NATIVE_MARCH': march,
+         'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, '-c', _ISA_CHECK, __file__], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  assert f'isa: {isa}' in proc.stdout
+  assert f'{len(SHAPES)} passed' in proc.stdout
+
+
 _NO_NATIVE = """
 import jax
 from fer_jax import models, native
@@ -110,6 +150,15 @@ def test_without_the_kernels_auto_falls_back_to_dot(tmp_path, env, reason):
   assert "model.lowering='native' needs the C++ conv kernels" in proc.stdout
   assert not list(tmp_path.rglob('*.so'))  # nothing half-built left behind
   assert not list(tmp_path.rglob('*.tmp'))
+
+
+@needs_native
+def test_native_build_uses_this_cpus_widest_vectors():
+  flags = _cpu_flags()
+  expected = 'avx512' if 'avx512f' in flags else 'avx2' if {'avx2', 'fma'} <= flags else None
+  if expected is None or os.environ.get('FER_JAX_NATIVE_MARCH', 'native') != 'native':
+    pytest.skip('not an AVX2/AVX-512 CPU with the default build')
+  assert native.isa() == expected
 
 
 @needs_native

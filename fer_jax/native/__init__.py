@@ -34,7 +34,7 @@ SOURCES = ('conv_kernels.cc', 'ffi.cc')
 HEADERS = ('conv_kernels.h',)
 _TARGETS = {'fer_jax_conv_forward': 'FerJaxConvForward',
             'fer_jax_conv_kernel_grad': 'FerJaxConvKernelGrad'}
-_BASE_FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC')
+_BASE_FLAGS = ('-O3', '-std=c++20', '-shared', '-fPIC')
 
 
 class NativeUnavailable(RuntimeError):
@@ -96,11 +96,16 @@ def _compile(cxx: str, flags: tuple[str, ...], out: Path) -> None:
 
 
 def build() -> Path:
-  """Path of the compiled library, compiling it if this machine has none cached yet."""
+  """Path of the compiled library, compiling it if this machine has none cached yet.
+
+  `$FER_JAX_NATIVE_MARCH` (default 'native') is the -march target: 'native' picks AVX-512 or
+  AVX2 kernels for this CPU; e.g. 'haswell' forces the AVX2 ones, 'x86-64' the portable C++.
+  """
   cxx = _compiler()
   last_error = None
-  # -march=native first (AVX2/FMA kernels); a compiler without it gets the portable build.
-  for extra in (('-march=native',), ()):
+  march = os.environ.get('FER_JAX_NATIVE_MARCH', 'native')
+  # -march first (SIMD kernels); a compiler without it gets the portable build.
+  for extra in ((f'-march={march}',), ()):
     flags = _BASE_FLAGS + extra
     path = cache_dir() / 'native' / _build_key(cxx, flags) / 'libfer_jax_native.so'
     if path.exists():
@@ -147,6 +152,14 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
   return unavailable_reason() is None
+
+
+def isa() -> str:
+  """The kernels' instruction set: 'avx512', 'avx2' or 'portable' (raises if unavailable)."""
+  ensure_loaded()
+  fn = _load().FerJaxNativeIsa
+  fn.restype = ctypes.c_char_p
+  return fn().decode()
 
 
 def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -23,11 +23,17 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
-#define FER_JAX_AVX2 1
+#define FER_JAX_SIMD 1
+#define FER_JAX_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FER_JAX_SIMD 1
+#define FER_JAX_AVX512 0
 #else
-#define FER_JAX_AVX2 0
+#define FER_JAX_SIMD 0
+#define FER_JAX_AVX512 0
 #endif
 
 // Fully unrolls the small register-tile loops early, so the accumulators become registers.
@@ -44,7 +50,6 @@ namespace {
 
 // Tuning constants (measured on a 2-core AMD Zen 3, AVX2 + FMA).
 constexpr int64_t kFwdMaxChunk = 192;     // output pixels per ConvForward work item (max)
-constexpr int kWideMr = 3;                // pixels per 3x32 tile (tiny reduction, c == 1)
 constexpr int64_t kStreamBytes = int64_t{16} << 20;  // streaming stores for outputs this large
 constexpr int64_t kStreamMaxDepth = 64;   // ... of convs with a reduction this short
 constexpr int64_t kDkChunkPixels = 128;   // output pixels per ConvKernelGrad chunk (about)
@@ -83,28 +88,128 @@ void ReducePartials(const float* parts, int64_t items, int64_t len, float* out,
   }
 }
 
-#if FER_JAX_AVX2
+#if FER_JAX_SIMD
 
-inline __m256i TailMask(int valid) {  // first `valid` lanes (1..8) on
-  alignas(32) static const int32_t kBits[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
-                                                0,  0,  0,  0,  0,  0,  0,  0};
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kBits + 8 - valid));
+// One vector ISA, chosen at compile time (-march=native): AVX-512F (16 lanes, 32 registers) or
+// AVX2 + FMA (8 lanes, 16 registers). The tiles below are written once against this interface.
+#if FER_JAX_AVX512
+struct Simd {
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  static constexpr int kRegs = 32;
+  static inline V Zero() { return _mm512_setzero_ps(); }
+  static inline V Load(const float* p) { return _mm512_load_ps(p); }  // aligned
+  static inline V LoadU(const float* p) { return _mm512_loadu_ps(p); }
+  static inline V Bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static inline V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline void StoreU(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static inline void Stream(float* p, V v) { _mm512_stream_ps(p, v); }
+  static inline Mask TailMask(int valid) { return static_cast<Mask>((1u << valid) - 1u); }
+  static inline V MaskLoad(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static inline void MaskStore(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+#else
+struct Simd {
+  using V = __m256;
+  using Mask = __m256i;
+  static constexpr int kLanes = 8;
+  static constexpr int kRegs = 16;
+  static inline V Zero() { return _mm256_setzero_ps(); }
+  static inline V Load(const float* p) { return _mm256_load_ps(p); }  // aligned
+  static inline V LoadU(const float* p) { return _mm256_loadu_ps(p); }
+  static inline V Bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static inline V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline void Stream(float* p, V v) { _mm256_stream_ps(p, v); }
+  static inline Mask TailMask(int valid) {  // first `valid` lanes (1..8) on
+    alignas(32) static const int32_t kBits[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                  0,  0,  0,  0,  0,  0,  0,  0};
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kBits + 8 - valid));
+  }
+  static inline V MaskLoad(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static inline void MaskStore(float* p, Mask m, V v) { _mm256_maskstore_ps(p, m, v); }
+};
+#endif
+constexpr int L = Simd::kLanes;
+constexpr int64_t kAlign = int64_t{4} * L;  // bytes of one vector
+using V = Simd::V;
+
+// The largest register tile (pixels, or r values) of any block, and a pointer aligned for Load.
+constexpr int kMaxMr = Simd::kRegs == 32 ? 12 : 6;
+inline float* AlignUp(float* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return p + ((kAlign - static_cast<int64_t>(a % kAlign)) % kAlign) / int64_t{sizeof(float)};
+}
+
+// Calls f.template operator()<MR>() for the runtime mr in [1, MRMAX] (a tile's remainder).
+template <int MRMAX, typename F>
+inline void DispatchMr(int mr, F&& f) {
+  static_assert(MRMAX >= 1 && MRMAX <= 12, "");
+  switch (mr) {
+#define FER_CASE(k) \
+  case k:           \
+    if constexpr (MRMAX >= k) f.template operator()<k>(); \
+    break;
+    FER_CASE(12) FER_CASE(11) FER_CASE(10) FER_CASE(9) FER_CASE(8) FER_CASE(7)
+    FER_CASE(6) FER_CASE(5) FER_CASE(4) FER_CASE(3) FER_CASE(2) FER_CASE(1)
+#undef FER_CASE
+    default: break;
+  }
+}
+
+// A channel block: NV vectors (NV*L channels, the last with `tail` valid lanes), tiled with
+// `mr` pixels (forward) or r values (kernel gradient). Chosen so MR*NV accumulators + NV
+// operand vectors + a broadcast fit the register file.
+struct Block {
+  int64_t f0;      // first channel
+  int nv;          // vectors (packed panel width nv*L)
+  int tail;        // valid lanes of the last vector (1..L)
+  int mr;          // pixels or r values per register tile
+  int64_t width;   // channels (<= nv*L)
+  int64_t offset;  // panel offset in a packed buffer
+};
+
+// tiny_reduction (c == 1): on AVX2, 3 pixels x 4 vectors with kernel operands from memory
+// (12 accumulators + 4 vectors would not fit 16 registers), or 4 x 3 where `three` allows it.
+std::vector<Block> ChannelBlocks(int64_t o, bool tiny_reduction, bool three) {
+  std::vector<Block> blocks;
+  for (int64_t f0 = 0; f0 < o;) {
+    const int64_t rem = o - f0;
+    Block b{};
+    b.f0 = f0;
+    if (Simd::kRegs == 32) {  // AVX-512: 6 x 4, 8 x 3, 12 x 2 or 12 x 1 vectors
+      b.nv = static_cast<int>(std::min<int64_t>(4, CeilDiv(rem, L)));
+      b.mr = b.nv == 4 ? 6 : b.nv == 3 ? 8 : 12;
+    } else if (tiny_reduction && (rem >= 4 * L || (three && rem >= 3 * L))) {
+      b.nv = rem >= 4 * L ? 4 : 3;
+      b.mr = b.nv == 4 ? 3 : 4;
+    } else {  // AVX2: 6 x 2 or 6 x 1 vectors
+      b.nv = rem > L ? 2 : 1;
+      b.mr = 6;
+    }
+    b.width = std::min<int64_t>(rem, int64_t{L} * b.nv);
+    b.tail = static_cast<int>(b.width - int64_t{L} * (b.nv - 1));
+    blocks.push_back(b);
+    f0 += b.width;
+  }
+  return blocks;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// acc[t][v] = sum_{i<kh, r<run} x_t[i*xrs + r] * panel[(i*run + r)*NV*8 + v*8 .. +8]
-// then stored to y_t + v*8 (the last vector with `tail` lanes).
+// acc[t][v] = sum_{i<kh, r<run} x_t[i*xrs + r] * panel[(i*run + r)*NV*L + v*L .. +L]
+// then stored to y_t + v*L (the last vector with `tail` lanes).
 // KH, RUN: compile-time kh and run when nonzero (the fully unrolled 3x3, c == 1 case).
 template <int MR, int NV, int KH, int RUN>
 inline void FwdTile(const float* const* xp, int64_t xrs, int64_t kh_rt, int64_t run_rt,
                     const float* __restrict panel, float* const* yp, int tail, bool stream) {
-  __m256 acc[MR][NV];
+  V acc[MR][NV];
   FER_UNROLL
   for (int t = 0; t < MR; ++t)
     FER_UNROLL
-    for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[t][v] = Simd::Zero();
   const float* xs[MR];
   FER_UNROLL
   for (int t = 0; t < MR; ++t) xs[t] = xp[t];
@@ -114,71 +219,66 @@ inline void FwdTile(const float* const* xp, int64_t xrs, int64_t kh_rt, int64_t 
   for (int64_t i = 0; i < kh; ++i) {
     const int64_t base = i * xrs;
     for (int64_t r = 0; r < run; ++r) {
-      if constexpr (MR * NV + NV + 1 <= 16) {  // kernel row in registers
-        __m256 bv[NV];
+      if constexpr (MR * NV + NV + 1 <= Simd::kRegs) {  // kernel row in registers
+        V bv[NV];
         FER_UNROLL
-        for (int v = 0; v < NV; ++v) bv[v] = _mm256_load_ps(bp + 8 * v);
+        for (int v = 0; v < NV; ++v) bv[v] = Simd::Load(bp + L * v);
         FER_UNROLL
         for (int t = 0; t < MR; ++t) {
-          const __m256 a = _mm256_broadcast_ss(xs[t] + base + r);
+          const V a = Simd::Bcast(xs[t] + base + r);
           FER_UNROLL
-          for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_fmadd_ps(a, bv[v], acc[t][v]);
+          for (int v = 0; v < NV; ++v) acc[t][v] = Simd::Fma(a, bv[v], acc[t][v]);
         }
       } else {  // too few registers: FMAs with memory operands
         FER_UNROLL
         for (int t = 0; t < MR; ++t) {
-          const __m256 a = _mm256_broadcast_ss(xs[t] + base + r);
+          const V a = Simd::Bcast(xs[t] + base + r);
           FER_UNROLL
-          for (int v = 0; v < NV; ++v)
-            acc[t][v] = _mm256_fmadd_ps(a, _mm256_load_ps(bp + 8 * v), acc[t][v]);
+          for (int v = 0; v < NV; ++v) acc[t][v] = Simd::Fma(a, Simd::Load(bp + L * v), acc[t][v]);
         }
       }
-      bp += 8 * NV;
+      bp += L * NV;
     }
   }
   if (stream) {  // aligned, full vectors
     FER_UNROLL
     for (int t = 0; t < MR; ++t)
       FER_UNROLL
-      for (int v = 0; v < NV; ++v) _mm256_stream_ps(yp[t] + 8 * v, acc[t][v]);
-  } else if (tail == 8) {
+      for (int v = 0; v < NV; ++v) Simd::Stream(yp[t] + L * v, acc[t][v]);
+  } else if (tail == L) {
     FER_UNROLL
     for (int t = 0; t < MR; ++t)
       FER_UNROLL
-      for (int v = 0; v < NV; ++v) _mm256_storeu_ps(yp[t] + 8 * v, acc[t][v]);
+      for (int v = 0; v < NV; ++v) Simd::StoreU(yp[t] + L * v, acc[t][v]);
   } else {
-    const __m256i m = TailMask(tail);
+    const Simd::Mask m = Simd::TailMask(tail);
     FER_UNROLL
     for (int t = 0; t < MR; ++t) {
       FER_UNROLL
-      for (int v = 0; v < NV - 1; ++v) _mm256_storeu_ps(yp[t] + 8 * v, acc[t][v]);
-      _mm256_maskstore_ps(yp[t] + 8 * (NV - 1), m, acc[t][NV - 1]);
+      for (int v = 0; v < NV - 1; ++v) Simd::StoreU(yp[t] + L * v, acc[t][v]);
+      Simd::MaskStore(yp[t] + L * (NV - 1), m, acc[t][NV - 1]);
     }
   }
 }
 
 template <int NV, int MRMAX, int KH, int RUN>
-inline void FwdTileDispatch(int mr, const float* const* xp, int64_t xrs, int64_t kh,
-                            int64_t run, const float* panel, float* const* yp, int tail, bool stream) {
-  static_assert(MRMAX <= 6, "");
-  switch (mr) {
-    case 6: if constexpr (MRMAX >= 6) { FwdTile<6, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); } break;
-    case 5: if constexpr (MRMAX >= 5) { FwdTile<5, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); } break;
-    case 4: if constexpr (MRMAX >= 4) { FwdTile<4, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); } break;
-    case 3: FwdTile<3, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); break;
-    case 2: FwdTile<2, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); break;
-    case 1: FwdTile<1, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream); break;
-    default: break;
-  }
+inline void FwdTileMr(int mr, const float* const* xp, int64_t xrs, int64_t kh, int64_t run,
+                      const float* panel, float* const* yp, int tail, bool stream) {
+  DispatchMr<MRMAX>(mr, [&]<int MR>() {
+    FwdTile<MR, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream);
+  });
 }
 
-struct FwdBlock {  // one packed panel of output channels
-  int64_t f0;      // first output channel
-  int nv;          // vectors (panel width nv*8)
-  int tail;        // valid lanes of the last vector (1..8)
-  int mr;          // pixels per register tile
-  int64_t offset;  // panel offset in the packed buffer (floats)
-};
+template <int KH, int RUN>
+inline void FwdTileNv(const Block& blk, int mr, const float* const* xp, int64_t xrs, int64_t kh,
+                      int64_t run, const float* panel, float* const* yp, bool stream) {
+  switch (blk.nv) {
+    case 4: FwdTileMr<4, (Simd::kRegs == 32 ? 6 : 3), KH, RUN>(mr, xp, xrs, kh, run, panel, yp, blk.tail, stream); break;
+    case 3: FwdTileMr<3, (Simd::kRegs == 32 ? 8 : 4), KH, RUN>(mr, xp, xrs, kh, run, panel, yp, blk.tail, stream); break;
+    case 2: FwdTileMr<2, kMaxMr, KH, RUN>(mr, xp, xrs, kh, run, panel, yp, blk.tail, stream); break;
+    default: FwdTileMr<1, kMaxMr, KH, RUN>(mr, xp, xrs, kh, run, panel, yp, blk.tail, stream); break;
+  }
+}
 
 void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* y,
                      const ParallelFor& parallel_for) {
@@ -187,45 +287,22 @@ void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* 
   const int64_t npix = s.n * oh * ow;
   const int64_t xrs = s.w * c;
 
-  // Channel blocks: 16 wide (6 pixels per tile); the last block 8 wide if 8 or fewer remain.
-  // With a tiny reduction (c == 1) the tile is 3 pixels x 32 channels instead (kernel operands
-  // straight from memory: 12 accumulators + 4 kernel vectors would not fit in 16 registers).
-  std::vector<FwdBlock> blocks;
+  std::vector<Block> blocks = ChannelBlocks(o, kdepth <= 32, /*three=*/true);
   int64_t offset = 0;
-  const bool wide = kdepth <= 32 && o >= 32;
-  for (int64_t f0 = 0; f0 < o;) {
-    const int64_t rem = o - f0;
-    FwdBlock b;
-    b.f0 = f0;
-    if (wide && rem >= 24) {
-      b.nv = rem >= 32 ? 4 : 3;
-      b.mr = b.nv == 4 ? kWideMr : 4;
-    } else {
-      b.nv = rem > 8 ? 2 : 1;
-      b.mr = 6;
-    }
-    const int64_t width = std::min<int64_t>(rem, 8 * b.nv);
-    b.tail = static_cast<int>(width - 8 * (b.nv - 1));
+  for (Block& b : blocks) {
     b.offset = offset;
-    offset += kdepth * 8 * b.nv;
-    blocks.push_back(b);
-    f0 += width;
+    offset += kdepth * L * b.nv;
   }
   // Pack the kernel: panel[(i*run + r)*W + f'] = k[(i*run + r)*o + f0 + f'], zero padded.
-  std::vector<float> packed_storage(offset + 16);
-  float* packed = packed_storage.data();
-  {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(packed);
-    packed += ((32 - (a & 31)) & 31) / sizeof(float);
-  }
-  for (const FwdBlock& b : blocks) {
-    const int64_t W = 8 * b.nv;
-    const int64_t width = 8 * (b.nv - 1) + b.tail;
+  std::vector<float> packed_storage(offset + 2 * L);
+  float* packed = AlignUp(packed_storage.data());
+  for (const Block& b : blocks) {
+    const int64_t W = int64_t{L} * b.nv;
     float* dst = packed + b.offset;
     for (int64_t row = 0; row < kdepth; ++row) {
       const float* src = k + row * o + b.f0;
       int64_t f = 0;
-      for (; f < width; ++f) dst[row * W + f] = src[f];
+      for (; f < b.width; ++f) dst[row * W + f] = src[f];
       for (; f < W; ++f) dst[row * W + f] = 0.0f;
     }
   }
@@ -236,8 +313,8 @@ void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* 
   const int64_t items = CeilDiv(npix, chunk);
   // Streaming (non-temporal) stores for a large output of a cheap conv: the output cannot stay
   // in cache anyway, and they save the read-for-ownership of every output line.
-  const bool stream = kdepth <= kStreamMaxDepth && npix * o * 4 >= kStreamBytes && o % 8 == 0 &&
-                      reinterpret_cast<uintptr_t>(y) % 32 == 0;
+  const bool stream = kdepth <= kStreamMaxDepth && npix * o * 4 >= kStreamBytes && o % L == 0 &&
+                      reinterpret_cast<uintptr_t>(y) % kAlign == 0;
   const bool small33 = s.kh == 3 && run == 3;
   auto body = [&](int64_t item) {
     const int64_t m0 = item * chunk, m1 = std::min(npix, m0 + chunk);
@@ -259,26 +336,16 @@ void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* 
         }
       }
     }
-    for (const FwdBlock& blk : blocks) {
+    for (const Block& blk : blocks) {
       const float* panel = packed + blk.offset;
-      float* yp[6];
+      float* yp[kMaxMr];
       for (int64_t t0 = 0; t0 < cnt; t0 += blk.mr) {
         const int mr = static_cast<int>(std::min<int64_t>(blk.mr, cnt - t0));
         for (int t = 0; t < mr; ++t) yp[t] = yptr[t0 + t] + blk.f0;
         if (small33) {
-          switch (blk.nv) {
-            case 4: FwdTileDispatch<4, kWideMr, 3, 3>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
-            case 3: FwdTileDispatch<3, 4, 3, 3>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
-            case 2: FwdTileDispatch<2, 6, 3, 3>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
-            default: FwdTileDispatch<1, 6, 3, 3>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
-          }
+          FwdTileNv<3, 3>(blk, mr, xptr + t0, xrs, s.kh, run, panel, yp, stream);
         } else {
-          switch (blk.nv) {
-            case 4: FwdTileDispatch<4, kWideMr, 0, 0>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
-            case 3: FwdTileDispatch<3, 4, 0, 0>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
-            case 2: FwdTileDispatch<2, 6, 0, 0>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
-            default: FwdTileDispatch<1, 6, 0, 0>(mr, xptr + t0, xrs, s.kh, run, panel, yp, blk.tail, stream); break;
-          }
+          FwdTileNv<0, 0>(blk, mr, xptr + t0, xrs, s.kh, run, panel, yp, stream);
         }
       }
     }
@@ -294,48 +361,47 @@ void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* 
 // ---------------------------------------------------------------------------------------------
 // Kernel gradient.
 
-// acc[t][v] += sum over rows p < nrows, q < ow of xb[p*xrs + q*c + t] * dyp[(p*ow + q)*NV*8 + 8v ..]
-// with acc loaded from / stored to dkt[t*ldk + 8v ..]; dyp is a packed (pixel, NV*8) panel.
+// acc[t][v] += sum over rows p < nrows, q < ow of xb[p*xrs + q*c + t] * dyp[(p*ow + q)*NV*L + Lv ..]
+// with acc loaded from / stored to dkt[t*ldk + Lv ..]; dyp is a packed (pixel, NV*L) panel.
 // TAIL: the last vector of dk has `tail` valid lanes.
 template <int MR, int NV, bool TAIL>
 inline void DkTile(const float* __restrict xb, int64_t xrs, int64_t c,
                    const float* __restrict dyp, int64_t nrows, int64_t ow, float* dkt,
                    int64_t ldk, int tail) {
-  __m256 acc[MR][NV];
-  const __m256i m = TailMask(TAIL ? tail : 8);
+  V acc[MR][NV];
+  const Simd::Mask m = Simd::TailMask(TAIL ? tail : L);
   FER_UNROLL
   for (int t = 0; t < MR; ++t) {
     FER_UNROLL
     for (int v = 0; v < NV; ++v) {
-      acc[t][v] = (TAIL && v == NV - 1) ? _mm256_maskload_ps(dkt + t * ldk + 8 * v, m)
-                                        : _mm256_loadu_ps(dkt + t * ldk + 8 * v);
+      acc[t][v] = (TAIL && v == NV - 1) ? Simd::MaskLoad(dkt + t * ldk + L * v, m)
+                                        : Simd::LoadU(dkt + t * ldk + L * v);
     }
   }
   const float* dr = dyp;
   for (int64_t p = 0; p < nrows; ++p) {
     const float* xr = xb + p * xrs;
     for (int64_t q = 0; q < ow; ++q) {
-      if constexpr (MR * NV + NV + 1 <= 16) {  // dy vectors in registers
-        __m256 bv[NV];
+      if constexpr (MR * NV + NV + 1 <= Simd::kRegs) {  // dy vectors in registers
+        V bv[NV];
         FER_UNROLL
-        for (int v = 0; v < NV; ++v) bv[v] = _mm256_load_ps(dr + 8 * v);
+        for (int v = 0; v < NV; ++v) bv[v] = Simd::Load(dr + L * v);
         FER_UNROLL
         for (int t = 0; t < MR; ++t) {
-          const __m256 a = _mm256_broadcast_ss(xr + t);
+          const V a = Simd::Bcast(xr + t);
           FER_UNROLL
-          for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_fmadd_ps(a, bv[v], acc[t][v]);
+          for (int v = 0; v < NV; ++v) acc[t][v] = Simd::Fma(a, bv[v], acc[t][v]);
         }
       } else {  // too few registers: FMAs with memory operands
         FER_UNROLL
         for (int t = 0; t < MR; ++t) {
-          const __m256 a = _mm256_broadcast_ss(xr + t);
+          const V a = Simd::Bcast(xr + t);
           FER_UNROLL
-          for (int v = 0; v < NV; ++v)
-            acc[t][v] = _mm256_fmadd_ps(a, _mm256_load_ps(dr + 8 * v), acc[t][v]);
+          for (int v = 0; v < NV; ++v) acc[t][v] = Simd::Fma(a, Simd::Load(dr + L * v), acc[t][v]);
         }
       }
       xr += c;
-      dr += 8 * NV;
+      dr += L * NV;
     }
   }
   FER_UNROLL
@@ -343,46 +409,23 @@ inline void DkTile(const float* __restrict xb, int64_t xrs, int64_t c,
     FER_UNROLL
     for (int v = 0; v < NV; ++v) {
       if (TAIL && v == NV - 1) {
-        _mm256_maskstore_ps(dkt + t * ldk + 8 * v, m, acc[t][v]);
+        Simd::MaskStore(dkt + t * ldk + L * v, m, acc[t][v]);
       } else {
-        _mm256_storeu_ps(dkt + t * ldk + 8 * v, acc[t][v]);
+        Simd::StoreU(dkt + t * ldk + L * v, acc[t][v]);
       }
     }
   }
 }
 
-template <int NV, int MRMAX, bool TAIL>
+template <int NV, int MRMAX>
 inline void DkTileMr(int mr, const float* xb, int64_t xrs, int64_t c, const float* dyp,
                      int64_t nrows, int64_t ow, float* dkt, int64_t ldk, int tail) {
-  switch (mr) {
-    case 6: if constexpr (MRMAX >= 6) { DkTile<6, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); } break;
-    case 5: if constexpr (MRMAX >= 5) { DkTile<5, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); } break;
-    case 4: if constexpr (MRMAX >= 4) { DkTile<4, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); } break;
-    case 3: DkTile<3, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); break;
-    case 2: DkTile<2, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); break;
-    case 1: DkTile<1, NV, TAIL>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); break;
-    default: break;
-  }
-}
-
-template <int NV, int MRMAX>
-inline void DkTileDispatch(int mr, const float* xb, int64_t xrs, int64_t c, const float* dyp,
-                           int64_t nrows, int64_t ow, float* dkt, int64_t ldk, int tail) {
-  if (tail == 8) {
-    DkTileMr<NV, MRMAX, false>(mr, xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail);
+  if (tail == L) {
+    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTile<MR, NV, false>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); });
   } else {
-    DkTileMr<NV, MRMAX, true>(mr, xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail);
+    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTile<MR, NV, true>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); });
   }
 }
-
-struct DkBlock {  // a block of output channels of dk
-  int64_t f0;
-  int nv;    // vectors (packed panel width nv*8)
-  int tail;  // valid lanes of the last vector (1..8)
-  int mr;    // rows (r) per register tile
-  int64_t width;
-  int64_t offset;  // panel offset in the packed dy chunk, per pixel (floats)
-};
 
 void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, float* dk,
                         const ParallelFor& parallel_for) {
@@ -390,26 +433,11 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
   const int64_t run = s.kw * c, kdepth = s.kh * run, len = kdepth * o;
   const int64_t xrs = s.w * c;
 
-  // Channel blocks: tiles of 6 r x 16 f; with a very short run (c == 1) 3 r x 32 f.
-  std::vector<DkBlock> blocks;
+  std::vector<Block> blocks = ChannelBlocks(o, run <= 3, /*three=*/false);
   int64_t pw = 0;  // packed floats per pixel
-  for (int64_t f0 = 0; f0 < o;) {
-    const int64_t rem = o - f0;
-    DkBlock b;
-    b.f0 = f0;
-    if (run <= 3 && rem >= 32) {
-      b.nv = 4;
-      b.mr = 3;
-    } else {
-      b.nv = rem > 8 ? 2 : 1;
-      b.mr = 6;
-    }
-    b.width = std::min<int64_t>(rem, 8 * b.nv);
-    b.tail = static_cast<int>(b.width - 8 * (b.nv - 1));
+  for (Block& b : blocks) {
     b.offset = pw;
-    pw += 8 * b.nv;
-    blocks.push_back(b);
-    f0 += b.width;
+    pw += int64_t{L} * b.nv;
   }
 
   // Chunks of output rows (within one image) of ~kDkChunkPixels pixels; items are fixed runs of
@@ -422,18 +450,17 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
   const int64_t mem_items = std::max<int64_t>(1, kDkPartialBytes / (len * int64_t{sizeof(float)}));
   const int64_t items = std::min<int64_t>({nchunks, kDkMaxItems, max_items, mem_items});
   std::vector<float> parts(static_cast<size_t>(items * len));
-  // One full-width block: the packed panel would be dy itself (aligned loads need 32-byte dy).
+  // One full-width block: the packed panel would be dy itself (aligned loads need aligned dy).
   const bool direct = blocks.size() == 1 && pw == o &&
-                      reinterpret_cast<uintptr_t>(dy) % 32 == 0;
+                      reinterpret_cast<uintptr_t>(dy) % kAlign == 0;
 
   auto body = [&](int64_t item) {
     const int64_t c0 = nchunks * item / items, c1 = nchunks * (item + 1) / items;
     float* part = parts.data() + item * len;
     std::memset(part, 0, sizeof(float) * len);
-    // Packed dy chunk: per block, a (pixel, nv*8) panel, zero padded.
-    std::vector<float> pack_storage(static_cast<size_t>(rows * ow * pw + 8));
-    float* pack = pack_storage.data();
-    pack += ((32 - (reinterpret_cast<uintptr_t>(pack) & 31)) & 31) / sizeof(float);
+    // Packed dy chunk: per block, a (pixel, nv*L) panel, zero padded.
+    std::vector<float> pack_storage(static_cast<size_t>(rows * ow * pw + 2 * L));
+    float* pack = AlignUp(pack_storage.data());
     for (int64_t ci = c0; ci < c1; ++ci) {
       const int64_t b = ci / chunks_per_image;
       const int64_t p0 = (ci % chunks_per_image) * rows;
@@ -441,8 +468,8 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
       const int64_t npx = nrows * ow;
       const float* dyb = dy + (b * oh + p0) * ow * o;
       for (int64_t px = 0; px < npx && !direct; ++px) {  // sequential over dy
-        for (const DkBlock& blk : blocks) {
-          const int64_t W = 8 * blk.nv;
+        for (const Block& blk : blocks) {
+          const int64_t W = int64_t{L} * blk.nv;
           const float* src = dyb + px * o + blk.f0;
           float* d = pack + blk.offset * npx + px * W;
           int64_t f = 0;
@@ -450,7 +477,7 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
           for (; f < W; ++f) d[f] = 0.0f;
         }
       }
-      for (const DkBlock& blk : blocks) {
+      for (const Block& blk : blocks) {
         const float* dyp = direct ? dyb : pack + blk.offset * npx;
         for (int64_t i = 0; i < s.kh; ++i) {
           const float* xb = x + (b * s.h + p0 + i) * xrs;
@@ -458,9 +485,10 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
           for (int64_t r0 = 0; r0 < run; r0 += blk.mr) {
             const int mr = static_cast<int>(std::min<int64_t>(blk.mr, run - r0));
             switch (blk.nv) {
-              case 4: DkTileDispatch<4, 3>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
-              case 2: DkTileDispatch<2, 6>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
-              default: DkTileDispatch<1, 6>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              case 4: DkTileMr<4, (Simd::kRegs == 32 ? 6 : 3)>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              case 3: if constexpr (Simd::kRegs == 32) DkTileMr<3, 8>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              case 2: DkTileMr<2, kMaxMr>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              default: DkTileMr<1, kMaxMr>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
             }
           }
         }
@@ -623,7 +651,7 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
   ReducePartials(parts.data(), items, len, dk, parallel_for);
 }
 
-#endif  // FER_JAX_AVX2
+#endif  // FER_JAX_SIMD
 
 }  // namespace
 
@@ -649,3 +677,8 @@ void ConvKernelGrad(const ConvShape& s, const float* x, const float* dy, float* 
 }
 
 }  // namespace fer_jax
+
+// Which kernels this build holds (fer_jax.native.isa()): the -march target decides.
+extern "C" const char* FerJaxNativeIsa() {
+  return FER_JAX_AVX512 ? "avx512" : FER_JAX_SIMD ? "avx2" : "portable";
+}
