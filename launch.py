@@ -31,8 +31,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from fer_jax import parallel, train  # after flag parsing: jax reads XLA_FLAGS at import
+  from fer_jax import parallel, runtime, train  # after flag parsing: jax reads XLA_FLAGS at import
   from fer_jax.errors import FerJaxError
+  runtime.inline_cpu_dispatch()  # before JAX starts its CPU client
   workdir = _WORKDIR.value or f'runs/{_config_name()}'
   try:
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

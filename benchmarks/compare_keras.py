@@ -1,14 +1,16 @@
 """fer_jax vs the Keras peer, side by side: train-step images/s for the speed issue's rows.
 
-  python benchmarks/compare_keras.py [--rounds 2] [--rows 48x64,48x256,150x64]
+  python benchmarks/compare_keras.py [--rounds 2] [--rows 48x64,48x256,150x64] [--no-plain]
 runs benchmarks/train_throughput.py (with this Python) and benchmarks/peer_keras.py (with
 the Keras virtualenv's Python) as fresh subprocesses, one at a time, and prints a markdown
 table of the medians over rounds plus, as its last line, one JSON object with every run.
+Unless --no-plain, a third column is the straightforward JAX program the speed work started
+from: train_throughput.py with `--lowering xla --microbatch 0` (lax.conv + nn.max_pool on the
+whole batch under one jax.jit, XLA's own gradients).
 
-Machines drift (thermal state, neighbours), so runs alternate: within a round the two
-frameworks swap order from row to row, and every round reverses the previous round's order
-(per row: fer_jax, Keras, Keras, fer_jax, ...). Both sides get the same size, batch, window
-settings and augmentation switch. The Keras Python is --keras-python, else
+Machines drift (thermal state, neighbours), so runs alternate: the order of the runs rotates
+from row to row and from round to round, so each side runs first, in the middle and last
+equally often. All sides get the same size, batch, window settings and augmentation switch. The Keras Python is --keras-python, else
 $FER_JAX_KERAS_PYTHON, else .venv-keras/bin/python in the repo root, else venv-keras/bin/python
 next to the repo; without a Python that imports tensorflow the table has fer_jax only.
 """
@@ -120,6 +122,8 @@ def main() -> None:
   p.add_argument('--keras-python', default=default_keras_python())
   p.add_argument('--extra-jax-args', default='', help='e.g. "--lowering xla"')
   p.add_argument('--extra-keras-args', default='', help='e.g. "--onednn on"')
+  p.add_argument('--no-plain', action='store_true',
+                 help='skip the plain-JAX column (fer_jax with --lowering xla --microbatch 0)')
   args = p.parse_args()
   rows = parse_rows(args.rows)
 
@@ -131,42 +135,47 @@ def main() -> None:
   common += ['--no-augment'] if args.no_augment else []
 
   def command(framework: str, size: int, batch: int) -> list[str]:
-    if framework == 'fer_jax':
-      return ([args.jax_python, 'benchmarks/train_throughput.py', '--size', str(size),
-               '--batch', str(batch)] + common + shlex.split(args.extra_jax_args))
-    return ([args.keras_python, 'benchmarks/peer_keras.py', '--size', str(size),
-             '--batch', str(batch)] + common + shlex.split(args.extra_keras_args))
+    if framework == 'keras':
+      return ([args.keras_python, 'benchmarks/peer_keras.py', '--size', str(size),
+               '--batch', str(batch)] + common + shlex.split(args.extra_keras_args))
+    plain = ['--lowering', 'xla', '--microbatch', '0'] if framework == 'plain_jax' else []
+    return ([args.jax_python, 'benchmarks/train_throughput.py', '--size', str(size),
+             '--batch', str(batch)] + common + shlex.split(args.extra_jax_args) + plain)
 
+  frameworks = ['fer_jax'] + (['keras'] if tf_version else []) + ([] if args.no_plain else ['plain_jax'])
   runs: list[dict] = []
   for r in range(args.rounds):
     for i, (size, batch) in enumerate(rows):
-      order = ['fer_jax', 'keras'] if (r + i) % 2 == 0 else ['keras', 'fer_jax']
-      for framework in order:
-        if framework == 'keras' and tf_version is None:
-          continue
+      k = (r + i) % len(frameworks)
+      order = frameworks[k:] + frameworks[:k]
+      for framework in (order if r % 2 == 0 else order[::-1]):
         record = run_one(framework, command(framework, size, batch))
         record.update(round=r, size=size, batch=batch)
         runs.append(record)
 
   print()
-  header = '| row (size, batch) | Keras img/s | fer_jax img/s | ratio fer_jax/Keras |'
-  print(header if tf_version else '| row (size, batch) | fer_jax img/s |')
-  print('|---|---|---|---|' if tf_version else '|---|---|')
+  columns = ([('keras', 'Keras img/s')] if tf_version else []) + [('fer_jax', 'fer_jax img/s')]
+  columns += [] if args.no_plain else [('plain_jax', 'plain JAX (lax.conv + nn.max_pool) img/s')]
+  ratios = ([('keras', 'fer_jax / Keras')] if tf_version else [])
+  ratios += [] if args.no_plain else [('plain_jax', 'fer_jax / plain JAX')]
+  titles = ['row (size, batch)'] + [t for _, t in columns] + [t for _, t in ratios]
+  print('| ' + ' | '.join(titles) + ' |')
+  print('|' + '---|' * len(titles))
   summary = []
   for size, batch in rows:
     mine = [x for x in runs if (x['size'], x['batch']) == (size, batch)]
-    jax_rate = _median([x for x in mine if x['framework'] == 'fer_jax'])
-    keras_rate = _median([x for x in mine if x['framework'] == 'keras'])
-    ratio = jax_rate / keras_rate if jax_rate and keras_rate else None
-    summary.append({'size': size, 'batch': batch, 'keras_images_per_s': keras_rate,
-                    'fer_jax_images_per_s': jax_rate,
-                    'ratio': None if ratio is None else round(ratio, 3)})
-    row = f'{size}x{size}, b{batch}'
-    if tf_version:
-      print(f'| {row} | {_fmt(keras_rate)} | {_fmt(jax_rate)} | '
-            f'{"-" if ratio is None else f"{ratio:.2f}"} |')
-    else:
-      print(f'| {row} | {_fmt(jax_rate)} |')
+    rate = {f: _median([x for x in mine if x['framework'] == f]) for f in frameworks}
+    ratio = {f: (rate['fer_jax'] / rate[f] if rate['fer_jax'] and rate[f] else None)
+             for f, _ in ratios}
+    summary.append({'size': size, 'batch': batch, 'keras_images_per_s': rate.get('keras'),
+                    'fer_jax_images_per_s': rate['fer_jax'],
+                    'plain_jax_images_per_s': rate.get('plain_jax'),
+                    'ratio': None if ratio.get('keras') is None else round(ratio['keras'], 3),
+                    'ratio_vs_plain_jax': (None if ratio.get('plain_jax') is None
+                                           else round(ratio['plain_jax'], 3))})
+    cells = [f'{size}x{size}, b{batch}'] + [_fmt(rate[f]) for f, _ in columns]
+    cells += ['-' if ratio[f] is None else f'{ratio[f]:.2f}' for f, _ in ratios]
+    print('| ' + ' | '.join(cells) + ' |')
   print(json.dumps({'summary': summary, 'rounds': args.rounds, 'augment': not args.no_augment,
                     'windows': args.windows, 'steps_per_window': args.steps_per_window,
                     'keras_python': args.keras_python, 'tf': tf_version,

@@ -33,6 +33,8 @@ def main() -> None:
   p.add_argument('--steps-per-window', type=int, default=10)
   p.add_argument('--no-malloc-tuning', action='store_true',
                  help="glibc's default allocator settings (see fer_jax/runtime.py)")
+  p.add_argument('--async-dispatch', action='store_true',
+                 help="JAX's default asynchronous CPU dispatch (see fer_jax/runtime.py)")
   args = p.parse_args()
   from fer_jax import runtime
   if args.no_malloc_tuning:
@@ -45,8 +47,10 @@ def main() -> None:
 
   import importlib.util
   import jax
+  if not args.async_dispatch:
+    runtime.inline_cpu_dispatch()  # as launch.py does
   import numpy as np
-  from fer_jax import parallel
+  from fer_jax import native, parallel
   from fer_jax.models import layers
   from fer_jax.train import compile_steps, make_step_context
   from fer_jax.train_step import create_train_state, make_optimizer
@@ -90,16 +94,19 @@ def main() -> None:
     rate = args.steps_per_window * batch_size / (time.perf_counter() - t)
     rates.append(rate)
     print(f'window {w}: {rate:.0f} img/s', file=sys.stderr)
+  resolved = layers.resolve_lowering(config.model.lowering)
   result = {
       'images_per_s': round(float(np.median(rates)), 1),
       'size': size, 'batch': batch_size, 'devices': jax.device_count(),
       'dtype': config.model.dtype, 'lowering': config.model.lowering,
-      'lowering_resolved': layers.resolve_lowering(config.model.lowering), 'parallel': config.parallel,
+      'lowering_resolved': resolved, 'parallel': config.parallel,
       'augment': bool(config.augment.enabled), 'model': config.model.name,
       'microbatch': ctx.microbatch,
       'windows': [round(r, 1) for r in rates], 'backend': jax.default_backend(),
       'jax': jax.__version__,
       'malloc_tuned': os.environ.get('FER_JAX_MALLOC_TUNED') == '1',
+      'cpu_async_dispatch': bool(jax.config.values['jax_cpu_enable_async_dispatch']),
+      'native_isa': native.isa() if resolved == 'native' else None,
   }
   print(json.dumps(result))
 

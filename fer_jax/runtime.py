@@ -1,4 +1,4 @@
-"""Process-level tuning that XLA:CPU training needs from glibc's allocator.
+"""Process-level tuning that XLA:CPU training needs from glibc's allocator (and from JAX).
 
 Why: glibc hands every freed block above its mmap threshold straight back to the OS and trims
 the heap top eagerly. XLA:CPU allocates and frees the same multi-megabyte activation buffers
@@ -11,6 +11,12 @@ Two ways in, best first:
   itself once with them (`tuned_environ`), unless the user set them or FER_JAX_MALLOC_TUNED.
 - `mallopt` at run time, for library users who `import fer_jax` into a running process
   (`tune_malloc`; a little less effective because the thresholds are capped at 32 MiB).
+
+The same page faults come back when the step runs on a thread other than the main one: JAX's
+CPU client executes asynchronously on a worker thread, whose glibc arena cannot keep the
+step's large temporary buffer (a thread arena's heaps are at most 64 MiB; a larger block is
+mmap'ed and unmapped again on free, whatever the MALLOC_* settings). `inline_cpu_dispatch`
+has the CPU client run each computation on the calling thread instead.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ _ENV = {
     'MALLOC_TOP_PAD_': str(512 << 20),
 }
 _MARK = 'FER_JAX_MALLOC_TUNED'
+_ASYNC_OPT_OUT = 'FER_JAX_ASYNC_DISPATCH'
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
@@ -50,3 +57,21 @@ def tune_malloc() -> None:
   libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
   libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
   libc.mallopt(_M_TOP_PAD, 256 << 20)
+
+
+def inline_cpu_dispatch() -> bool:
+  """Runs XLA:CPU computations on the calling thread (`jax_cpu_enable_async_dispatch=False`).
+
+  Measured on a 2-core machine (SeedCNN train step, batch 64): at 150x150 async dispatch took
+  51,600 page faults (200 MB) and 85 ms of system time per ~300 ms step, inline none, and the
+  step ran 16 % faster; at 48x48 (whose buffers fit a thread heap) the two are level. The host
+  work it no longer overlaps (fetching the next prefetched batch) is well under 1 % of a step.
+  It has to run before JAX creates its CPU client (the first computation or device query);
+  afterwards, or with FER_JAX_ASYNC_DISPATCH=1, it changes nothing. Returns whether it applied.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if os.environ.get(_ASYNC_OPT_OUT) == '1' or xla_bridge.backends_are_initialized():
+    return False
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  return True

@@ -137,6 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   # ---- Setup --------------------------------------------------------------------------------
   runtime.tune_malloc()  # no-op when launch.py already started us with tuned MALLOC_* variables
+  runtime.inline_cpu_dispatch()  # no-op when launch.py did it, or JAX is already running
   validate_config(config)
   check_workdir_writable(workdir)
   is_chief = jax.process_index() == 0

@@ -35,6 +35,9 @@ def test_compare_keras_without_tensorflow_reports_fer_jax_only(tmp_path):
   assert result['keras_skipped'] and 'does not exist' in result['keras_skipped']
   (row,) = result['summary']
   assert row['fer_jax_images_per_s'] > 0 and row['keras_images_per_s'] is None
+  assert row['plain_jax_images_per_s'] > 0 and row['ratio_vs_plain_jax'] > 0
+  table = [l for l in out.stdout.splitlines() if l.startswith('| 48x48')]
+  assert len(table) == 1 and table[0].count('|') == 5  # row, fer_jax, plain JAX, ratio
 
 
 def test_conv_kernels_benchmark_prints_a_row_per_shape():
