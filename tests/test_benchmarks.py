@@ -52,3 +52,17 @@ def test_conv_kernels_benchmark_prints_a_row_per_shape():
   rows = _last_json(out.stdout)['rows']
   assert [r['row'] for r in rows] == ['c2f48', 'c1dk48']
   assert all(r['native_ms'] > 0 and r['xla_ms'] > 0 for r in rows)
+
+
+def test_ablations_report_each_variant_against_the_default():
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/ablations.py', '--rounds', '1', '--rows', '48x8', '--only',
+       'async,whole_batch', '--windows', '1', '--steps-per-window', '1'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  summary = _last_json(out.stdout)['summary']
+  assert [s['variant'] for s in summary] == ['default', 'async', 'whole_batch']
+  assert summary[0]['relative_to_default'] == 1.0
+  assert all(s['images_per_s'] > 0 for s in summary)
+  runs = _last_json(out.stdout)['runs']
+  assert any('--async-dispatch' in r['cmd'] for r in runs)
