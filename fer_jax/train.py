@@ -125,8 +125,7 @@ def make_step_context(config: ml_collections.ConfigDict, *, num_classes: int, we
                      label_smoothing=config.train.label_smoothing, mean=mean, std=std,
                      seed=config.seed,
                      microbatch=resolve_microbatch(config.train.get('microbatch_size', 0),
-                                                   per_device_batch, config.model.image_size,
-                                                   jax.default_backend()))
+                                                   per_device_batch, jax.default_backend()))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

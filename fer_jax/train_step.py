@@ -42,16 +42,16 @@ class StepContext:
   microbatch: int = 0  # examples per device per chunk; 0 = the whole batch (resolve_microbatch)
 
 
-# Chunk size that keeps a SeedCNN forward+backward inside the CPU's caches without re-reading
-# the dense kernel too often: up to 2400 / image_size images, i.e. 32 of a batch of 64 at
-# 48x48 and 16 at 150x150. Measured on a 2-core machine (images/s, batch 64): 48x48 whole 406,
-# chunks of 32: 572, 16: 576, 8: 515; 150x150 (custom-VJP conv layers) chunks of 4: 66,
-# 8: 72, 16: 72, 32: 65.
-_CPU_CHUNK_IMAGES_X_SIDE = 2400
+# Chunk size (images) that keeps a SeedCNN forward+backward inside the CPU's caches without
+# re-reading the dense kernel too often. Measured with the C++ conv kernels (2-core AVX-512
+# machine, images/s, alternating runs): 48x48 batch 256, chunks of 32: 3235, 3260; 64: 3034,
+# 3047; 128: 2495, 2872; whole: 2733, 2684; 48x48 batch 64, 32 vs whole: 2846 vs 2779.
+# 150x150 batch 64, chunks of 16: 210, 199, 190, 202, 196; 32: 228, 214, 218, 216, 171;
+# whole: 184, 209, 228, 157, 220. (With the im2col lowering 150x150 had preferred 16.)
+_CPU_CHUNK_IMAGES = 32
 
 
-def resolve_microbatch(requested: int, per_device_batch: int, image_size: int,
-                       backend: str) -> int:
+def resolve_microbatch(requested: int, per_device_batch: int, backend: str) -> int:
   """Examples per device per gradient chunk (0: no chunking).
 
   -1 ('auto') chunks only on CPU, where XLA runs each op over the whole batch and the
@@ -61,9 +61,8 @@ def resolve_microbatch(requested: int, per_device_batch: int, image_size: int,
   if requested == -1:
     if backend != 'cpu':
       return 0
-    target = max(1, _CPU_CHUNK_IMAGES_X_SIDE // image_size)
     requested = max(d for d in range(1, per_device_batch + 1)
-                    if per_device_batch % d == 0 and d <= target)
+                    if per_device_batch % d == 0 and d <= _CPU_CHUNK_IMAGES)
   if requested < 0:
     raise ConfigError(f'config.train.microbatch_size={requested}: expected -1 (auto), 0 or a size')
   if requested and per_device_batch % requested:

@@ -76,21 +76,21 @@ def test_chunked_eval_equals_whole_batch():
   assert float(outs[4]['loss_sum']) == pytest.approx(float(outs[0]['loss_sum']), rel=1e-5)
 
 
-@pytest.mark.parametrize('requested,per_device,size,backend,expected', [
-    (-1, 64, 48, 'cpu', 32),
-    (-1, 256, 48, 'cpu', 32),
-    (-1, 40, 48, 'cpu', 0),
-    (-1, 64, 150, 'cpu', 16),
-    (-1, 64, 48, 'gpu', 0),
-    (-1, 8, 48, 'cpu', 0),  # the whole per-device batch fits: no chunking
-    (0, 64, 48, 'cpu', 0),
-    (16, 64, 48, 'tpu', 16),
+@pytest.mark.parametrize('requested,per_device,backend,expected', [
+    (-1, 64, 'cpu', 32),
+    (-1, 256, 'cpu', 32),
+    (-1, 40, 'cpu', 20),  # the largest divisor of the batch up to 32
+    (-1, 32, 'cpu', 0),  # the whole per-device batch fits: no chunking
+    (-1, 64, 'gpu', 0),
+    (-1, 8, 'cpu', 0),
+    (0, 64, 'cpu', 0),
+    (16, 64, 'tpu', 16),
 ])
-def test_resolve_microbatch(requested, per_device, size, backend, expected):
-  assert resolve_microbatch(requested, per_device, size, backend) == expected
+def test_resolve_microbatch(requested, per_device, backend, expected):
+  assert resolve_microbatch(requested, per_device, backend) == expected
 
 
 @pytest.mark.parametrize('requested', [-2, 24])
 def test_resolve_microbatch_rejects_bad_sizes(requested):
   with pytest.raises(ConfigError, match='microbatch_size'):
-    resolve_microbatch(requested, 64, 48, 'cpu')
+    resolve_microbatch(requested, 64, 'cpu')
