@@ -77,6 +77,55 @@ def test_conv_and_its_gradients_match_lax(x_shape, k_shape):
       jax.jit(native.conv_kernel_grad, static_argnums=2)(x, dy, k_shape[:2]), dk)
 
 
+# Conv outputs of even size (the fused pool needs it), with remainders in every tile width.
+POOL_SHAPES = [
+    ((2, 48, 48, 1), (3, 3, 1, 32)),
+    ((2, 22, 22, 32), (3, 3, 32, 64)),
+    ((1, 11, 9, 3), (2, 4, 3, 20)),
+    ((3, 6, 6, 5), (3, 3, 5, 56)),
+    ((1, 4, 4, 2), (3, 3, 2, 44)),
+]
+
+
+@needs_native
+@pytest.mark.parametrize('x_shape, k_shape', POOL_SHAPES)
+def test_conv_pool_matches_conv_then_max_pool(x_shape, k_shape):
+  import flax.linen as nn
+  kx, kk, kd = jax.random.split(jax.random.key(sum(x_shape) + 7 * sum(k_shape)), 3)
+  x = jax.random.normal(kx, x_shape)
+  k = jax.random.normal(kk, k_shape)
+  pool = lambda y: nn.max_pool(y, (2, 2), (2, 2), 'VALID')
+  ref, vjp = jax.vjp(lambda x: pool(_lax_conv(x, k)), x)
+  pooled, code = jax.jit(native.conv_pool)(x, k)
+  assert code.dtype == jnp.uint8 and int(code.max()) <= 3
+  _assert_close(pooled, ref)
+  # The code routes the gradient where XLA's max-pool gradient sends it.
+  d_pooled = jax.random.normal(kd, ref.shape)
+  y = _lax_conv(x, k)
+  (dy_ref,) = jax.vjp(pool, y)[1](d_pooled)
+  np.testing.assert_array_equal(native.unpool_grad(d_pooled, code), dy_ref)
+  np.testing.assert_array_equal(jax.jit(native.conv_pool)(x, k)[1], code)  # deterministic
+
+
+@needs_native
+def test_conv_pool_ties_pick_the_first_maximum_like_max_pool():
+  import flax.linen as nn
+  x = jnp.ones((1, 6, 6, 1))  # a constant image: every window is one big tie
+  k = jnp.ones((3, 3, 1, 4))
+  pooled, code = native.conv_pool(x, k)
+  np.testing.assert_array_equal(pooled, 9.0)
+  np.testing.assert_array_equal(code, 0)
+  d = jnp.arange(1.0, 1.0 + pooled.size).reshape(pooled.shape)
+  (dy_ref,) = jax.vjp(lambda y: nn.max_pool(y, (2, 2), (2, 2), 'VALID'), _lax_conv(x, k))[1](d)
+  np.testing.assert_array_equal(native.unpool_grad(d, code), dy_ref)
+
+
+@needs_native
+def test_conv_pool_rejects_an_odd_conv_output():
+  with pytest.raises(ValueError, match='not even'):
+    native.conv_pool(jnp.ones((1, 6, 7, 1)), jnp.ones((3, 3, 1, 4)))
+
+
 @needs_native
 def test_conv_under_vmap():
   x = jax.random.normal(jax.random.key(0), (3, 2, 12, 12, 4))
@@ -98,7 +147,7 @@ import sys
 import pytest
 from fer_jax import native
 print('isa:', native.isa())
-sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1], '-k', 'match_lax']))
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1], '-k', 'match_lax or conv_pool']))
 """
 
 
@@ -117,7 +166,7 @@ def test_every_instruction_set_matches_lax(tmp_path, march, isa):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   assert f'isa: {isa}' in proc.stdout
-  assert f'{len(SHAPES)} passed' in proc.stdout
+  assert f'{len(SHAPES) + len(POOL_SHAPES) + 2} passed' in proc.stdout
 
 
 _NO_NATIVE = """

@@ -89,11 +89,9 @@ def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
   return x[:, :keep(h), :keep(w), :]
 
 
-def _conv(xc: jax.Array, kernel: jax.Array, method: str) -> tuple[jax.Array, Any]:
-  """The conv's output and what its backward needs besides xc (the patches, for im2col)."""
+def _im2col_conv(xc: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The conv as one matmul over the im2col patches; returns (output, patches)."""
   kh, kw, c, o = kernel.shape
-  if method == 'direct':
-    return native.conv(xc, kernel), None
   patches = im2col_patches(xc, kh, kw)
   y = jnp.dot(patches.reshape(-1, kh * kw * c), kernel.reshape(kh * kw * c, o))
   return y.reshape(*patches.shape[:3], o), patches
@@ -113,20 +111,32 @@ def _conv_grads(xc: jax.Array, patches: Any, kernel: jax.Array, dy: jax.Array,
 
 
 def _conv_relu_pool_fwd(x, kernel, bias, method):
-  y, patches = _conv(crop_for_pool(x, kernel.shape[0]), kernel, method)
+  xc = crop_for_pool(x, kernel.shape[0])
+  if method == 'direct':
+    # The C++ kernel pools as it convolves: the conv output never leaves the cache, and the
+    # pool's winners come back as a one-byte code per pooled value.
+    pooled, winners = native.conv_pool(xc, kernel)
+    patches = None
+  else:
+    y, patches = _im2col_conv(xc, kernel)
+    pooled = jnp.max(_pool_windows(y), axis=(2, 4))
+    winners = y
   # max(y + b) == max(y) + b exactly (rounding is monotonic), and relu(max) == max(relu):
   # the bias and relu act on the 4x smaller pooled array.
-  pooled = jnp.max(_pool_windows(y), axis=(2, 4))
   out = jnp.maximum(pooled + bias, 0)
-  return out, (x, patches, kernel, bias, y, pooled)
+  return out, (x, patches, kernel, bias, winners, pooled)
 
 
 def _conv_relu_pool_bwd(method, res, d_out):
-  x, patches, kernel, bias, y, pooled = res
+  x, patches, kernel, bias, winners, pooled = res
   # The pool's gradient is a mask: the window's max, if it survives the relu, takes d_out.
-  d_pooled = jnp.where(pooled + bias > 0, d_out, 0).astype(y.dtype)
-  winner = _pool_windows(y) == pooled[:, :, None, :, None, :]
-  dy = jnp.where(winner, d_pooled[:, :, None, :, None, :], 0).reshape(y.shape)
+  d_pooled = jnp.where(pooled + bias > 0, d_out, 0).astype(pooled.dtype)
+  if method == 'direct':
+    dy = native.unpool_grad(d_pooled, winners)  # the first max of each window
+  else:
+    y = winners  # every element equal to its window's max (ties: all of them)
+    winner = _pool_windows(y) == pooled[:, :, None, :, None, :]
+    dy = jnp.where(winner, d_pooled[:, :, None, :, None, :], 0).reshape(y.shape)
   crop = lambda v: crop_for_pool(v, kernel.shape[0])
   d_xc, d_kernel = _conv_grads(crop(x), patches, kernel, dy, method)
   (d_x,) = jax.vjp(crop, x)[1](d_xc)
@@ -139,13 +149,15 @@ def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array,
   """max_pool_2x2(relu(conv(x, kernel) + bias)) with a hand-written gradient.
 
   `method` computes the conv: 'im2col' (patches + one XLA matmul) or 'direct' (the C++
-  kernels of `fer_jax.native`, float32 on the CPU backend, no patch matrix).
+  kernels of `fer_jax.native`, float32 on the CPU backend, no patch matrix, the pool fused
+  into the forward conv).
 
   Why the custom VJP: differentiating `jnp.max` makes JAX count the ties in every window
   (compare, convert, sum, divide) and XLA:CPU spends longer on that than on the conv's
   matmul. Here the gradient is one mask (the window's max, if positive, takes the incoming
   gradient) and the conv's two gradients. It equals `nn.max_pool`'s wherever the window's
-  max is unique, which holds for real-valued activations except exact ties.
+  max is unique, which holds for real-valued activations except exact ties; at a tie 'direct'
+  picks the first maximum as `nn.max_pool` does, 'im2col' passes the gradient to every tie.
   """
   return _conv_relu_pool_fwd(x, kernel, bias, method)[0]
 

@@ -33,6 +33,7 @@ SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = ('conv_kernels.cc', 'ffi.cc')
 HEADERS = ('conv_kernels.h',)
 _TARGETS = {'fer_jax_conv_forward': 'FerJaxConvForward',
+            'fer_jax_conv_pool_forward': 'FerJaxConvPoolForward',
             'fer_jax_conv_kernel_grad': 'FerJaxConvKernelGrad'}
 _BASE_FLAGS = ('-O3', '-std=c++20', '-shared', '-fPIC')
 
@@ -170,6 +171,37 @@ def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   out = jax.ShapeDtypeStruct((n, h - kh + 1, w - kw + 1, o), jnp.float32)
   return jax.ffi.ffi_call('fer_jax_conv_forward', out, vmap_method='sequential')(
       x.astype(jnp.float32), kernel.astype(jnp.float32))
+
+
+def conv_pool(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The stride-1 'VALID' conv followed by a 2x2, stride-2 max-pool, float32, CPU backend.
+
+  The conv's output must have even height and width. Returns (pooled, code): code (uint8, the
+  shape of pooled) is 2*di + dj of each window's first maximum in row-major order, which is
+  all the pool's gradient needs (`unpool_grad`). The conv output itself is never written: two
+  rows at a time live in a per-thread scratch buffer.
+  """
+  ensure_loaded()
+  n, h, w, _ = x.shape
+  kh, kw, _, o = kernel.shape
+  oh, ow = h - kh + 1, w - kw + 1
+  if oh % 2 or ow % 2:
+    raise ValueError(f'conv_pool: conv output {oh}x{ow} is not even (crop the input first)')
+  shape = (n, oh // 2, ow // 2, o)
+  return jax.ffi.ffi_call('fer_jax_conv_pool_forward',
+                          (jax.ShapeDtypeStruct(shape, jnp.float32),
+                           jax.ShapeDtypeStruct(shape, jnp.uint8)),
+                          vmap_method='sequential')(x.astype(jnp.float32),
+                                                    kernel.astype(jnp.float32))
+
+
+def unpool_grad(d_pooled: jax.Array, code: jax.Array) -> jax.Array:
+  """(B, H, W, C) pooled gradient -> (B, 2H, 2W, C): each window's winner (`conv_pool`'s code)
+  takes the gradient, the other three get zero (what XLA's max-pool gradient does)."""
+  b, h, w, c = d_pooled.shape
+  position = (2 * jnp.arange(2)[:, None] + jnp.arange(2)[None, :]).astype(code.dtype)
+  hit = code[:, :, None, :, None, :] == position[None, None, :, None, :, None]
+  return jnp.where(hit, d_pooled[:, :, None, :, None, :], 0).reshape(b, 2 * h, 2 * w, c)
 
 
 def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int]) -> jax.Array:

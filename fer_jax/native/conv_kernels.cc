@@ -108,6 +108,16 @@ struct Simd {
   static inline Mask TailMask(int valid) { return static_cast<Mask>((1u << valid) - 1u); }
   static inline V MaskLoad(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static inline void MaskStore(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  // m = cand where cand > m (and w = k there): one step of a first-maximum search.
+  static inline void MaxStep(V& m, V& w, V cand, V k) {
+    const __mmask16 g = _mm512_cmp_ps_mask(cand, m, _CMP_GT_OQ);
+    m = _mm512_mask_blend_ps(g, m, cand);
+    w = _mm512_mask_blend_ps(g, w, k);
+  }
+  static inline void StoreBytes(uint8_t* p, V w, int valid) {  // the first `valid` lanes
+    _mm512_mask_cvtepi32_storeu_epi8(p, TailMask(valid), _mm512_cvttps_epi32(w));
+  }
+  static inline V Set1(float v) { return _mm512_set1_ps(v); }
 };
 #else
 struct Simd {
@@ -129,6 +139,24 @@ struct Simd {
   }
   static inline V MaskLoad(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
   static inline void MaskStore(float* p, Mask m, V v) { _mm256_maskstore_ps(p, m, v); }
+  static inline void MaxStep(V& m, V& w, V cand, V k) {
+    const __m256 g = _mm256_cmp_ps(cand, m, _CMP_GT_OQ);
+    m = _mm256_blendv_ps(m, cand, g);
+    w = _mm256_blendv_ps(w, k, g);
+  }
+  static inline void StoreBytes(uint8_t* p, V w, int valid) {
+    const __m256i i = _mm256_cvttps_epi32(w);
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    const __m128i i8 = _mm_packus_epi16(i16, i16);
+    if (valid == 8) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p), i8);
+    } else {
+      alignas(16) uint8_t tmp[16];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), i8);
+      std::memcpy(p, tmp, valid);
+    }
+  }
+  static inline V Set1(float v) { return _mm256_set1_ps(v); }
 };
 #endif
 constexpr int L = Simd::kLanes;
@@ -280,32 +308,84 @@ inline void FwdTileNv(const Block& blk, int mr, const float* const* xp, int64_t 
   }
 }
 
+// The forward conv with its kernel packed once: any set of output pixels (Pixels), or whole
+// output rows of one image (Rows, used by the fused conv + pool).
+class RowConv {
+ public:
+  RowConv(const ConvShape& s, const float* x, const float* k)
+      : s_(s), x_(x), run_(s.kw * s.c), kdepth_(s.kh * s.kw * s.c), xrs_(s.w * s.c),
+        small33_(s.kh == 3 && s.kw * s.c == 3) {
+    blocks_ = ChannelBlocks(s.o, kdepth_ <= 32, /*three=*/true);
+    int64_t offset = 0;
+    for (Block& b : blocks_) {
+      b.offset = offset;
+      offset += kdepth_ * L * b.nv;
+    }
+    // Pack the kernel: panel[(i*run + r)*W + f'] = k[(i*run + r)*o + f0 + f'], zero padded.
+    storage_.resize(offset + 2 * L);
+    packed_ = AlignUp(storage_.data());
+    for (const Block& b : blocks_) {
+      const int64_t W = int64_t{L} * b.nv;
+      float* dst = packed_ + b.offset;
+      for (int64_t row = 0; row < kdepth_; ++row) {
+        const float* src = k + row * s.o + b.f0;
+        int64_t f = 0;
+        for (; f < b.width; ++f) dst[row * W + f] = src[f];
+        for (; f < W; ++f) dst[row * W + f] = 0.0f;
+      }
+    }
+  }
+
+  int64_t kdepth() const { return kdepth_; }
+
+  // yptr[t][0 .. o) = the conv at the output pixel whose receptive field starts at xptr[t].
+  void Pixels(const float* const* xptr, float* const* yptr, int64_t cnt, bool stream) const {
+    for (const Block& blk : blocks_) {
+      const float* panel = packed_ + blk.offset;
+      float* yp[kMaxMr];
+      for (int64_t t0 = 0; t0 < cnt; t0 += blk.mr) {
+        const int mr = static_cast<int>(std::min<int64_t>(blk.mr, cnt - t0));
+        for (int t = 0; t < mr; ++t) yp[t] = yptr[t0 + t] + blk.f0;
+        if (small33_) {
+          FwdTileNv<3, 3>(blk, mr, xptr + t0, xrs_, s_.kh, run_, panel, yp, stream);
+        } else {
+          FwdTileNv<0, 0>(blk, mr, xptr + t0, xrs_, s_.kh, run_, panel, yp, stream);
+        }
+      }
+    }
+  }
+
+  // Output rows [p, p + nrows) of image b into out, dense (nrows, ow, o).
+  void Rows(int64_t b, int64_t p, int64_t nrows, float* out) const {
+    const int64_t ow = s_.ow(), total = nrows * ow;
+    const float* xptr[kFwdMaxChunk];
+    float* yptr[kFwdMaxChunk];
+    for (int64_t t0 = 0; t0 < total; t0 += kFwdMaxChunk) {
+      const int64_t cnt = std::min(kFwdMaxChunk, total - t0);
+      for (int64_t t = 0; t < cnt; ++t) {
+        const int64_t r = (t0 + t) / ow, q = (t0 + t) % ow;
+        xptr[t] = x_ + ((b * s_.h + p + r) * s_.w + q) * s_.c;
+        yptr[t] = out + (t0 + t) * s_.o;
+      }
+      Pixels(xptr, yptr, cnt, /*stream=*/false);
+    }
+  }
+
+ private:
+  const ConvShape s_;
+  const float* x_;
+  const int64_t run_, kdepth_, xrs_;
+  const bool small33_;
+  std::vector<Block> blocks_;
+  std::vector<float> storage_;
+  float* packed_ = nullptr;
+};
+
 void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* y,
                      const ParallelFor& parallel_for) {
   const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
-  const int64_t run = s.kw * c, kdepth = s.kh * run;
   const int64_t npix = s.n * oh * ow;
-  const int64_t xrs = s.w * c;
-
-  std::vector<Block> blocks = ChannelBlocks(o, kdepth <= 32, /*three=*/true);
-  int64_t offset = 0;
-  for (Block& b : blocks) {
-    b.offset = offset;
-    offset += kdepth * L * b.nv;
-  }
-  // Pack the kernel: panel[(i*run + r)*W + f'] = k[(i*run + r)*o + f0 + f'], zero padded.
-  std::vector<float> packed_storage(offset + 2 * L);
-  float* packed = AlignUp(packed_storage.data());
-  for (const Block& b : blocks) {
-    const int64_t W = int64_t{L} * b.nv;
-    float* dst = packed + b.offset;
-    for (int64_t row = 0; row < kdepth; ++row) {
-      const float* src = k + row * o + b.f0;
-      int64_t f = 0;
-      for (; f < b.width; ++f) dst[row * W + f] = src[f];
-      for (; f < W; ++f) dst[row * W + f] = 0.0f;
-    }
-  }
+  const RowConv conv(s, x, k);
 
   // Items: chunks of ~96..192 consecutive pixels (a multiple of 12).
   const int64_t chunk =
@@ -313,9 +393,8 @@ void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* 
   const int64_t items = CeilDiv(npix, chunk);
   // Streaming (non-temporal) stores for a large output of a cheap conv: the output cannot stay
   // in cache anyway, and they save the read-for-ownership of every output line.
-  const bool stream = kdepth <= kStreamMaxDepth && npix * o * 4 >= kStreamBytes && o % L == 0 &&
-                      reinterpret_cast<uintptr_t>(y) % kAlign == 0;
-  const bool small33 = s.kh == 3 && run == 3;
+  const bool stream = conv.kdepth() <= kStreamMaxDepth && npix * o * 4 >= kStreamBytes &&
+                      o % L == 0 && reinterpret_cast<uintptr_t>(y) % kAlign == 0;
   auto body = [&](int64_t item) {
     const int64_t m0 = item * chunk, m1 = std::min(npix, m0 + chunk);
     const int64_t cnt = m1 - m0;
@@ -336,25 +415,35 @@ void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* 
         }
       }
     }
-    for (const Block& blk : blocks) {
-      const float* panel = packed + blk.offset;
-      float* yp[kMaxMr];
-      for (int64_t t0 = 0; t0 < cnt; t0 += blk.mr) {
-        const int mr = static_cast<int>(std::min<int64_t>(blk.mr, cnt - t0));
-        for (int t = 0; t < mr; ++t) yp[t] = yptr[t0 + t] + blk.f0;
-        if (small33) {
-          FwdTileNv<3, 3>(blk, mr, xptr + t0, xrs, s.kh, run, panel, yp, stream);
-        } else {
-          FwdTileNv<0, 0>(blk, mr, xptr + t0, xrs, s.kh, run, panel, yp, stream);
-        }
-      }
-    }
+    conv.Pixels(xptr, yptr, cnt, stream);
     if (stream) _mm_sfence();  // order the streaming stores before the completion signal
   };
   if (items == 1) {
     body(0);
   } else {
     parallel_for(items, body);
+  }
+}
+
+// pooled[Q, f] = the max of the 2x2 window at columns 2Q, 2Q + 1 of conv rows r0 and r1 (each
+// (2 pw, o), dense); code[Q, f] = 2 di + dj of the window's first maximum in row-major order (a
+// later element replaces it only when strictly greater, as XLA's max-pool gradient chooses).
+void PoolRowPair(const float* r0, const float* r1, int64_t pw, int64_t o, float* pooled,
+                 uint8_t* code) {
+  const V k1 = Simd::Set1(1.0f), k2 = Simd::Set1(2.0f), k3 = Simd::Set1(3.0f);
+  for (int64_t q = 0; q < pw; ++q) {
+    const float* a = r0 + 2 * q * o;
+    const float* c = r1 + 2 * q * o;
+    for (int64_t f = 0; f < o; f += L) {
+      const int valid = static_cast<int>(std::min<int64_t>(L, o - f));
+      const Simd::Mask mask = Simd::TailMask(valid);
+      V m = Simd::MaskLoad(a + f, mask), w = Simd::Zero();
+      Simd::MaxStep(m, w, Simd::MaskLoad(a + o + f, mask), k1);
+      Simd::MaxStep(m, w, Simd::MaskLoad(c + f, mask), k2);
+      Simd::MaxStep(m, w, Simd::MaskLoad(c + o + f, mask), k3);
+      Simd::MaskStore(pooled + q * o + f, mask, m);
+      Simd::StoreBytes(code + q * o + f, w, valid);
+    }
   }
 }
 
@@ -556,30 +645,43 @@ inline void FbFwdTileMr(int mr, const float* x0, int64_t xrs, int64_t c, int64_t
   }
 }
 
+// Output rows [p, p + nrows) of image b (the SIMD path's RowConv, without packing).
+class RowConv {
+ public:
+  RowConv(const ConvShape& s, const float* x, const float* k) : s_(s), x_(x), k_(k) {}
+
+  void Rows(int64_t b, int64_t p, int64_t nrows, float* out) const {
+    const int64_t ow = s_.ow(), o = s_.o, c = s_.c, run = s_.kw * c, xrs = s_.w * c;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const float* xrow = x_ + (b * s_.h + p + r) * xrs;
+      float* yrow = out + r * ow * o;
+      int64_t f0 = 0;
+      for (; f0 + 8 <= o; f0 += 8) {
+        for (int64_t q = 0; q < ow; q += 4) {
+          const int mr = static_cast<int>(std::min<int64_t>(4, ow - q));
+          FbFwdTileMr<8>(mr, xrow + q * c, xrs, c, s_.kh, run, k_ + f0, o, yrow + q * o + f0);
+        }
+      }
+      for (; f0 < o; ++f0) {
+        for (int64_t q = 0; q < ow; q += 4) {
+          const int mr = static_cast<int>(std::min<int64_t>(4, ow - q));
+          FbFwdTileMr<1>(mr, xrow + q * c, xrs, c, s_.kh, run, k_ + f0, o, yrow + q * o + f0);
+        }
+      }
+    }
+  }
+
+ private:
+  const ConvShape s_;
+  const float* x_;
+  const float* k_;
+};
+
 void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* y,
                      const ParallelFor& parallel_for) {
-  const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
-  const int64_t run = s.kw * c;
-  const int64_t xrs = s.w * c;
-  auto body = [&](int64_t row) {  // one output row
-    const int64_t b = row / oh, p = row % oh;
-    const float* xrow = x + (b * s.h + p) * xrs;
-    float* yrow = y + row * ow * o;
-    int64_t f0 = 0;
-    for (; f0 + 8 <= o; f0 += 8) {
-      for (int64_t q = 0; q < ow; q += 4) {
-        const int mr = static_cast<int>(std::min<int64_t>(4, ow - q));
-        FbFwdTileMr<8>(mr, xrow + q * c, xrs, c, s.kh, run, k + f0, o, yrow + q * o + f0);
-      }
-    }
-    for (; f0 < o; ++f0) {
-      for (int64_t q = 0; q < ow; q += 4) {
-        const int mr = static_cast<int>(std::min<int64_t>(4, ow - q));
-        FbFwdTileMr<1>(mr, xrow + q * c, xrs, c, s.kh, run, k + f0, o, yrow + q * o + f0);
-      }
-    }
-  };
-  parallel_for(s.n * oh, body);
+  const RowConv conv(s, x, k);
+  const int64_t oh = s.oh(), row_floats = s.ow() * s.o;
+  parallel_for(s.n * oh, [&](int64_t row) { conv.Rows(row / oh, row % oh, 1, y + row * row_floats); });
 }
 
 // dkt[t*o + l] += sum_{q < ow} x0[q*c + t] * d0[q*o + l], t < MR, l < NR.
@@ -651,7 +753,46 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
   ReducePartials(parts.data(), items, len, dk, parallel_for);
 }
 
+// The SIMD path's PoolRowPair, in plain C++.
+void PoolRowPair(const float* __restrict r0, const float* __restrict r1, int64_t pw, int64_t o,
+                 float* __restrict pooled, uint8_t* __restrict code) {
+  for (int64_t q = 0; q < pw; ++q) {
+    const float* a = r0 + 2 * q * o;
+    const float* b = a + o;
+    const float* c = r1 + 2 * q * o;
+    const float* d = c + o;
+    float* pq = pooled + q * o;
+    uint8_t* cq = code + q * o;
+    for (int64_t f = 0; f < o; ++f) {
+      float m = a[f];
+      uint8_t w = 0;
+      w = b[f] > m ? 1 : w;
+      m = b[f] > m ? b[f] : m;
+      w = c[f] > m ? 2 : w;
+      m = c[f] > m ? c[f] : m;
+      w = d[f] > m ? 3 : w;
+      m = d[f] > m ? d[f] : m;
+      pq[f] = m;
+      cq[f] = w;
+    }
+  }
+}
+
 #endif  // FER_JAX_SIMD
+
+void ConvPoolForwardImpl(const ConvShape& s, const float* x, const float* k, float* pooled,
+                         uint8_t* code, const ParallelFor& parallel_for) {
+  const int64_t ow = s.ow(), o = s.o, ph = s.oh() / 2, pw = ow / 2;
+  const RowConv conv(s, x, k);
+  // One item per pooled row: its two conv rows go to a per-thread scratch that stays in cache.
+  parallel_for(s.n * ph, [&](int64_t item) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(static_cast<size_t>(2 * ow * o));
+    conv.Rows(item / ph, 2 * (item % ph), 2, scratch.data());
+    PoolRowPair(scratch.data(), scratch.data() + ow * o, pw, o, pooled + item * pw * o,
+                code + item * pw * o);
+  });
+}
 
 }  // namespace
 
@@ -663,6 +804,18 @@ void ConvForward(const ConvShape& s, const float* x, const float* k, float* y,
     return;
   }
   ConvForwardImpl(s, x, k, y, parallel_for);
+}
+
+void ConvPoolForward(const ConvShape& s, const float* x, const float* k, float* pooled,
+                     uint8_t* code, const ParallelFor& parallel_for) {
+  const int64_t len = s.n * (s.oh() / 2) * (s.ow() / 2) * s.o;
+  if (len <= 0) return;
+  if (s.c <= 0 || s.kh <= 0 || s.kw <= 0) {  // an empty reduction: every conv output is 0
+    std::memset(pooled, 0, sizeof(float) * len);
+    std::memset(code, 0, len);
+    return;
+  }
+  ConvPoolForwardImpl(s, x, k, pooled, code, parallel_for);
 }
 
 void ConvKernelGrad(const ConvShape& s, const float* x, const float* dy, float* dk,

@@ -28,6 +28,12 @@ struct ConvShape {
 void ConvForward(const ConvShape& s, const float* x, const float* k, float* y,
                  const ParallelFor& parallel_for);
 
+// The conv followed by a 2x2, stride-2 max-pool, without writing the conv output: oh and ow
+// must be even; pooled (n, oh/2, ow/2, o) and code (same shape): 2 di + dj of the first
+// maximum of each window (its position in row-major order).
+void ConvPoolForward(const ConvShape& s, const float* x, const float* k, float* pooled,
+                     uint8_t* code, const ParallelFor& parallel_for);
+
 // dk[i, j, ch, f] = sum_{b, p, q} x[b, p + i, q + j, ch] * dy[b, p, q, f]
 void ConvKernelGrad(const ConvShape& s, const float* x, const float* dy, float* dk,
                     const ParallelFor& parallel_for);

@@ -82,6 +82,32 @@ ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// x (n, h, w, c), k (kh, kw, c, o) -> pooled, code (n, oh/2, ow/2, o); oh, ow even
+ffi::Error ConvPoolForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> pooled,
+                               ffi::ResultBuffer<ffi::U8> code) {
+  if (auto e = CheckRank4(x.dimensions(), "x"); e.failure()) return e;
+  if (auto e = CheckRank4(k.dimensions(), "kernel"); e.failure()) return e;
+  auto xd = x.dimensions();
+  auto kd = k.dimensions();
+  fer_jax::ConvShape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3]};
+  if (kd[2] != s.c || s.kh > s.h || s.kw > s.w) {
+    return ffi::Error::InvalidArgument("conv_pool: kernel does not fit the input");
+  }
+  if (s.oh() % 2 || s.ow() % 2) {
+    return ffi::Error::InvalidArgument("conv_pool: the conv output must have even height and width");
+  }
+  for (auto d : {pooled->dimensions(), code->dimensions()}) {
+    if (d.size() != 4 || d[0] != s.n || d[1] != s.oh() / 2 || d[2] != s.ow() / 2 || d[3] != s.o) {
+      return ffi::Error::InvalidArgument("conv_pool: wrong output shape");
+    }
+  }
+  PoolParallelFor parallel_for(pool);
+  fer_jax::ConvPoolForward(s, x.typed_data(), k.typed_data(), pooled->typed_data(),
+                           code->typed_data(), parallel_for);
+  return ffi::Error::Success();
+}
+
 // x (n, h, w, c), dy (n, oh, ow, o) -> dk (kh, kw, c, o)
 ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
@@ -109,6 +135,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvForward, ConvForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvPoolForward, ConvPoolForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvKernelGrad, ConvKernelGradImpl,
                               ffi::Ffi::Bind()
