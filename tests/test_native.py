@@ -105,6 +105,10 @@ def test_conv_pool_matches_conv_then_max_pool(x_shape, k_shape):
   (dy_ref,) = jax.vjp(pool, y)[1](d_pooled)
   np.testing.assert_array_equal(native.unpool_grad(d_pooled, code), dy_ref)
   np.testing.assert_array_equal(jax.jit(native.conv_pool)(x, k)[1], code)  # deterministic
+  # The kernel gradient from (d_pooled, code) equals the one from the expanded dy.
+  dk = jax.jit(native.conv_kernel_grad_pooled, static_argnums=3)(x, d_pooled, code, k_shape[:2])
+  _assert_close(dk, jax.vjp(lambda k: _lax_conv(x, k), k)[1](dy_ref)[0])
+  np.testing.assert_allclose(dk, native.conv_kernel_grad(x, dy_ref, k_shape[:2]), rtol=0, atol=0)
 
 
 @needs_native

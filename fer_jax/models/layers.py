@@ -97,12 +97,10 @@ def _im2col_conv(xc: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array
   return y.reshape(*patches.shape[:3], o), patches
 
 
-def _conv_grads(xc: jax.Array, patches: Any, kernel: jax.Array, dy: jax.Array,
-                method: str) -> tuple[jax.Array, jax.Array]:
-  """(d xc, d kernel) of the conv, given the output gradient dy (B, Ho, Wo, O)."""
+def _im2col_conv_grads(xc: jax.Array, patches: jax.Array, kernel: jax.Array,
+                       dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(d xc, d kernel) of `_im2col_conv`, given the output gradient dy (B, Ho, Wo, O)."""
   kh, kw, c, o = kernel.shape
-  if method == 'direct':
-    return native.conv_input_grad(dy, kernel), native.conv_kernel_grad(xc, dy, (kh, kw))
   flat, dy = patches.reshape(-1, kh * kw * c), dy.reshape(-1, o)
   d_kernel = jnp.dot(flat.T, dy).reshape(kernel.shape)
   d_patches = jnp.dot(dy, kernel.reshape(kh * kw * c, o).T).reshape(patches.shape)
@@ -131,14 +129,17 @@ def _conv_relu_pool_bwd(method, res, d_out):
   x, patches, kernel, bias, winners, pooled = res
   # The pool's gradient is a mask: the window's max, if it survives the relu, takes d_out.
   d_pooled = jnp.where(pooled + bias > 0, d_out, 0).astype(pooled.dtype)
+  crop = lambda v: crop_for_pool(v, kernel.shape[0])
   if method == 'direct':
-    dy = native.unpool_grad(d_pooled, winners)  # the first max of each window
+    # The first max of each window takes the gradient. The kernel gradient expands it in
+    # cache; only the input gradient needs dy itself (and XLA drops it for the first layer).
+    d_kernel = native.conv_kernel_grad_pooled(crop(x), d_pooled, winners, kernel.shape[:2])
+    d_xc = native.conv_input_grad(native.unpool_grad(d_pooled, winners), kernel)
   else:
     y = winners  # every element equal to its window's max (ties: all of them)
     winner = _pool_windows(y) == pooled[:, :, None, :, None, :]
     dy = jnp.where(winner, d_pooled[:, :, None, :, None, :], 0).reshape(y.shape)
-  crop = lambda v: crop_for_pool(v, kernel.shape[0])
-  d_xc, d_kernel = _conv_grads(crop(x), patches, kernel, dy, method)
+    d_xc, d_kernel = _im2col_conv_grads(crop(x), patches, kernel, dy)
   (d_x,) = jax.vjp(crop, x)[1](d_xc)
   return d_x, d_kernel, jnp.sum(d_pooled, axis=(0, 1, 2))
 

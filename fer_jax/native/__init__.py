@@ -34,7 +34,8 @@ SOURCES = ('conv_kernels.cc', 'ffi.cc')
 HEADERS = ('conv_kernels.h',)
 _TARGETS = {'fer_jax_conv_forward': 'FerJaxConvForward',
             'fer_jax_conv_pool_forward': 'FerJaxConvPoolForward',
-            'fer_jax_conv_kernel_grad': 'FerJaxConvKernelGrad'}
+            'fer_jax_conv_kernel_grad': 'FerJaxConvKernelGrad',
+            'fer_jax_conv_kernel_grad_pooled': 'FerJaxConvKernelGradPooled'}
 _BASE_FLAGS = ('-O3', '-std=c++20', '-shared', '-fPIC')
 
 
@@ -211,6 +212,20 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int]) ->
   out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call('fer_jax_conv_kernel_grad', out, vmap_method='sequential')(
       x.astype(jnp.float32), dy.astype(jnp.float32))
+
+
+def conv_kernel_grad_pooled(x: jax.Array, d_pooled: jax.Array, code: jax.Array,
+                            kernel_hw: tuple[int, int]) -> jax.Array:
+  """`conv_kernel_grad` with dy = unpool_grad(d_pooled, code), without materialising dy.
+
+  For a conv followed by `conv_pool`'s max-pool: the kernel builds each chunk of dy in cache
+  from the pooled gradient and the winner code (a quarter of dy's floats plus one byte each).
+  """
+  ensure_loaded()
+  kh, kw = kernel_hw
+  out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], d_pooled.shape[-1]), jnp.float32)
+  return jax.ffi.ffi_call('fer_jax_conv_kernel_grad_pooled', out, vmap_method='sequential')(
+      x.astype(jnp.float32), d_pooled.astype(jnp.float32), code.astype(jnp.uint8))
 
 
 def conv_input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:

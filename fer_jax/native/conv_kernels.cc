@@ -88,6 +88,37 @@ void ReducePartials(const float* parts, int64_t items, int64_t len, float* out,
   }
 }
 
+// The conv's output gradient as ConvKernelGrad reads it: dense dy (n, oh, ow, o), or the
+// gradient of the 2x2 max-pool that followed the conv (d_pooled and code as ConvPoolForward
+// makes them), from which dy is expanded on the fly: d_pooled at each window's winner, else 0.
+struct OutputGrad {
+  const float* dy = nullptr;
+  const float* d_pooled = nullptr;
+  const uint8_t* code = nullptr;
+
+  // Offset of pixel (b, p, q)'s channel 0 in dy, or in d_pooled/code; k: its window position.
+  int64_t DenseIndex(const ConvShape& s, int64_t b, int64_t p, int64_t q) const {
+    return ((b * s.oh() + p) * s.ow() + q) * s.o;
+  }
+  int64_t PooledIndex(const ConvShape& s, int64_t b, int64_t p, int64_t q) const {
+    return ((b * (s.oh() / 2) + p / 2) * (s.ow() / 2) + q / 2) * s.o;
+  }
+  static uint8_t Position(int64_t p, int64_t q) { return static_cast<uint8_t>(2 * (p & 1) + (q & 1)); }
+
+  // dy[b, p, q, f0 .. f0 + n) into out, one element at a time.
+  void Scalar(const ConvShape& s, int64_t b, int64_t p, int64_t q, int64_t f0, int64_t n,
+              float* out) const {
+    if (dy) {
+      const float* src = dy + DenseIndex(s, b, p, q) + f0;
+      for (int64_t f = 0; f < n; ++f) out[f] = src[f];
+      return;
+    }
+    const int64_t i = PooledIndex(s, b, p, q) + f0;
+    const uint8_t k = Position(p, q);
+    for (int64_t f = 0; f < n; ++f) out[f] = code[i + f] == k ? d_pooled[i + f] : 0.0f;
+  }
+};
+
 #if FER_JAX_SIMD
 
 // One vector ISA, chosen at compile time (-march=native): AVX-512F (16 lanes, 32 registers) or
@@ -118,6 +149,20 @@ struct Simd {
     _mm512_mask_cvtepi32_storeu_epi8(p, TailMask(valid), _mm512_cvttps_epi32(w));
   }
   static inline V Set1(float v) { return _mm512_set1_ps(v); }
+  // dp[f] where code[f] == k, else 0, for the first `valid` lanes.
+  static inline V Unpool(const uint8_t* code, const float* dp, int k, int valid) {
+    __m128i raw;
+    if (valid == 16) {
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(code));
+    } else {
+      alignas(16) uint8_t tmp[16] = {};
+      std::memcpy(tmp, code, valid);
+      raw = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    const __mmask16 hit =
+        _mm512_cmpeq_epi32_mask(_mm512_cvtepu8_epi32(raw), _mm512_set1_epi32(k)) & TailMask(valid);
+    return _mm512_maskz_loadu_ps(hit, dp);
+  }
 };
 #else
 struct Simd {
@@ -157,6 +202,14 @@ struct Simd {
     }
   }
   static inline V Set1(float v) { return _mm256_set1_ps(v); }
+  static inline V Unpool(const uint8_t* code, const float* dp, int k, int valid) {
+    alignas(16) uint8_t tmp[16] = {};
+    std::memcpy(tmp, code, valid);
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tmp)));
+    __m256i hit = _mm256_cmpeq_epi32(c, _mm256_set1_epi32(k));
+    hit = _mm256_and_si256(hit, TailMask(valid));
+    return _mm256_maskload_ps(dp, hit);
+  }
 };
 #endif
 constexpr int L = Simd::kLanes;
@@ -516,11 +569,27 @@ inline void DkTileMr(int mr, const float* xb, int64_t xrs, int64_t c, const floa
   }
 }
 
-void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, float* dk,
+// Packs dy[b, p, q, blk's channels] into d (nv vectors, zero padded).
+inline void PackOutputGrad(const OutputGrad& g, const ConvShape& s, int64_t b, int64_t p,
+                           int64_t q, const Block& blk, float* d) {
+  const bool dense = g.dy != nullptr;
+  const int64_t i = (dense ? g.DenseIndex(s, b, p, q) : g.PooledIndex(s, b, p, q)) + blk.f0;
+  const int k = OutputGrad::Position(p, q);
+  for (int v = 0; v < blk.nv; ++v) {
+    const int valid = static_cast<int>(std::min<int64_t>(L, blk.width - int64_t{L} * v));
+    const int64_t f = i + int64_t{L} * v;
+    const V val = dense ? Simd::MaskLoad(g.dy + f, Simd::TailMask(valid))
+                        : Simd::Unpool(g.code + f, g.d_pooled + f, k, valid);
+    Simd::StoreU(d + L * v, val);
+  }
+}
+
+void ConvKernelGradImpl(const ConvShape& s, const float* x, const OutputGrad& g, float* dk,
                         const ParallelFor& parallel_for) {
   const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
   const int64_t run = s.kw * c, kdepth = s.kh * run, len = kdepth * o;
   const int64_t xrs = s.w * c;
+  const float* dy = g.dy;
 
   std::vector<Block> blocks = ChannelBlocks(o, run <= 3, /*three=*/false);
   int64_t pw = 0;  // packed floats per pixel
@@ -539,8 +608,9 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
   const int64_t mem_items = std::max<int64_t>(1, kDkPartialBytes / (len * int64_t{sizeof(float)}));
   const int64_t items = std::min<int64_t>({nchunks, kDkMaxItems, max_items, mem_items});
   std::vector<float> parts(static_cast<size_t>(items * len));
-  // One full-width block: the packed panel would be dy itself (aligned loads need aligned dy).
-  const bool direct = blocks.size() == 1 && pw == o &&
+  // One full-width block of dense dy: the packed panel would be dy itself (aligned loads need
+  // aligned dy).
+  const bool direct = dy && blocks.size() == 1 && pw == o &&
                       reinterpret_cast<uintptr_t>(dy) % kAlign == 0;
 
   auto body = [&](int64_t item) {
@@ -555,15 +625,11 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
       const int64_t p0 = (ci % chunks_per_image) * rows;
       const int64_t nrows = std::min(rows, oh - p0);
       const int64_t npx = nrows * ow;
-      const float* dyb = dy + (b * oh + p0) * ow * o;
+      const float* dyb = direct ? dy + (b * oh + p0) * ow * o : nullptr;
       for (int64_t px = 0; px < npx && !direct; ++px) {  // sequential over dy
         for (const Block& blk : blocks) {
-          const int64_t W = int64_t{L} * blk.nv;
-          const float* src = dyb + px * o + blk.f0;
-          float* d = pack + blk.offset * npx + px * W;
-          int64_t f = 0;
-          for (; f < blk.width; ++f) d[f] = src[f];
-          for (; f < W; ++f) d[f] = 0.0f;
+          PackOutputGrad(g, s, b, p0 + px / ow, px % ow, blk,
+                         pack + blk.offset * npx + px * int64_t{L} * blk.nv);
         }
       }
       for (const Block& blk : blocks) {
@@ -721,7 +787,7 @@ inline void FbDkTileMr(int mr, const float* x0, int64_t c, const float* d0, int6
   }
 }
 
-void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, float* dk,
+void ConvKernelGradImpl(const ConvShape& s, const float* x, const OutputGrad& g, float* dk,
                         const ParallelFor& parallel_for) {
   const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
   const int64_t run = s.kw * c, kdepth = s.kh * run, len = kdepth * o;
@@ -736,7 +802,13 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const float* dy, flo
     std::memset(part, 0, sizeof(float) * len);
     for (int64_t row = row0; row < row1; ++row) {  // one output row
       const int64_t b = row / oh, p = row % oh;
-      const float* drow = dy + row * ow * o;
+      const float* drow = g.dy ? g.dy + row * ow * o : nullptr;
+      thread_local std::vector<float> expanded;
+      if (!drow) {  // the pooled gradient, expanded to this dy row
+        expanded.resize(static_cast<size_t>(ow * o));
+        for (int64_t q = 0; q < ow; ++q) g.Scalar(s, b, p, q, 0, o, expanded.data() + q * o);
+        drow = expanded.data();
+      }
       for (int64_t i = 0; i < s.kh; ++i) {
         const float* xrow = x + (b * s.h + p + i) * xrs;
         float* pi = part + i * run * o;
@@ -818,15 +890,32 @@ void ConvPoolForward(const ConvShape& s, const float* x, const float* k, float* 
   ConvPoolForwardImpl(s, x, k, pooled, code, parallel_for);
 }
 
-void ConvKernelGrad(const ConvShape& s, const float* x, const float* dy, float* dk,
-                    const ParallelFor& parallel_for) {
+namespace {
+void KernelGrad(const ConvShape& s, const float* x, const OutputGrad& g, float* dk,
+                const ParallelFor& parallel_for) {
   const int64_t len = s.kh * s.kw * s.c * s.o;
   if (len <= 0) return;
   if (s.n <= 0 || s.oh() <= 0 || s.ow() <= 0) {
     std::memset(dk, 0, sizeof(float) * len);
     return;
   }
-  ConvKernelGradImpl(s, x, dy, dk, parallel_for);
+  ConvKernelGradImpl(s, x, g, dk, parallel_for);
+}
+}  // namespace
+
+void ConvKernelGrad(const ConvShape& s, const float* x, const float* dy, float* dk,
+                    const ParallelFor& parallel_for) {
+  OutputGrad g;
+  g.dy = dy;
+  KernelGrad(s, x, g, dk, parallel_for);
+}
+
+void ConvKernelGradPooled(const ConvShape& s, const float* x, const float* d_pooled,
+                          const uint8_t* code, float* dk, const ParallelFor& parallel_for) {
+  OutputGrad g;
+  g.d_pooled = d_pooled;
+  g.code = code;
+  KernelGrad(s, x, g, dk, parallel_for);
 }
 
 }  // namespace fer_jax

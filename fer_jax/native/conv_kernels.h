@@ -38,6 +38,11 @@ void ConvPoolForward(const ConvShape& s, const float* x, const float* k, float* 
 void ConvKernelGrad(const ConvShape& s, const float* x, const float* dy, float* dk,
                     const ParallelFor& parallel_for);
 
+// The same, when the conv was followed by ConvPoolForward's 2x2 max-pool: dy is d_pooled
+// (n, oh/2, ow/2, o) at each window's winner (code) and 0 elsewhere, never materialised.
+void ConvKernelGradPooled(const ConvShape& s, const float* x, const float* d_pooled,
+                          const uint8_t* code, float* dk, const ParallelFor& parallel_for);
+
 }  // namespace fer_jax
 
 #endif  // FER_JAX_NATIVE_CONV_KERNELS_H_

@@ -127,7 +127,38 @@ ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// x (n, h, w, c), d_pooled and code (n, oh/2, ow/2, o) -> dk (kh, kw, c, o); oh, ow even
+ffi::Error ConvKernelGradPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                    ffi::Buffer<ffi::F32> d_pooled, ffi::Buffer<ffi::U8> code,
+                                    ffi::ResultBuffer<ffi::F32> dk) {
+  if (auto e = CheckRank4(x.dimensions(), "x"); e.failure()) return e;
+  auto xd = x.dimensions();
+  auto kd = dk->dimensions();
+  if (kd.size() != 4) return ffi::Error::InvalidArgument("dk must have rank 4");
+  fer_jax::ConvShape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3]};
+  if (kd[2] != s.c || s.kh > s.h || s.kw > s.w || s.oh() % 2 || s.ow() % 2) {
+    return ffi::Error::InvalidArgument("pooled conv kernel grad: inconsistent shapes");
+  }
+  for (auto d : {d_pooled.dimensions(), code.dimensions()}) {
+    if (d.size() != 4 || d[0] != s.n || d[1] != s.oh() / 2 || d[2] != s.ow() / 2 || d[3] != s.o) {
+      return ffi::Error::InvalidArgument("pooled conv kernel grad: wrong pooled shape");
+    }
+  }
+  PoolParallelFor parallel_for(pool);
+  fer_jax::ConvKernelGradPooled(s, x.typed_data(), d_pooled.typed_data(), code.typed_data(),
+                                dk->typed_data(), parallel_for);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvKernelGradPooled, ConvKernelGradPooledImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvForward, ConvForwardImpl,
                               ffi::Ffi::Bind()
