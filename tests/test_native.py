@@ -222,3 +222,13 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
   mtime = path.stat().st_mtime_ns
   assert native.build() == path and path.stat().st_mtime_ns == mtime  # not rebuilt
   assert not list(tmp_path.rglob('*.tmp'))
+
+
+@needs_native
+def test_the_kernels_reject_inconsistent_shapes_with_a_clear_error():
+  x = jnp.ones((1, 6, 6, 2))
+  with pytest.raises(Exception, match='conv kernel grad: wrong shape of dy'):
+    jax.block_until_ready(native.conv_kernel_grad(x, jnp.ones((1, 3, 4, 8)), (3, 3)))
+  with pytest.raises(Exception, match='pooled conv kernel grad: wrong shape of d_pooled'):
+    jax.block_until_ready(native.conv_kernel_grad_pooled(
+        x, jnp.ones((1, 1, 2, 8)), jnp.zeros((1, 2, 2, 8), jnp.uint8), (3, 3)))

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "conv_kernels.h"
 #include "xla/ffi/api/ffi.h"
@@ -55,30 +56,41 @@ class PoolParallelFor {
   ffi::ThreadPool& pool_;
 };
 
-ffi::Error CheckRank4(ffi::AnyBuffer::Dimensions dims, const char* what) {
-  if (dims.size() != 4) {
-    return ffi::Error::InvalidArgument(std::string(what) + " must have rank 4");
+using Dims = ffi::AnyBuffer::Dimensions;
+
+ffi::Error Invalid(const char* op, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string(op) + ": " + what);
+}
+
+// The conv's shape from x (n, h, w, c) and the kernel's (kh, kw, c, o) dimensions.
+ffi::Error ConvShapeOf(Dims xd, Dims kd, const char* op, fer_jax::ConvShape* s) {
+  if (xd.size() != 4 || kd.size() != 4) return Invalid(op, "x and the kernel must have rank 4");
+  *s = fer_jax::ConvShape{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3]};
+  if (kd[2] != s->c || s->kh > s->h || s->kw > s->w) return Invalid(op, "kernel does not fit x");
+  return ffi::Error::Success();
+}
+
+// d must be (n, oh / f, ow / f, o): the conv output (f = 1) or its 2x2 pool (f = 2, oh and ow
+// even).
+ffi::Error CheckOutputDims(Dims d, const fer_jax::ConvShape& s, int64_t f, const char* op,
+                           const char* what) {
+  if (f == 2 && (s.oh() % 2 || s.ow() % 2)) return Invalid(op, "the conv output must be even");
+  if (d.size() != 4 || d[0] != s.n || d[1] != s.oh() / f || d[2] != s.ow() / f || d[3] != s.o) {
+    return Invalid(op, std::string("wrong shape of ") + what);
   }
   return ffi::Error::Success();
 }
 
+#define FER_RETURN_IF_ERROR(expr)            \
+  if (auto e = (expr); e.failure()) return e
+
 // x (n, h, w, c), k (kh, kw, c, o) -> y (n, h - kh + 1, w - kw + 1, o)
 ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y) {
-  if (auto e = CheckRank4(x.dimensions(), "x"); e.failure()) return e;
-  if (auto e = CheckRank4(k.dimensions(), "kernel"); e.failure()) return e;
-  auto xd = x.dimensions();
-  auto kd = k.dimensions();
-  fer_jax::ConvShape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3]};
-  if (kd[2] != s.c || s.kh > s.h || s.kw > s.w) {
-    return ffi::Error::InvalidArgument("conv: kernel does not fit the input");
-  }
-  auto yd = y->dimensions();
-  if (yd.size() != 4 || yd[0] != s.n || yd[1] != s.oh() || yd[2] != s.ow() || yd[3] != s.o) {
-    return ffi::Error::InvalidArgument("conv: wrong output shape");
-  }
-  PoolParallelFor parallel_for(pool);
-  fer_jax::ConvForward(s, x.typed_data(), k.typed_data(), y->typed_data(), parallel_for);
+  fer_jax::ConvShape s;
+  FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), k.dimensions(), "conv", &s));
+  FER_RETURN_IF_ERROR(CheckOutputDims(y->dimensions(), s, 1, "conv", "the output"));
+  fer_jax::ConvForward(s, x.typed_data(), k.typed_data(), y->typed_data(), PoolParallelFor(pool));
   return ffi::Error::Success();
 }
 
@@ -86,44 +98,23 @@ ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error ConvPoolForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> pooled,
                                ffi::ResultBuffer<ffi::U8> code) {
-  if (auto e = CheckRank4(x.dimensions(), "x"); e.failure()) return e;
-  if (auto e = CheckRank4(k.dimensions(), "kernel"); e.failure()) return e;
-  auto xd = x.dimensions();
-  auto kd = k.dimensions();
-  fer_jax::ConvShape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3]};
-  if (kd[2] != s.c || s.kh > s.h || s.kw > s.w) {
-    return ffi::Error::InvalidArgument("conv_pool: kernel does not fit the input");
-  }
-  if (s.oh() % 2 || s.ow() % 2) {
-    return ffi::Error::InvalidArgument("conv_pool: the conv output must have even height and width");
-  }
-  for (auto d : {pooled->dimensions(), code->dimensions()}) {
-    if (d.size() != 4 || d[0] != s.n || d[1] != s.oh() / 2 || d[2] != s.ow() / 2 || d[3] != s.o) {
-      return ffi::Error::InvalidArgument("conv_pool: wrong output shape");
-    }
-  }
-  PoolParallelFor parallel_for(pool);
+  fer_jax::ConvShape s;
+  FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), k.dimensions(), "conv_pool", &s));
+  FER_RETURN_IF_ERROR(CheckOutputDims(pooled->dimensions(), s, 2, "conv_pool", "pooled"));
+  FER_RETURN_IF_ERROR(CheckOutputDims(code->dimensions(), s, 2, "conv_pool", "code"));
   fer_jax::ConvPoolForward(s, x.typed_data(), k.typed_data(), pooled->typed_data(),
-                           code->typed_data(), parallel_for);
+                           code->typed_data(), PoolParallelFor(pool));
   return ffi::Error::Success();
 }
 
 // x (n, h, w, c), dy (n, oh, ow, o) -> dk (kh, kw, c, o)
 ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
-  if (auto e = CheckRank4(x.dimensions(), "x"); e.failure()) return e;
-  if (auto e = CheckRank4(dy.dimensions(), "dy"); e.failure()) return e;
-  auto xd = x.dimensions();
-  auto dyd = dy.dimensions();
-  auto kd = dk->dimensions();
-  if (kd.size() != 4) return ffi::Error::InvalidArgument("dk must have rank 4");
-  fer_jax::ConvShape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3]};
-  if (kd[2] != s.c || s.kh > s.h || s.kw > s.w || dyd[0] != s.n || dyd[1] != s.oh() ||
-      dyd[2] != s.ow() || dyd[3] != s.o) {
-    return ffi::Error::InvalidArgument("conv kernel grad: inconsistent shapes");
-  }
-  PoolParallelFor parallel_for(pool);
-  fer_jax::ConvKernelGrad(s, x.typed_data(), dy.typed_data(), dk->typed_data(), parallel_for);
+  fer_jax::ConvShape s;
+  FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), dk->dimensions(), "conv kernel grad", &s));
+  FER_RETURN_IF_ERROR(CheckOutputDims(dy.dimensions(), s, 1, "conv kernel grad", "dy"));
+  fer_jax::ConvKernelGrad(s, x.typed_data(), dy.typed_data(), dk->typed_data(),
+                          PoolParallelFor(pool));
   return ffi::Error::Success();
 }
 
@@ -131,22 +122,13 @@ ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error ConvKernelGradPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                     ffi::Buffer<ffi::F32> d_pooled, ffi::Buffer<ffi::U8> code,
                                     ffi::ResultBuffer<ffi::F32> dk) {
-  if (auto e = CheckRank4(x.dimensions(), "x"); e.failure()) return e;
-  auto xd = x.dimensions();
-  auto kd = dk->dimensions();
-  if (kd.size() != 4) return ffi::Error::InvalidArgument("dk must have rank 4");
-  fer_jax::ConvShape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3]};
-  if (kd[2] != s.c || s.kh > s.h || s.kw > s.w || s.oh() % 2 || s.ow() % 2) {
-    return ffi::Error::InvalidArgument("pooled conv kernel grad: inconsistent shapes");
-  }
-  for (auto d : {d_pooled.dimensions(), code.dimensions()}) {
-    if (d.size() != 4 || d[0] != s.n || d[1] != s.oh() / 2 || d[2] != s.ow() / 2 || d[3] != s.o) {
-      return ffi::Error::InvalidArgument("pooled conv kernel grad: wrong pooled shape");
-    }
-  }
-  PoolParallelFor parallel_for(pool);
+  const char* op = "pooled conv kernel grad";
+  fer_jax::ConvShape s;
+  FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), dk->dimensions(), op, &s));
+  FER_RETURN_IF_ERROR(CheckOutputDims(d_pooled.dimensions(), s, 2, op, "d_pooled"));
+  FER_RETURN_IF_ERROR(CheckOutputDims(code.dimensions(), s, 2, op, "code"));
   fer_jax::ConvKernelGradPooled(s, x.typed_data(), d_pooled.typed_data(), code.typed_data(),
-                                dk->typed_data(), parallel_for);
+                                dk->typed_data(), PoolParallelFor(pool));
   return ffi::Error::Success();
 }
 
