@@ -64,8 +64,9 @@ def inline_cpu_dispatch() -> bool:
 
   Measured on a 2-core machine (SeedCNN train step, batch 64): at 150x150 async dispatch took
   51,600 page faults (200 MB) and 85 ms of system time per ~300 ms step, inline none, and the
-  step ran 16 % faster; at 48x48 (whose buffers fit a thread heap) the two are level. The host
-  work it no longer overlaps (fetching the next prefetched batch) is well under 1 % of a step.
+  step ran 16 % faster; at 48x48 (whose buffers fit a thread heap) the two are level
+  (benchmarks/ablations.py: async 1.02x the inline step), so losing the overlap of host work
+  with the step costs nothing measurable there.
   It has to run before JAX creates its CPU client (the first computation or device query);
   afterwards, or with FER_JAX_ASYNC_DISPATCH=1, it changes nothing. Returns whether it applied.
   """

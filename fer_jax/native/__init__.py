@@ -2,8 +2,10 @@
 
 Why: the 'dot' lowering's im2col copies the input kh*kw times into a patch matrix and scatters
 the patch gradient back; at 150x150 those copies run at DRAM speed and cost as much as a third
-of the train step. These kernels (conv_kernels.cc) read the input in place: a forward conv and
-the kernel gradient; the input gradient is the forward conv of the padded output gradient with
+of the train step. These kernels (conv_kernels.cc) read the input in place: a forward conv, the
+same conv with a 2x2 max-pool fused in (`conv_pool`: the conv output never leaves the cache),
+and the kernel gradient, from a dense output gradient or from the pooled gradient and the
+pool's winner code; the input gradient is the forward conv of the padded output gradient with
 the flipped kernel.
 
 The library is compiled with the machine's C++ compiler (`$CXX`, else `c++`/`g++`) the first time
