@@ -56,15 +56,34 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.brightness = 0.0  # additive, fraction of the range
   c.augment.contrast = 0.0  # multiplicative in [1 - c, 1 + c]
   c.augment.standardize = 'per_image'  # 'dataset' | 'per_image' | 'none'
+  # Crops: the model sees crop_fraction of the side (40/48: 40-px crops of the 48-px faces),
+  # random in training (area scale crop_scale), the centre in evaluation. 0: the whole image.
+  c.augment.crop_fraction = 0.0
+  c.augment.crop_scale = (1.0, 1.0)
+  c.augment.erase_prob = 0.0  # random erasing (after standardization), per example
+  c.augment.erase_area = (0.02, 0.33)
+  c.augment.erase_ratio = (0.3, 3.3)
+  c.augment.mixup_alpha = 0.0  # mixup / cutmix of neighbouring examples (soft targets)
+  c.augment.cutmix_alpha = 0.0
+  c.augment.mix_prob = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 8
   c.train.batch_size = 32  # global batch
+  c.train.optimizer = 'adamw'  # 'adamw' (decoupled weight decay) | 'sgd' (momentum, L2-style decay)
+  c.train.momentum = 0.9  # sgd
+  c.train.nesterov = True  # sgd
   c.train.learning_rate = 2e-3
-  c.train.schedule = 'cosine'  # 'constant' | 'cosine'
+  c.train.schedule = 'cosine'  # 'constant' | 'cosine' | 'step' | 'plateau'
   c.train.warmup_epochs = 1.0
-  c.train.weight_decay = 1e-4  # adamw decoupled decay
+  c.train.warmup_steps = 0  # > 0: warmup in steps instead of epochs
+  c.train.decay_epochs = ()  # schedule='step': multiply by decay_factor at these epochs
+  c.train.decay_factor = 0.1
+  c.train.plateau_factor = 0.75  # schedule='plateau': x factor after `patience` epochs without a
+  c.train.plateau_patience = 5  # new best PublicTest accuracy
+  c.train.weight_decay = 1e-4  # on kernels; adamw: decoupled, sgd: added to the gradient
   c.train.l2 = 1e-4  # Keras kernel_regularizer=l2(.) on the Dense-128 kernel
+  c.train.l2_scope = 'model'  # 'model': the kernels the model names (SeedCNN: Dense-128) | 'all'
   c.train.label_smoothing = 0.0
   # A speed switch that does not change the maths (see fer_jax/train_step.py):
   c.train.microbatch_size = -1  # -1: auto (cache-sized chunks on CPU), 0: whole batch, N: N/device
@@ -75,4 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_best = 1
   c.train.restart_if_unreadable = False  # True: no readable checkpoint -> train from scratch
   c.train.eval_batch_size = 512
+  # Extra test-time augmentation of the best checkpoint at the end ('flip', 'tencrop'), reported
+  # beside the single-view figures in results.json.
+  c.train.final_tta = ()
   return c

@@ -22,6 +22,24 @@ is on and no resize is needed the resample is skipped (the output then equals
 the rescaled input exactly). A flip alone is a pixel copy, and a plain resize
 uses the same bilinear weights as two small matmuls (`resize`), so neither pays
 for the general resample's gathers.
+
+Ingredients of the published FER2013 recipes (e.g. Khaireddin & Chen 2021):
+- Crops (`crop_fraction`, `crop_scale`): the model sees a fraction of the stored
+  face (40 of 48 pixels), which jitters its position and scale in training.
+  Training takes a random crop whose area varies within
+  `crop_scale` of that view, composed into the same single affine resample as
+  the other geometry (crop first), so the crop costs no second interpolation;
+  evaluation takes the centre crop (`crop_side`), a pixel copy when its side is
+  the model's input size.
+- Random erasing (`erase_*`, torchvision's RandomErasing): training only, after
+  standardization, zeroes one rectangle per example so the model cannot rely on
+  a single facial region.
+- Mixup / CutMix (`mix_pairs`, `mixup_alpha`, `cutmix_alpha`, `mix_prob`):
+  training on blends of two faces and of their targets regularises a small,
+  label-noisy dataset. Runs in the train step on preprocessed images and their
+  targets (so targets may already be smoothed or weighted); partners are the
+  adjacent examples (2k, 2k+1), so any slice that keeps pairs together (a device
+  shard, a gradient chunk) gives the same result as the whole batch.
 """
 
 from __future__ import annotations
@@ -40,7 +58,12 @@ STANDARDIZE_MODES = ('dataset', 'per_image', 'none')
 
 # fold_in tags: each component has its own stream, so switching one component
 # on or off does not change the draws of the others.
+# mix_pairs' tags differ from preprocess_batch's, so the train step may give both
+# the same per-example keys.
 _FLIP, _ANGLE, _SCALE, _TX, _TY, _SHEAR, _BRIGHT, _CONTRAST = range(8)
+_CROP_SCALE, _CROP_X, _CROP_Y = range(8, 11)
+_ERASE, _ERASE_AREA, _ERASE_RATIO, _ERASE_Y, _ERASE_X = range(11, 16)
+_MIX, _MIX_KIND, _MIXUP_LAM, _CUTMIX_LAM, _CUT_Y, _CUT_X = range(16, 22)
 
 
 def _num(cfg: Any, name: str) -> float:
@@ -65,6 +88,135 @@ def _geometry(cfg: Any) -> dict[str, float]:
   if g['shear_deg'] >= 90:
     raise ConfigError(f'augment.shear_deg must be < 90, got {g["shear_deg"]}')
   return g
+
+
+def _opt(cfg: Any, name: str, default: float, hi: float = math.inf) -> float:
+  """An optional number in [0, hi]; configs (and checkpoints) older than the field get
+  `default`, the value that turns the component off."""
+  try:
+    value = float(getattr(cfg, name, default))
+  except (TypeError, ValueError):
+    raise ConfigError(f'augment.{name} must be a number, got {getattr(cfg, name)!r}') from None
+  if not math.isfinite(value) or not 0 <= value <= hi:
+    bounds = f'in [0, {hi:g}]' if math.isfinite(hi) else '>= 0'
+    raise ConfigError(f'augment.{name} must be a finite number {bounds}, got {value}')
+  return value
+
+
+def _pair(cfg: Any, name: str, default: tuple[float, float],
+          hi: float = math.inf) -> tuple[float, float]:
+  """An optional (lo, hi) range with 0 < lo <= hi (<= `hi`)."""
+  raw = getattr(cfg, name, default)
+  try:
+    lo, up = (float(v) for v in raw)
+  except (TypeError, ValueError):
+    raise ConfigError(f'augment.{name} must be a pair (lo, hi), got {raw!r}') from None
+  if not (math.isfinite(lo) and math.isfinite(up) and 0 < lo <= up <= hi):
+    bound = f' <= {hi:g}' if math.isfinite(hi) else ''
+    raise ConfigError(f'augment.{name} must satisfy 0 < lo <= hi{bound}, got ({lo}, {up})')
+  return lo, up
+
+
+def _crop(cfg: Any) -> tuple[float, tuple[float, float]]:
+  """(crop_fraction, crop_scale); crop_fraction 0 means no crop."""
+  return _opt(cfg, 'crop_fraction', 0.0, hi=1.0), _pair(cfg, 'crop_scale', (1.0, 1.0))
+
+
+def _erase(cfg: Any) -> tuple[float, tuple[float, float], tuple[float, float]]:
+  """(erase_prob, erase_area, erase_ratio); erase_prob 0 means no erasing."""
+  return (_opt(cfg, 'erase_prob', 0.0, hi=1.0), _pair(cfg, 'erase_area', (0.02, 0.33), hi=1.0),
+          _pair(cfg, 'erase_ratio', (0.3, 3.3)))
+
+
+def _mix(cfg: Any) -> tuple[float, float, float]:
+  """(mixup_alpha, cutmix_alpha, mix_prob); both alphas 0 means no mixing."""
+  return (_opt(cfg, 'mixup_alpha', 0.0), _opt(cfg, 'cutmix_alpha', 0.0),
+          _opt(cfg, 'mix_prob', 1.0, hi=1.0))
+
+
+def check_config(cfg: Any) -> None:
+  """Raises ConfigError (one line naming augment.<field>) for any invalid augment field, so a
+  bad value is reported before training starts rather than at the first trace."""
+  mode = str(cfg.standardize)
+  if mode not in STANDARDIZE_MODES:
+    raise ConfigError(f'augment.standardize must be one of {STANDARDIZE_MODES}, got {mode!r}')
+  _geometry(cfg)
+  _num(cfg, 'brightness')
+  _num(cfg, 'contrast')
+  _crop(cfg)
+  _erase(cfg)
+  _mix(cfg)
+
+
+def _crop_len(n: int, fraction: float) -> int:
+  """The centre crop's length along an axis of n pixels (n when cropping is off)."""
+  if not fraction:
+    return n
+  return max(1, min(n, int(math.floor(n * fraction + 0.5))))
+
+
+def crop_side(height: int, cfg: Any) -> int:
+  """The side of the evaluation centre crop of an image `height` pixels high: round(height *
+  crop_fraction), or `height` when cropping is off. Ten-crop TTA cuts views of this side."""
+  return _crop_len(int(height), _crop(cfg)[0])
+
+
+def crop_matrix(x0, y0, crop_w, crop_h, height: int, width: int, out_size: int) -> jax.Array:
+  """The (3, 3) forward matrix, in warp's convention, of cropping the window of size
+  (crop_w, crop_h) input pixels at top-left (x0, y0) (pixel edges; may be fractional) and
+  resizing it to out_size: output pixel p samples input x0 + (p + 0.5) * crop_w / out - 0.5.
+
+  warp maps p through the inverse to q (the source resized to out_size) and then to the input
+  (q + 0.5) * in / out - 0.5, so the inverse here is q = (c / in) p + x0 out / in + 0.5 c / in
+  - 0.5 per axis, and this matrix is its inverse.
+  """
+  f32 = jnp.float32
+  rows = []
+  for i, (start, side, n) in enumerate(((x0, crop_w, width), (y0, crop_h, height))):
+    start, side = jnp.asarray(start, f32), jnp.asarray(side, f32)
+    scale = f32(n) / side
+    offset = (f32(0.5 * n) - start * f32(out_size)) / side - f32(0.5)
+    row = [f32(0), f32(0), offset]
+    row[i] = scale
+    rows.append(jnp.stack(row))
+  return jnp.stack(rows + [jnp.asarray([0, 0, 1], f32)]).astype(f32)
+
+
+def sample_crop(key: jax.Array, cfg: Any, height: int,
+                width: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Draws ONE example's random training crop: (x0, y0, crop_w, crop_h) in input pixels.
+
+  The side is crop_fraction * sqrt(u) of the image side with u ~ U(crop_scale) (so u scales
+  the area of the evaluation view) and is not rounded; the top-left is uniform over the
+  positions that keep the crop inside the image, or centred when the crop is larger than the
+  image (warp then repeats the edges). Only meaningful when crop_fraction > 0.
+  """
+  fraction, (lo, hi) = _crop(cfg)
+  f32 = jnp.float32
+  if lo == hi:
+    root = f32(math.sqrt(lo))
+  else:
+    root = jnp.sqrt(jax.random.uniform(jax.random.fold_in(key, _CROP_SCALE), (), f32, lo, hi))
+  crop_w, crop_h = f32(width * fraction) * root, f32(height * fraction) * root
+
+  def start(tag: int, n: int, side: jax.Array) -> jax.Array:
+    room = f32(n) - side
+    u = jax.random.uniform(jax.random.fold_in(key, tag), (), f32)
+    return jnp.where(room >= 0, u * room, room / 2)
+
+  return start(_CROP_X, width, crop_w), start(_CROP_Y, height, crop_h), crop_w, crop_h
+
+
+def sample_transform(key: jax.Array, cfg: Any, height: int, width: int,
+                     out_size: int) -> jax.Array:
+  """ONE example's complete training map from its (height, width) image to the output: the
+  random crop (when crop_fraction > 0) followed by `sample_affine`'s geometry about the output
+  centre, as one (3, 3) forward matrix for a single `warp`."""
+  geometry = sample_affine(key, cfg, out_size)
+  if not _crop(cfg)[0]:
+    return geometry
+  crop = crop_matrix(*sample_crop(key, cfg, height, width), height, width, out_size)
+  return jnp.matmul(geometry, crop, precision=jax.lax.Precision.HIGHEST)
 
 
 def affine_matrix(flip, angle, scale, tx, ty, shear, size: int) -> jax.Array:
@@ -233,6 +385,30 @@ def _standardize(x: jax.Array, mode: str, mean: float, std: float) -> jax.Array:
   return (x - mu) / jnp.maximum(sd, 1.0 / math.sqrt(n))
 
 
+def _erase_one(image: jax.Array, key: jax.Array, prob: float, area: tuple[float, float],
+               ratio: tuple[float, float]) -> jax.Array:
+  """torchvision's RandomErasing on one (H, W, C) image, value 0: with probability `prob`
+  one rectangle of area fraction ~ U(area) and aspect (height / width) log-uniform in
+  `ratio`, shrunk to fit when it would not, at a uniform valid top-left. Written with iota
+  comparisons so every shape is static."""
+  h, w, _ = image.shape
+  f32, i32 = jnp.float32, jnp.int32
+  fold = lambda tag: jax.random.fold_in(key, tag)
+  target = jax.random.uniform(fold(_ERASE_AREA), (), f32, area[0], area[1]) * f32(h * w)
+  aspect = jnp.exp(jax.random.uniform(fold(_ERASE_RATIO), (), f32, math.log(ratio[0]),
+                                      math.log(ratio[1])))
+  eh = jnp.clip(jnp.round(jnp.sqrt(target * aspect)), 1, h).astype(i32)
+  ew = jnp.clip(jnp.round(jnp.sqrt(target / aspect)), 1, w).astype(i32)
+  top = jax.random.randint(fold(_ERASE_Y), (), 0, h - eh + 1, i32)
+  left = jax.random.randint(fold(_ERASE_X), (), 0, w - ew + 1, i32)
+  rows = jax.lax.broadcasted_iota(i32, (h, w), 0)
+  cols = jax.lax.broadcasted_iota(i32, (h, w), 1)
+  inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+  if prob < 1:
+    inside = inside & jax.random.bernoulli(fold(_ERASE), prob)
+  return jnp.where(inside[..., None], jnp.zeros((), image.dtype), image)
+
+
 def preprocess_batch(images_u8: jax.Array, keys: jax.Array | None, cfg: Any, *,
                      out_size: int, train: bool, mean: float = 0.0,
                      std: float = 1.0) -> jax.Array:
@@ -247,8 +423,10 @@ def preprocess_batch(images_u8: jax.Array, keys: jax.Array | None, cfg: Any, *,
       component is active, e.g. train=False.
     cfg: the `augment` config section.
     out_size: model input side length.
-    train: True applies the random augmentation (if cfg.enabled); False is
-      deterministic: resize (when needed) and standardization only.
+    train: True applies the random augmentation (if cfg.enabled): random crop
+      and geometry in one resample, photometric changes, standardization, then
+      random erasing. False is deterministic: the centre crop (crop_fraction >
+      0), resize (when needed) and standardization only.
     mean, std: dataset statistics in [0, 1] units for standardize='dataset'.
 
   Returns:
@@ -263,24 +441,39 @@ def preprocess_batch(images_u8: jax.Array, keys: jax.Array | None, cfg: Any, *,
     raise ValueError(f'expected (B, H, W, C) images, got shape {images_u8.shape}')
   bsz, h, w, _ = images_u8.shape
   x = rescale(images_u8)
-  resizing = (h, w) != (out_size, out_size)
 
   augment = bool(train) and bool(cfg.enabled)
   geometry = _geometry(cfg)
-  geometric = augment and any(geometry.values())
-  # A flip alone is a pixel copy: no affine resample, at most the fixed `resize`.
-  flip_only = geometric and not any(v for k, v in geometry.items() if k != 'flip')
+  fraction, _ = _crop(cfg)
+  erase_prob, erase_area, erase_ratio = _erase(cfg)
+  random_crop = augment and fraction > 0
+  if fraction and not random_crop:
+    # Evaluation (or augmentation off): the centre crop, a pixel copy.
+    ch, cw = _crop_len(h, fraction), _crop_len(w, fraction)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    x = x[:, top:top + ch, left:left + cw, :]
+    h, w = ch, cw
+  resizing = (h, w) != (out_size, out_size)
+
+  geometric = augment and (random_crop or any(geometry.values()))
+  # A flip alone is a pixel copy: no affine resample, at most the fixed `resize`. A random
+  # crop always needs the general resample.
+  flip_only = (geometric and not random_crop
+               and not any(v for k, v in geometry.items() if k != 'flip'))
   brightness = _num(cfg, 'brightness') if augment else 0.0
   contrast = _num(cfg, 'contrast') if augment else 0.0
+  erase = augment and erase_prob > 0
 
-  if geometric or brightness or contrast:
+  if geometric or brightness or contrast or erase:
     if keys is None or keys.shape[0] != bsz:
       raise ValueError(f'augmentation needs one PRNG key per example ({bsz}), got '
                        f'{None if keys is None else keys.shape}')
 
+  if geometric or brightness or contrast:
+
     def one(image: jax.Array, key: jax.Array) -> jax.Array:
       if geometric and not flip_only:
-        image = warp(image, sample_affine(key, cfg, out_size), out_size)
+        image = warp(image, sample_transform(key, cfg, h, w, out_size), out_size)
       else:
         if flip_only:
           image = jnp.where(flip_draw(key), image[:, ::-1, :], image)
@@ -291,4 +484,91 @@ def preprocess_batch(images_u8: jax.Array, keys: jax.Array | None, cfg: Any, *,
     x = jax.vmap(one)(x, keys)
   elif resizing:
     x = jnp.clip(resize(x, out_size), 0.0, 1.0)
-  return _standardize(x, mode, mean, std)
+  x = _standardize(x, mode, mean, std)
+  if erase:
+    x = jax.vmap(lambda im, k: _erase_one(im, k, erase_prob, erase_area, erase_ratio))(x, keys)
+  return x
+
+
+def _cutmix_box(key: jax.Array, lam: jax.Array, h: int, w: int) -> jax.Array:
+  """(H, W) bool: CutMix's box of area (1 - lam) of the image at a uniform integer centre,
+  clipped to the image (so it may be smaller)."""
+  i32 = jnp.int32
+  cut = jnp.sqrt(jnp.maximum(1 - lam, 0))
+  ch = jnp.floor(cut * h).astype(i32)
+  cw = jnp.floor(cut * w).astype(i32)
+  cy = jax.random.randint(jax.random.fold_in(key, _CUT_Y), (), 0, h, i32)
+  cx = jax.random.randint(jax.random.fold_in(key, _CUT_X), (), 0, w, i32)
+  top, left = cy - ch // 2, cx - cw // 2
+  rows = jax.lax.broadcasted_iota(i32, (h, w), 0)
+  cols = jax.lax.broadcasted_iota(i32, (h, w), 1)
+  return (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)
+
+
+def mix_pairs(x: jax.Array, targets: jax.Array, keys: jax.Array,
+              cfg: Any) -> tuple[jax.Array, jax.Array]:
+  """Mixup / CutMix of adjacent examples: (B, H, W, C) images, (B, K) targets -> the same.
+
+  Example i is mixed with its partner i ^ 1 using its own draws (from keys[i]): with
+  probability mix_prob, lam ~ Beta(alpha, alpha) and either mixup (x_i' = lam x_i +
+  (1 - lam) x_j) or CutMix (a box of area 1 - lam from x_j, lam then recomputed from the
+  clipped box's pixel count); when both alphas are > 0 each example picks one with
+  probability 0.5. Targets mix linearly, t_i' = lam t_i + (1 - lam) t_j, whatever they hold
+  (one-hot, soft, class-weighted). Pairs never straddle an even slice of the batch, so a
+  device shard or gradient chunk gives the same result as the whole batch.
+
+  Args:
+    x: preprocessed float images.
+    targets: float per-example targets.
+    keys: (B,) per-example PRNG keys (typed or raw uint32 (B, 2)).
+    cfg: the `augment` config (mixup_alpha, cutmix_alpha, mix_prob; absent = off).
+
+  Returns:
+    (mixed images, mixed targets) with the input dtypes; the inputs themselves, with no
+    random draws, when both alphas are 0 or mix_prob is 0.
+  """
+  mixup_alpha, cutmix_alpha, prob = _mix(cfg)
+  if not (mixup_alpha or cutmix_alpha) or not prob:
+    return x, targets
+  if x.ndim != 4 or targets.ndim != 2 or x.shape[0] != targets.shape[0]:
+    raise ValueError(f'expected (B, H, W, C) images and (B, K) targets, got {x.shape} and '
+                     f'{targets.shape}')
+  bsz, h, w, _ = x.shape
+  if bsz % 2:
+    raise ValueError(f'mix_pairs pairs examples (2k, 2k+1): the batch size must be even, '
+                     f'got {bsz}')
+  if keys is None or keys.shape[0] != bsz:
+    raise ValueError(f'mix_pairs needs one PRNG key per example ({bsz}), got '
+                     f'{None if keys is None else keys.shape}')
+  swap = lambda a: a.reshape((bsz // 2, 2) + a.shape[1:])[:, ::-1].reshape(a.shape)
+  f32 = jnp.float32
+
+  def one(xi: jax.Array, xj: jax.Array, ti: jax.Array, tj: jax.Array,
+          key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    fold = lambda tag: jax.random.fold_in(key, tag)
+    if mixup_alpha and cutmix_alpha:
+      use_cut = jax.random.bernoulli(fold(_MIX_KIND))
+    else:
+      use_cut = bool(cutmix_alpha)
+    apply = jax.random.bernoulli(fold(_MIX), prob) if prob < 1 else True
+    xi32, xj32 = xi.astype(f32), xj.astype(f32)
+    out_x, lam = xi32, f32(1)
+    if mixup_alpha:
+      lam_up = jax.random.beta(fold(_MIXUP_LAM), mixup_alpha, mixup_alpha, (), f32)
+      lam_up = jnp.where(apply & ~jnp.asarray(use_cut), lam_up, f32(1))
+      out_x = lam_up * xi32 + (1 - lam_up) * xj32
+      lam = lam_up
+    if cutmix_alpha:
+      lam_cut = jax.random.beta(fold(_CUTMIX_LAM), cutmix_alpha, cutmix_alpha, (), f32)
+      box = _cutmix_box(key, lam_cut, h, w) & apply & jnp.asarray(use_cut)
+      lam_box = 1 - box.sum(dtype=f32) / f32(h * w)
+      if mixup_alpha:
+        out_x = jnp.where(use_cut, jnp.where(box[..., None], xj32, xi32), out_x)
+        lam = jnp.where(use_cut, lam_box, lam)
+      else:
+        out_x = jnp.where(box[..., None], xj32, xi32)
+        lam = lam_box
+    out_t = lam * ti.astype(f32) + (1 - lam) * tj.astype(f32)
+    return out_x.astype(x.dtype), out_t.astype(targets.dtype)
+
+  return jax.vmap(one)(x, swap(x), targets, swap(targets), keys)

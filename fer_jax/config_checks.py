@@ -8,12 +8,14 @@ import tempfile
 import ml_collections
 
 from fer_jax.errors import ConfigError, FerJaxError
+from fer_jax.evaluate import TTA_MODES
+from fer_jax.models import get_model
+from fer_jax.parallel import PARALLEL_MODES
+from fer_jax.train_step import SCHEDULES
 
 _CHOICES = {
-    'parallel': ('jit', 'pmap'),
-    'model.dtype': ('float32', 'bfloat16'),
-    'model.lowering': ('auto', 'xla', 'dot', 'native'),
-    'train.schedule': ('constant', 'cosine'),
+    'parallel': PARALLEL_MODES,
+    'train.schedule': SCHEDULES,
     'data.source': ('csv', 'folders', 'synthetic', 'tfds'),
     'data.labels': ('fer2013', 'ferplus'),
     'data.ferplus_mode': ('majority', 'probability'),
@@ -47,10 +49,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.{key}={_get(config, key)!r}: must not be negative')
   if config.train.warmup_epochs > config.train.epochs:
     raise ConfigError('config.train.warmup_epochs is larger than config.train.epochs')
-  if len(config.model.dropout) != 3 or not all(0 <= r < 1 for r in config.model.dropout):
-    raise ConfigError(f'config.model.dropout={tuple(config.model.dropout)}: expected 3 rates in [0, 1)')
-  if config.model.image_size < 12:
-    raise ConfigError(f'config.model.image_size={config.model.image_size}: SeedCNN needs at least 12')
+  for mode in config.train.get('final_tta', ()):
+    if mode not in TTA_MODES:
+      raise ConfigError(f'config.train.final_tta={tuple(config.train.final_tta)}: each must be one '
+                        f'of {TTA_MODES}')
+  # The model's own options are checked by its builder (fer_jax.models), here before any data
+  # is read.
+  get_model(config.model, 7)
   if config.data.source == 'tfds' and config.data.ferplus_path:
     raise ConfigError("config.data.ferplus_path is not used with source='tfds': the builder reads "
                       'fer2013new.csv from its manual dir (the folder of config.data.path)')

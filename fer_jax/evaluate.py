@@ -37,16 +37,21 @@ TTA_MODES = ('none', 'flip', 'tencrop')
 TENCROP_FRACTION = 42 / 48
 
 
-def tta_views(tta: str, height: int, width: int) -> tuple[int, int, np.ndarray]:
-  """The views of one TTA mode as (crop_h, crop_w, int32 (V, 3) rows of [top, left, flip])."""
+def tta_views(tta: str, height: int, width: int,
+              crop_fraction: float = 0.0) -> tuple[int, int, np.ndarray]:
+  """The views of one TTA mode as (crop_h, crop_w, int32 (V, 3) rows of [top, left, flip]).
+
+  Ten-crop crops `crop_fraction` of the side (a model trained on crops: its crop size), else 42/48.
+  """
   if tta not in TTA_MODES:
     raise ConfigError(f'tta={tta!r}: expected one of {TTA_MODES}')
   if tta == 'none':
     return height, width, np.array([[0, 0, 0]], np.int32)
   if tta == 'flip':
     return height, width, np.array([[0, 0, 0], [0, 0, 1]], np.int32)
-  ch = max(1, round(height * TENCROP_FRACTION))
-  cw = max(1, round(width * TENCROP_FRACTION))
+  fraction = crop_fraction or TENCROP_FRACTION
+  ch = max(1, round(height * fraction))
+  cw = max(1, round(width * fraction))
   dy, dx = height - ch, width - cw
   corners = [(0, 0), (0, dx), (dy, 0), (dy, dx), (dy // 2, dx // 2)]
   rows = [(y, x, f) for f in (0, 1) for y, x in corners]
@@ -54,7 +59,7 @@ def tta_views(tta: str, height: int, width: int) -> tuple[int, int, np.ndarray]:
 
 
 def predict_probs_fn(trained: TrainedModel, tta: str = 'none') -> Callable[[Any, jax.Array], jax.Array]:
-  """(params, uint8 (B, H, W, C) images) -> float32 (B, K) TTA-averaged softmax; jit it.
+  """(variables, uint8 (B, H, W, C) images) -> float32 (B, K) TTA-averaged softmax; jit it.
 
   Every view is cropped from the stored image and resized straight to the model input, then
   goes through `augment.preprocess_batch(train=False)`, the evaluation preprocessing of training.
@@ -63,26 +68,31 @@ def predict_probs_fn(trained: TrainedModel, tta: str = 'none') -> Callable[[Any,
     raise ConfigError(f'tta={tta!r}: expected one of {TTA_MODES}')
   cfg, out = trained.config.augment, trained.image_size
   model, mean, std = trained.model, trained.pixel_mean, trained.pixel_std
+  crop_fraction = float(cfg.get('crop_fraction', 0.0))
+  # Ten-crop views are already the model's crops: preprocessing must not crop them again.
+  view_cfg = ml_collections.ConfigDict({**cfg.to_dict(), 'crop_fraction': 0.0})
 
-  def probs(params: Any, x: jax.Array) -> jax.Array:
-    logits = model.apply({'params': params}, x, train=False)
+  def probs(variables: Any, x: jax.Array) -> jax.Array:
+    logits = model.apply(variables, x, train=False)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
-  def fn(params: Any, images: jax.Array) -> jax.Array:
+  def fn(variables: Any, images: jax.Array) -> jax.Array:
     b, h, w, c = images.shape
-    ch, cw, views = tta_views(tta, h, w)
+    ch, cw, views = tta_views(tta, h, w, crop_fraction)
+    whole = (ch, cw) == (h, w)
     if tta == 'none':
-      return probs(params, augment.preprocess_batch(images, None, cfg, out_size=out, train=False,
-                                                    mean=mean, std=std))
+      return probs(variables, augment.preprocess_batch(images, None, cfg, out_size=out,
+                                                       train=False, mean=mean, std=std))
     pixels = images.astype(jnp.float32)  # crops and resizes in [0, 255]; preprocess rescales
 
     def view(row: jax.Array) -> jax.Array:
       crop = jax.lax.dynamic_slice(pixels, (0, row[0], row[1], 0), (b, ch, cw, c))
-      if (ch, cw) != (h, w):
+      if not whole and (ch, cw) != (out, out):
         crop = jax.image.resize(crop, (b, out, out, c), method='linear')
       crop = jnp.where(row[2] > 0, crop[:, :, ::-1], crop)
-      return probs(params, augment.preprocess_batch(crop, None, cfg, out_size=out, train=False,
-                                                    mean=mean, std=std))
+      return probs(variables, augment.preprocess_batch(crop, None, cfg if whole else view_cfg,
+                                                       out_size=out, train=False, mean=mean,
+                                                       std=std))
 
     return jnp.mean(jax.lax.map(view, jnp.asarray(views)), axis=0)
 
@@ -104,11 +114,11 @@ def predict_split(trained: TrainedModel, split: Split, *, tta: str = 'none',
   fn = jax.jit(predict_probs_fn(trained, tta),
                in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                out_shardings=parallel.batch_sharded(mesh))
-  params = jax.device_put(trained.params, parallel.replicated(mesh))
+  variables = jax.device_put(trained.variables, parallel.replicated(mesh))
   out = []
   for batch in pipeline.eval_batches(split, global_batch=global_batch):
     images = parallel.to_global({'image': batch['image']}, mesh)['image']
-    probs = np.asarray(fn(params, images))
+    probs = np.asarray(fn(variables, images))
     out.append(probs[batch['mask'] > 0])
   return np.concatenate(out) if out else np.zeros((0, trained.num_classes), np.float32)
 

@@ -218,7 +218,7 @@ class Predictor:
       padded = max(8, 1 << (len(chunk) - 1).bit_length())
       batch = np.zeros((padded, self.face_size, self.face_size, 1), np.uint8)
       batch[:len(chunk), ..., 0] = chunk
-      out.append(np.asarray(self._fn(self.trained.params, batch))[:len(chunk)])
+      out.append(np.asarray(self._fn(self.trained.variables, batch))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
   def _find_faces(self, gray: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -7,6 +7,7 @@ PublicTest and PrivateTest -> results.json.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -26,12 +27,13 @@ from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
 from fer_jax.data.types import Split
 from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.metric_writer import MetricWriter
-from fer_jax.models import get_model
+from fer_jax.models import for_pmap, get_model
 from fer_jax.train_step import (StepContext, create_train_state, eval_step, make_optimizer,
-                               resolve_microbatch, train_step)
+                               make_plateau, model_variables, resolve_microbatch, train_step,
+                               update_plateau)
 
 
-def evaluate(eval_fn: Callable, params: Any, split: Split, *, global_batch: int, mode: str,
+def evaluate(eval_fn: Callable, variables: Any, split: Split, *, global_batch: int, mode: str,
              mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """Exact metrics over every example of `split` (the last batch is padded and masked)."""
   totals = None
@@ -39,7 +41,7 @@ def evaluate(eval_fn: Callable, params: Any, split: Split, *, global_batch: int,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):
     batch = parallel.to_pmap(batch) if mode == 'pmap' else parallel.to_global(batch, mesh)
-    out = eval_fn(params, batch)
+    out = eval_fn(variables, batch)
     if mode == 'pmap':
       out = parallel.unreplicate_from_pmap(out)
     out = parallel.to_host(out)
@@ -88,7 +90,7 @@ def _raise_if_diverged(host_window: list[dict[str, np.ndarray]], last_step: int,
 class Steps(NamedTuple):
   """The compiled steps for one parallel mode, and how to feed them."""
   train: Callable  # (state, batch) -> (state, metrics)
-  eval: Callable  # (params, batch) -> sums
+  eval: Callable  # (variables, batch) -> sums
   put_batch: Callable  # host batch -> device batch
   prepare_state: Callable  # canonical (mesh-replicated) state -> the step's layout
   canonical: Callable  # the step's layout -> canonical state (for checkpoints)
@@ -98,6 +100,7 @@ def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps
   """jit over the mesh (batch on 'data', state replicated) or pmap: the same step functions."""
   if mode == 'pmap':
     axis = parallel.DATA_AXIS
+    ctx = dataclasses.replace(ctx, model=for_pmap(ctx.model, axis))  # BatchNorm over all devices
     return Steps(
         train=jax.pmap(functools.partial(train_step, ctx=ctx, axis_name=axis), axis_name=axis,
                        donate_argnums=0),
@@ -116,16 +119,26 @@ def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps
       canonical=lambda s: s)
 
 
+def has_batch_statistics(model: Any, image_size: int) -> bool:
+  """Whether `model.init` returns collections besides 'params' (BatchNorm's 'batch_stats')."""
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False))
+  return any(name != 'params' for name in shapes)
+
+
 def make_step_context(config: ml_collections.ConfigDict, *, num_classes: int, weights: np.ndarray,
                       mean: float, std: float) -> StepContext:
   per_device_batch = max(config.train.batch_size // jax.device_count(), 1)
-  return StepContext(model=get_model(config.model, num_classes), augment_cfg=config.augment,
-                     image_size=config.model.image_size, num_classes=num_classes,
+  model = get_model(config.model, num_classes)
+  size = config.model.image_size
+  return StepContext(model=model, augment_cfg=config.augment,
+                     image_size=size, num_classes=num_classes,
                      class_weights=jnp.asarray(weights), l2=config.train.l2,
                      label_smoothing=config.train.label_smoothing, mean=mean, std=std,
-                     seed=config.seed,
+                     seed=config.seed, l2_scope=config.train.get('l2_scope', 'model'),
                      microbatch=resolve_microbatch(config.train.get('microbatch_size', 0),
-                                                   per_device_batch, jax.default_backend()))
+                                                   per_device_batch, jax.default_backend(),
+                                                   has_batch_statistics(model, size)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -169,8 +182,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- Model and optimizer ------------------------------------------------------------------
   ctx = make_step_context(config, num_classes=dataset.num_classes, weights=weights, mean=mean, std=std)
   tx = make_optimizer(config.train, spe)
+  plateau = make_plateau(config.train)
   repl = parallel.replicated(mesh)
-  state = jax.jit(lambda: create_train_state(ctx, tx), out_shardings=repl)()
+  state = jax.jit(lambda: create_train_state(ctx, tx, plateau), out_shardings=repl)()
   abstract_state = checkpointing.abstract_like(state)  # restore target: replicated on the mesh
   train_iter = pipeline.make_train_iterator(
       train_split, global_batch=global_batch, num_epochs=config.train.epochs, seed=config.seed,
@@ -244,7 +258,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     periodic = config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0
     if epoch_end or periodic or step == stop_step or preempted:
       _raise_if_diverged(_metrics_to_host(window, mode), step, manager, params=state.params)
-      result = run_eval(state.params, eval_split)
+      result = run_eval(model_variables(state), eval_split)
+      if plateau is not None and (epoch_end or step == stop_step):
+        # Once per epoch, so the patience counts epochs; the state is checkpointed just below.
+        new_plateau = update_plateau(plateau, canonical(state).plateau, result['accuracy'])
+        state = state.replace(plateau=steps.prepare_state(new_plateau))
+        result['learning_rate_scale'] = float(parallel.to_host(new_plateau.scale))
       if epoch_end and epoch_count:
         train_means = {k: v / epoch_count for k, v in epoch_sums.items()}
         writer.write(step, {'epoch': step // spe, **train_means}, 'train')
@@ -273,14 +292,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if best_step is None:
     raise FerJaxError(f'no checkpoint in {workdir}: nothing to evaluate')
   best_state, _ = checkpointing.restore(manager, best_step, abstract_state)
-  best_params = best_state.params
-  best_params = steps.prepare_state(best_params)
+  best_variables = model_variables(best_state)
   splits = {}
   for name in (config.data.eval_split, config.data.test_split):
-    splits[name] = run_eval(best_params, dataset[name])
+    splits[name] = run_eval(steps.prepare_state(best_variables), dataset[name])
     logging.info('best checkpoint (step %d) on %s:\n%s', best_step, name,
                  metrics.format_table(metrics.classification_report(
                      np.asarray(splits[name]['confusion_matrix'])), dataset.class_names))
+  tta = {}
+  for mode_name in config.train.get('final_tta', ()):
+    if jax.process_count() > 1:
+      logging.warning('final_tta=%s skipped: it runs in a single process (use '
+                      'python -m fer_jax.evaluate --tta %s on the workdir)', mode_name, mode_name)
+      continue
+    tta[mode_name] = final_tta(config, dataset, best_variables, best_step, meta, mode_name)
   meta['wall_s'] += time.time() - t_start
   results = {
       'config': config.to_dict(),
@@ -289,9 +314,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'wall_s': round(meta['wall_s'], 2),
       'train_images_per_s': round(timed_images / timed_s, 1) if timed_s else None,
       'best_step': int(best_step),
-      'test_time_augmentation': 'none',
+      'test_time_augmentation': 'none',  # the figures in 'splits' are single view
       'splits': splits,
   }
+  if tta:
+    results['tta'] = tta  # mode -> split -> the same figures with that test-time augmentation
   if is_chief:
     path = os.path.join(workdir, 'results.json')
     with open(path + '.tmp', 'w') as f:
@@ -303,6 +330,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.close()
   writer.close()
   return results
+
+
+def final_tta(config: ml_collections.ConfigDict, dataset: Any, variables: Any, step: int,
+              meta: dict, tta: str) -> dict[str, dict[str, Any]]:
+  """The best checkpoint's figures on the eval and test splits with test-time augmentation,
+  through `fer_jax.evaluate` (the same function as `python -m fer_jax.evaluate --tta ...`)."""
+  from fer_jax import evaluate as evaluate_lib
+  from fer_jax.workdir import TrainedModel
+  trained = TrainedModel(workdir='', checkpoint='best', step=int(step), config=config,
+                         class_names=tuple(dataset.class_names), pixel_mean=meta['pixel_mean'],
+                         pixel_std=meta['pixel_std'],
+                         model=get_model(config.model, dataset.num_classes),
+                         variables=parallel.to_host(variables))
+  out = {}
+  for name in (config.data.eval_split, config.data.test_split):
+    probs = evaluate_lib.predict_split(trained, dataset[name], tta=tta,
+                                       batch_size=config.train.eval_batch_size)
+    report = evaluate_lib.summarize(probs, dataset[name].labels, trained.class_names)
+    out[name] = {k: report[k] for k in ('accuracy', 'macro_f1', 'loss')}
+    logging.info('best checkpoint (step %d) on %s with %s TTA: accuracy %.4f', step, name, tta,
+                 report['accuracy'])
+  return out
 
 
 def _json_default(o):

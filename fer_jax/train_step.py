@@ -10,8 +10,11 @@ on how the global batch is split over devices or hosts, which is what lets jit a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,7 +26,26 @@ from fer_jax import augment
 from fer_jax.errors import ConfigError
 from fer_jax.models import l2_kernels
 
-TrainState = train_state.TrainState
+OPTIMIZERS = ('adamw', 'sgd')
+SCHEDULES = ('constant', 'cosine', 'step', 'plateau')
+L2_SCOPES = ('model', 'all')
+
+
+class TrainState(train_state.TrainState):
+  """flax's TrainState plus the model's other variable collections and the plateau state.
+
+  `model_state` holds every collection `model.init` returns besides 'params' (BatchNorm's
+  'batch_stats'; empty for SeedCNN): the train step updates it (`mutable=`), evaluation reads
+  it, and it is checkpointed with the rest. `plateau` is optax's reduce-on-plateau state when
+  the schedule is 'plateau' (None otherwise); its `scale` multiplies every update.
+  """
+  model_state: Any = flax.struct.field(default_factory=dict)
+  plateau: Any = None
+
+
+def model_variables(state: TrainState) -> dict[str, Any]:
+  """The `variables` that `model.apply` takes: params and the other collections."""
+  return {'params': state.params, **state.model_state}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +62,12 @@ class StepContext:
   std: float
   seed: int
   microbatch: int = 0  # examples per device per chunk; 0 = the whole batch (resolve_microbatch)
+  l2_scope: str = 'model'  # 'model': the kernels the model names (L2_KERNEL_PATHS); 'all'
+
+
+def takes_example_ids(model: nn.Module) -> bool:
+  """Whether the model asks for per-example dropout ids (an `example_ids` call argument)."""
+  return 'example_ids' in inspect.signature(type(model).__call__).parameters
 
 
 # Chunk size (images) that keeps a SeedCNN forward+backward inside the CPU's caches without
@@ -51,13 +79,21 @@ class StepContext:
 _CPU_CHUNK_IMAGES = 32
 
 
-def resolve_microbatch(requested: int, per_device_batch: int, backend: str) -> int:
+def resolve_microbatch(requested: int, per_device_batch: int, backend: str,
+                       batch_statistics: bool = False) -> int:
   """Examples per device per gradient chunk (0: no chunking).
 
   -1 ('auto') chunks only on CPU, where XLA runs each op over the whole batch and the
   activations of a large batch spill out of the caches; there the step processes the batch
-  as a scan over chunks and sums their gradients (exact: SeedCNN has no batch statistics).
+  as a scan over chunks and sums their gradients (exact for models without batch statistics).
+  A model with batch statistics (BatchNorm) is never chunked: its statistics are over the
+  whole global batch, so 'auto' means no chunking and an explicit size is an error.
   """
+  if batch_statistics:
+    if requested > 0:
+      raise ConfigError(f'config.train.microbatch_size={requested}: the model has batch '
+                        'statistics (BatchNorm), which gradient chunks would change; use -1 or 0')
+    return 0
   if requested == -1:
     if backend != 'cpu':
       return 0
@@ -71,26 +107,93 @@ def resolve_microbatch(requested: int, per_device_batch: int, backend: str) -> i
   return 0 if requested >= per_device_batch else requested
 
 
-def make_optimizer(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """adamw with the configured schedule; decoupled weight decay on kernels only."""
+def _warmup_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int) -> int:
+  """`train.warmup_steps` when set (> 0), else `train.warmup_epochs` x steps per epoch."""
+  steps = int(train_cfg.get('warmup_steps', 0))
+  if steps < 0:
+    raise ConfigError(f'config.train.warmup_steps={steps}: must not be negative')
+  if not steps:
+    steps = int(train_cfg.warmup_epochs * steps_per_epoch)
+  return min(steps, total - 1)
+
+
+def learning_rate_schedule(train_cfg: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup from 0, then 'constant', 'cosine' (to 0 at the last step), 'step' (times
+  `decay_factor` at each of `decay_epochs`) or 'plateau' (constant here; `make_plateau`'s scale
+  lowers it when PublicTest accuracy stalls)."""
+  name = train_cfg.schedule
+  if name not in SCHEDULES:
+    raise ConfigError(f'config.train.schedule={name!r}: expected one of {SCHEDULES}')
+  lr = float(train_cfg.learning_rate)
   total = max(int(train_cfg.epochs * steps_per_epoch), 1)
-  warmup = min(int(train_cfg.warmup_epochs * steps_per_epoch), total - 1)
-  if train_cfg.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0, train_cfg.learning_rate, max(warmup, 1) if warmup else 1,
-                                            total, end_value=0.0)
-  elif train_cfg.schedule == 'constant':
-    lr = train_cfg.learning_rate
-  else:
-    raise ConfigError(f"config.train.schedule={train_cfg.schedule!r}: expected 'constant' or 'cosine'")
+  warmup = _warmup_steps(train_cfg, steps_per_epoch, total)
+  if name == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), total, end_value=0.0)
+  if name == 'step':
+    factor = float(train_cfg.get('decay_factor', 0.1))
+    epochs = tuple(train_cfg.get('decay_epochs', ()))
+    if not 0 < factor <= 1 or not epochs or any(e <= 0 for e in epochs):
+      raise ConfigError(f'schedule=\'step\' needs config.train.decay_epochs (positive epochs, got '
+                        f'{epochs}) and decay_factor in (0, 1] (got {factor})')
+    after = optax.piecewise_constant_schedule(
+        lr, {int(e * steps_per_epoch) - warmup: factor for e in sorted(epochs)})
+  else:  # constant, plateau
+    after = optax.constant_schedule(lr)
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """adamw (decoupled weight decay) or SGD with (Nesterov) momentum and PyTorch-style weight
+  decay (added to the gradient); weight decay on kernels only."""
+  name = train_cfg.get('optimizer', 'adamw')
+  if name not in OPTIMIZERS:
+    raise ConfigError(f'config.train.optimizer={name!r}: expected one of {OPTIMIZERS}')
+  lr = learning_rate_schedule(train_cfg, steps_per_epoch)
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: path[-1].key == 'kernel', params)
-  return optax.adamw(lr, weight_decay=train_cfg.weight_decay, mask=decay_mask)
+  if name == 'adamw':
+    return optax.adamw(lr, weight_decay=train_cfg.weight_decay, mask=decay_mask)
+  momentum = float(train_cfg.get('momentum', 0.9))
+  if not 0 <= momentum < 1:
+    raise ConfigError(f'config.train.momentum={momentum}: expected a value in [0, 1)')
+  return optax.chain(
+      optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask),
+      optax.sgd(lr, momentum=momentum or None, nesterov=bool(train_cfg.get('nesterov', True))))
 
 
-def create_train_state(ctx: StepContext, tx: optax.GradientTransformation) -> TrainState:
+def make_plateau(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs | None:
+  """optax's reduce-on-plateau on the evaluation accuracy, once per evaluation (None unless
+  schedule='plateau'): after `plateau_patience` evaluations without a new best the learning
+  rate is multiplied by `plateau_factor`, as PyTorch's ReduceLROnPlateau(mode='max')."""
+  if train_cfg.schedule != 'plateau':
+    return None
+  factor = float(train_cfg.get('plateau_factor', 0.75))
+  patience = int(train_cfg.get('plateau_patience', 5))
+  if not 0 < factor < 1 or patience < 1:
+    raise ConfigError(f'config.train.plateau_factor={factor} must be in (0, 1) and '
+                      f'plateau_patience={patience} at least 1')
+  return optax.contrib.reduce_on_plateau(factor=factor, patience=patience, rtol=0.0, atol=1e-6,
+                                         min_scale=float(train_cfg.get('plateau_min_scale', 0.0)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def update_plateau(plateau: optax.GradientTransformationExtraArgs, plateau_state: Any,
+                   accuracy: float) -> Any:
+  """The plateau state after one evaluation (it minimises, so it is given -accuracy)."""
+  return plateau.update(jnp.zeros(()), plateau_state, value=-jnp.asarray(accuracy, jnp.float32))[1]
+
+
+def create_train_state(ctx: StepContext, tx: optax.GradientTransformation,
+                       plateau: optax.GradientTransformationExtraArgs | None = None) -> TrainState:
   dummy = jnp.zeros((1, ctx.image_size, ctx.image_size, 1), jnp.float32)
-  params = ctx.model.init(jax.random.key(ctx.seed), dummy, train=False)['params']
-  return TrainState.create(apply_fn=ctx.model.apply, params=params, tx=tx)
+  variables = dict(ctx.model.init(jax.random.key(ctx.seed), dummy, train=False))
+  params = variables.pop('params')
+  return TrainState.create(apply_fn=ctx.model.apply, params=params, tx=tx,
+                           model_state=variables,
+                           plateau=plateau.init(params) if plateau is not None else None)
 
 
 def _example_keys(ctx: StepContext, step: jax.Array, batch_size: int, axis_name: str | None):
@@ -103,9 +206,17 @@ def _example_keys(ctx: StepContext, step: jax.Array, batch_size: int, axis_name:
   return aug_keys, dropout_key, ids
 
 
-def l2_penalty(model: nn.Module, params: Any) -> jax.Array:
-  """Keras `kernel_regularizer=l2(lam)` adds lam * sum(W**2) of the regularised kernels."""
-  return sum(jnp.sum(jnp.square(k)) for k in l2_kernels(model, params))
+def l2_penalty(model: nn.Module, params: Any, scope: str = 'model') -> jax.Array:
+  """Keras `kernel_regularizer=l2(lam)` adds lam * sum(W**2) of the regularised kernels: those
+  the model names (scope 'model', e.g. SeedCNN's Dense-128) or every kernel ('all')."""
+  if scope not in L2_SCOPES:
+    raise ConfigError(f'config.train.l2_scope={scope!r}: expected one of {L2_SCOPES}')
+  if scope == 'all':
+    kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if path[-1].key == 'kernel']
+  else:
+    kernels = l2_kernels(model, params)
+  return sum((jnp.sum(jnp.square(k)) for k in kernels), jnp.float32(0))
 
 
 def _chunked(fn, inputs, chunks: int, devices: int):
@@ -146,9 +257,20 @@ def _map_batch(fn, inputs, ctx: StepContext, axis_name: str | None):
   return _chunked(fn, inputs, per_device // size, devices)
 
 
+def _mixing(ctx: StepContext) -> bool:
+  cfg = ctx.augment_cfg
+  return bool(cfg.enabled) and (float(getattr(cfg, 'mixup_alpha', 0.0)) > 0
+                                or float(getattr(cfg, 'cutmix_alpha', 0.0)) > 0)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a uint8 batch: augment on device, weighted CE + L2, adamw."""
+  """One optimizer step on a uint8 batch: augment on device, weighted CE + L2, the optimizer.
+
+  With mixup/cutmix each example is mixed with its neighbour (2k <-> 2k+1, which stay in one
+  device shard and one chunk); the class weights ride on the targets, so the loss is
+  lam * w_i * CE(y_i) + (1 - lam) * w_j * CE(y_j).
+  """
   images, labels = batch['image'], batch['label']
   batch_size = images.shape[0]
   aug_keys, dropout_key, example_ids = _example_keys(ctx, state.step, batch_size, axis_name)
@@ -157,40 +279,68 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
              else jax.nn.one_hot(labels, ctx.num_classes))
   targets = optax.smooth_labels(targets, ctx.label_smoothing)
   weights = ctx.class_weights[labels]
+  mixing = _mixing(ctx)
+  extra = {'example_ids': example_ids} if takes_example_ids(ctx.model) else {}
+  mutable = list(state.model_state)
 
   def weighted_ce_sum(params, images, targets, weights, aug_keys, example_ids):
     x = augment.preprocess_batch(images, aug_keys, ctx.augment_cfg, out_size=ctx.image_size,
                                  train=True, mean=ctx.mean, std=ctx.std)
-    logits = state.apply_fn({'params': params}, x, train=True, rngs={'dropout': dropout_key},
-                            example_ids=example_ids)
-    return jnp.sum(weights * optax.softmax_cross_entropy(logits, targets)), logits
+    if mixing:
+      x, targets = augment.mix_pairs(x, weights[:, None] * targets, aug_keys, ctx.augment_cfg)
+    kwargs = {k: example_ids for k in extra}
+    variables = {'params': params, **state.model_state}
+    if mutable:
+      logits, new_model_state = ctx.model.apply(variables, x, train=True, mutable=mutable,
+                                               rngs={'dropout': dropout_key}, **kwargs)
+    else:
+      logits = ctx.model.apply(variables, x, train=True, rngs={'dropout': dropout_key},
+                               **kwargs)
+      new_model_state = {}
+    if mixing:  # the targets carry the class weights
+      ce = optax.softmax_cross_entropy(logits, targets)
+    else:
+      ce = weights * optax.softmax_cross_entropy(logits, targets)
+    return jnp.sum(ce), (logits, new_model_state)
 
   def chunk_grads(chunk):
-    (ce_sum, logits), grads = jax.value_and_grad(weighted_ce_sum, has_aux=True)(state.params, *chunk)
-    return (ce_sum, grads), logits
+    (ce_sum, (logits, new_model_state)), grads = jax.value_and_grad(
+        weighted_ce_sum, has_aux=True)(state.params, *chunk)
+    return (ce_sum, grads), (logits, new_model_state)
 
-  (ce_sum, grads), logits = _map_batch(
+  (ce_sum, grads), (logits, new_model_state) = _map_batch(
       chunk_grads, (images, targets, weights, aug_keys, example_ids), ctx, axis_name)
   # Keras class_weight: per-example weight, mean over the batch size (not over the weights).
   data_loss = ce_sum / batch_size
-  l2_loss, l2_grads = jax.value_and_grad(lambda p: ctx.l2 * l2_penalty(ctx.model, p))(state.params)
+  l2_loss, l2_grads = jax.value_and_grad(
+      lambda p: ctx.l2 * l2_penalty(ctx.model, p, ctx.l2_scope))(state.params)
   grads = jax.tree.map(lambda g, g2: g / batch_size + g2, grads, l2_grads)
   metrics = {'loss': data_loss + l2_loss, 'data_loss': data_loss,
              'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
   if axis_name:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
-  return state.apply_gradients(grads=grads), metrics
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  if state.plateau is not None:
+    updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, model_state=new_model_state)
+  metrics['learning_rate_scale'] = (state.plateau.scale if state.plateau is not None
+                                    else jnp.float32(1))
+  return new_state, metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], ctx: StepContext,
+def eval_step(variables: Any, batch: dict[str, jax.Array], ctx: StepContext,
               axis_name: str | None = None) -> dict[str, jax.Array]:
-  """Sums over the (masked) batch: loss, and the confusion matrix (rows true, cols predicted)."""
+  """Sums over the (masked) batch: loss, and the confusion matrix (rows true, cols predicted).
+
+  `variables` are `model_variables(state)`: BatchNorm uses its running averages here.
+  """
   def sums(chunk):
     images, labels, mask = chunk
     x = augment.preprocess_batch(images, None, ctx.augment_cfg, out_size=ctx.image_size,
                                  train=False, mean=ctx.mean, std=ctx.std)
-    logits = ctx.model.apply({'params': params}, x, train=False)
+    logits = ctx.model.apply(variables, x, train=False)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     true = jax.nn.one_hot(labels, ctx.num_classes) * mask[:, None]
     pred = jax.nn.one_hot(jnp.argmax(logits, -1), ctx.num_classes)

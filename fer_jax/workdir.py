@@ -58,7 +58,11 @@ class TrainedModel:
   pixel_mean: float
   pixel_std: float
   model: nn.Module
-  params: Any
+  variables: Any  # what model.apply takes: {'params': ..., 'batch_stats': ...}
+
+  @property
+  def params(self) -> Any:
+    return self.variables['params']
 
   @property
   def num_classes(self) -> int:
@@ -131,21 +135,32 @@ def load(workdir: str, checkpoint: str | int = 'best', *,
     class_names = tuple(meta['class_names'])
     model = get_model(config.model, len(class_names))
     size = int(config.model.image_size)
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1), jnp.float32),
-                           train=False)['params'])
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, size, size, 1), jnp.float32), train=False))
     sharding = sharding or default_sharding()
-    target = {'params': jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)}
+    # The train state keeps 'params' at its top and the other collections (BatchNorm's
+    # 'batch_stats') under 'model_state'; a SeedCNN checkpoint from before model_state existed
+    # has params only, which is all SeedCNN needs.
+    abstract = lambda tree: jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+    target = {'params': abstract(shapes['params'])}
+    others = {k: v for k, v in shapes.items() if k != 'params'}
+    if others:
+      target['model_state'] = abstract(others)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=True)))
+    except (KeyError, ValueError) as e:
+      raise FerJaxError(f'{manager.directory} step {step}: the checkpoint does not match model '
+                        f'{config.model.name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})'
+                        ) from None
   finally:
     manager.close()
+  variables = {'params': restored['state']['params'], **restored['state'].get('model_state', {})}
   return TrainedModel(workdir=workdir, checkpoint=str(checkpoint), step=step, config=config,
                       class_names=class_names, pixel_mean=float(meta['pixel_mean']),
-                      pixel_std=float(meta['pixel_std']), model=model,
-                      params=restored['state']['params'])
+                      pixel_std=float(meta['pixel_std']), model=model, variables=variables)
 
 
 class _QuietLibraries(logging.Filter):

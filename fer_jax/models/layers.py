@@ -200,6 +200,156 @@ class ConvReluPool(nn.Module):
     return conv_relu_pool(x, kernel, bias, 'direct' if direct else 'im2col')
 
 
+def _same_padding(k: int) -> tuple[int, int]:
+  """'SAME' padding of a stride-1 conv: (k - 1) // 2 before, the rest after (as XLA pads)."""
+  return (k - 1) // 2, k - 1 - (k - 1) // 2
+
+
+def _pad_hw(x: jax.Array, pad: tuple[int, int]) -> jax.Array:
+  return jnp.pad(x, ((0, 0), pad, pad, (0, 0))) if any(pad) else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def native_conv(x: jax.Array, kernel: jax.Array, pad: tuple[int, int] = (0, 0)) -> jax.Array:
+  """Stride-1 conv of the zero-padded input on the C++ kernels, with a hand-written gradient
+  (the kernel gradient and the input gradient are the C++ kernels too; XLA:CPU's own conv
+  gradients are several times slower)."""
+  return native.conv(_pad_hw(x, pad), kernel)
+
+
+def _native_conv_fwd(x, kernel, pad):
+  xp = _pad_hw(x, pad)
+  return native.conv(xp, kernel), (xp, kernel)
+
+
+def _native_conv_bwd(pad, res, dy):
+  xp, kernel = res
+  d_kernel = native.conv_kernel_grad(xp, dy, kernel.shape[:2])
+  d_xp = native.conv_input_grad(dy, kernel)
+  h, w = xp.shape[1] - sum(pad), xp.shape[2] - sum(pad)
+  return d_xp[:, pad[0]:pad[0] + h, pad[0]:pad[0] + w, :], d_kernel
+
+
+native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
+
+
+class Conv(nn.Module):
+  """`nn.Conv` (square kernel, 'SAME' or 'VALID', stride 1 or 2) with the CPU lowerings.
+
+  The parameters are nn.Conv's (`kernel` HWIO, optional `bias`), so checkpoints move between
+  lowerings and backends. 'xla' is lax.conv. On CPU ('native'/'dot'): a 1x1 conv is a strided
+  slice and one matmul; a stride-1 kxk conv runs on the C++ kernels ('native', float32) or as
+  one im2col matmul ('dot'); a strided kxk conv stays on lax.conv.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: str = 'SAME'
+  use_bias: bool = True
+  lowering: str = 'auto'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s = self.kernel_size, self.strides
+    if self.padding not in ('SAME', 'VALID'):
+      raise ValueError(f"Conv padding {self.padding!r}: expected 'SAME' or 'VALID'")
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    lowering = resolve_lowering(self.lowering)
+    pad = _same_padding(k) if self.padding == 'SAME' else (0, 0)
+    if lowering != 'xla' and k == 1:
+      y = jnp.dot(x[:, ::s, ::s, :], kernel[0, 0])
+    elif lowering != 'xla' and s == 1:
+      if lowering == 'native' and x.dtype == jnp.float32:
+        y = native_conv(x, kernel, pad)
+      else:
+        y = _im2col_conv(_pad_hw(x, pad), kernel)[0]
+    else:
+      y = lax.conv_general_dilated(x, kernel, (s, s), self.padding,
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + bias if bias is not None else y
+
+
+class ConvBNReLU(nn.Module):
+  """`Conv` -> BatchNorm -> ReLU (optional), the building block of the zoo's networks.
+
+  BatchNorm keeps its running averages in the 'batch_stats' collection (momentum 0.9, as
+  PyTorch's 0.1), uses the batch's statistics in training and the averages otherwise; under
+  pmap `bn_axis_name` makes the statistics those of the global batch.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  use_bias: bool = True
+  relu: bool = True
+  zero_init_scale: bool = False  # a residual branch's last BatchNorm starts at zero
+  lowering: str = 'auto'
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = Conv(self.features, self.kernel_size, self.strides, use_bias=self.use_bias,
+             lowering=self.lowering, dtype=self.dtype, name='conv')(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, axis_name=self.bn_axis_name if train else None,
+                     scale_init=(nn.initializers.zeros_init() if self.zero_init_scale
+                                 else nn.initializers.ones_init()), name='bn')(x)
+    return nn.relu(x) if self.relu else x
+
+
+def _first_max_mask(windows: jax.Array, pooled: jax.Array) -> jax.Array:
+  """(B, H, 2, W, 2, C) bool: each window's first maximum in row-major order (nn.max_pool's
+  gradient picks it; a NaN counts as the maximum, as it propagates through max)."""
+  hit = (windows == pooled[:, :, None, :, None, :]) | jnp.isnan(windows)
+  flat = hit.transpose(0, 1, 3, 5, 2, 4).reshape(*hit.shape[:2], hit.shape[3], hit.shape[5], 4)
+  seen = jnp.cumsum(flat.astype(jnp.int8), axis=-1)
+  first = flat & (seen == 1)
+  b, h, w, c = pooled.shape
+  return first.reshape(b, h, w, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+
+
+@jax.custom_vjp
+def max_pool_2x2_fast(x: jax.Array) -> jax.Array:
+  """2x2 / stride-2 floor max-pool as reshape + max, with a mask gradient to each window's first
+  maximum (JAX's own max gradient counts ties, XLA's pool gradient is a slow select_and_scatter)."""
+  _, h, w, _ = x.shape
+  return jnp.max(_pool_windows(x[:, :h // 2 * 2, :w // 2 * 2, :]), axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+  _, h, w, _ = x.shape
+  windows = _pool_windows(x[:, :h // 2 * 2, :w // 2 * 2, :])
+  pooled = jnp.max(windows, axis=(2, 4))
+  return pooled, (x, pooled)
+
+
+def _max_pool_bwd(res, d_pooled):
+  x, pooled = res
+  _, h, w, _ = x.shape
+  windows = _pool_windows(x[:, :h // 2 * 2, :w // 2 * 2, :])
+  mask = _first_max_mask(windows, pooled)
+  d = jnp.where(mask, d_pooled[:, :, None, :, None, :], 0).astype(x.dtype)
+  d = d.reshape(x.shape[0], h // 2 * 2, w // 2 * 2, x.shape[3])
+  return (jnp.pad(d, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2_fast.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x: jax.Array, lowering: str = 'auto') -> jax.Array:
+  """2x2 max-pool, stride 2, floor: nn.max_pool under 'xla', `max_pool_2x2_fast` on CPU."""
+  if resolve_lowering(lowering) == 'xla':
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+  return max_pool_2x2_fast(x)
+
+
 def _fmix32(h: jax.Array) -> jax.Array:
   """MurmurHash3's 32-bit finalizer: a bijection on uint32 with full avalanche."""
   h = h ^ (h >> 16)
