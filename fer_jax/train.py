@@ -259,8 +259,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if epoch_end or periodic or step == stop_step or preempted:
       _raise_if_diverged(_metrics_to_host(window, mode), step, manager, params=state.params)
       result = run_eval(model_variables(state), eval_split)
-      if plateau is not None and (epoch_end or step == stop_step):
-        # Once per epoch, so the patience counts epochs; the state is checkpointed just below.
+      if plateau is not None and epoch_end:
+        # Once per epoch (never at a mid-epoch stop or preemption, so a resumed run updates it
+        # at the same steps): the patience counts epochs. The state is checkpointed below.
         new_plateau = update_plateau(plateau, canonical(state).plateau, result['accuracy'])
         state = state.replace(plateau=steps.prepare_state(new_plateau))
         result['learning_rate_scale'] = float(parallel.to_host(new_plateau.scale))

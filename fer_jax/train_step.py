@@ -119,13 +119,15 @@ def _warmup_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int, to
 
 def learning_rate_schedule(train_cfg: ml_collections.ConfigDict,
                            steps_per_epoch: int) -> optax.Schedule:
-  """Linear warmup from 0, then 'constant', 'cosine' (to 0 at the last step), 'step' (times
-  `decay_factor` at each of `decay_epochs`) or 'plateau' (constant here; `make_plateau`'s scale
-  lowers it when PublicTest accuracy stalls)."""
+  """'constant' (no warmup), or a linear warmup from 0 followed by 'cosine' (to 0 at the last
+  step), 'step' (times `decay_factor` at each of `decay_epochs`) or 'plateau' (constant here;
+  `make_plateau`'s scale lowers it when PublicTest accuracy stalls)."""
   name = train_cfg.schedule
   if name not in SCHEDULES:
     raise ConfigError(f'config.train.schedule={name!r}: expected one of {SCHEDULES}')
   lr = float(train_cfg.learning_rate)
+  if name == 'constant':
+    return optax.constant_schedule(lr)
   total = max(int(train_cfg.epochs * steps_per_epoch), 1)
   warmup = _warmup_steps(train_cfg, steps_per_epoch, total)
   if name == 'cosine':
@@ -138,7 +140,7 @@ def learning_rate_schedule(train_cfg: ml_collections.ConfigDict,
                         f'{epochs}) and decay_factor in (0, 1] (got {factor})')
     after = optax.piecewise_constant_schedule(
         lr, {int(e * steps_per_epoch) - warmup: factor for e in sorted(epochs)})
-  else:  # constant, plateau
+  else:  # plateau
     after = optax.constant_schedule(lr)
   if not warmup:
     return after
@@ -196,7 +198,7 @@ def create_train_state(ctx: StepContext, tx: optax.GradientTransformation,
                            plateau=plateau.init(params) if plateau is not None else None)
 
 
-def _example_keys(ctx: StepContext, step: jax.Array, batch_size: int, axis_name: str | None):
+def example_keys(ctx: StepContext, step: jax.Array, batch_size: int, axis_name: str | None):
   """Per-example augmentation keys, the step's dropout key, and global example ids."""
   offset = jax.lax.axis_index(axis_name) * batch_size if axis_name else 0
   ids = offset + jnp.arange(batch_size)
@@ -273,7 +275,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
   """
   images, labels = batch['image'], batch['label']
   batch_size = images.shape[0]
-  aug_keys, dropout_key, example_ids = _example_keys(ctx, state.step, batch_size, axis_name)
+  aug_keys, dropout_key, example_ids = example_keys(ctx, state.step, batch_size, axis_name)
   # FER+ probability mode trains on the vote distribution; otherwise one-hot labels.
   targets = (batch['soft_label'] if 'soft_label' in batch
              else jax.nn.one_hot(labels, ctx.num_classes))

@@ -58,9 +58,9 @@ def test_flip_averages_image_and_mirror(trained, private_test):
   images = private_test.images[:16]
   none = jax.jit(evaluate.predict_probs_fn(trained, 'none'))
   flip = jax.jit(evaluate.predict_probs_fn(trained, 'flip'))
-  expected = (np.asarray(none(trained.params, images)) +
-              np.asarray(none(trained.params, images[:, :, ::-1]))) / 2
-  np.testing.assert_allclose(np.asarray(flip(trained.params, images)), expected, atol=1e-6)
+  expected = (np.asarray(none(trained.variables, images)) +
+              np.asarray(none(trained.variables, images[:, :, ::-1]))) / 2
+  np.testing.assert_allclose(np.asarray(flip(trained.variables, images)), expected, atol=1e-6)
 
 
 def test_tencrop_averages_the_ten_static_crops(trained, private_test):
@@ -72,10 +72,10 @@ def test_tencrop_averages_the_ten_static_crops(trained, private_test):
   for top, left in ((0, 0), (0, 6), (6, 0), (6, 6), (3, 3)):
     crop = jax.image.resize(pixels[:, top:top + 42, left:left + 42], (8, 48, 48, 1), 'linear')
     for view in (crop, crop[:, :, ::-1]):
-      total = total + np.asarray(none(trained.params, view))
-  np.testing.assert_allclose(np.asarray(tencrop(trained.params, images)), total / 10, atol=1e-5)
+      total = total + np.asarray(none(trained.variables, view))
+  np.testing.assert_allclose(np.asarray(tencrop(trained.variables, images)), total / 10, atol=1e-5)
   # And the views differ: ten-crop is not the plain prediction.
-  assert not np.allclose(total / 10, np.asarray(none(trained.params, images)), atol=1e-4)
+  assert not np.allclose(total / 10, np.asarray(none(trained.variables, images)), atol=1e-4)
 
 
 def _write_class_folders(root, split, limit=None):

@@ -13,7 +13,7 @@ from experiments import base
 from fer_jax import parallel
 from fer_jax.errors import ConfigError
 from fer_jax.train import compile_steps, make_step_context
-from fer_jax.train_step import create_train_state, resolve_microbatch
+from fer_jax.train_step import create_train_state, model_variables, resolve_microbatch
 
 
 def _steps(microbatch: int, mode: str):
@@ -70,7 +70,7 @@ def test_chunked_eval_equals_whole_batch():
   outs = {}
   for microbatch in (0, 4):
     _, steps, state = _steps(microbatch, 'jit')
-    outs[microbatch] = parallel.to_host(steps.eval(state.params, steps.put_batch(batch)))
+    outs[microbatch] = parallel.to_host(steps.eval(model_variables(state), steps.put_batch(batch)))
   np.testing.assert_array_equal(outs[4]['confusion'], outs[0]['confusion'])
   assert outs[4]['confusion'].sum() == 37
   assert float(outs[4]['loss_sum']) == pytest.approx(float(outs[0]['loss_sum']), rel=1e-5)
