@@ -9,9 +9,8 @@ evaluation; ten-crop TTA reported beside the single view), shifts, flips, rotati
 erasing; SGD with Nesterov momentum 0.9, learning rate 0.01, weight decay 1e-4, batch 64,
 reduce-on-plateau x0.75 after 5 epochs without a new best PublicTest accuracy, 300 epochs.
 Honest protocol: the checkpoint is selected on PublicTest and PrivateTest is reported once
-(the paper tuned on the test split).
-Expected time: about 300 x 450 steps; on one modern GPU roughly an hour; on this project's
-2-core CPU about 15 min per epoch.
+(the paper tuned on the test split). 29.9 M parameters, 0.62 GFLOPs per 40x40 image forward
+(XLA's count). 300 epochs are 134,700 steps of batch 64; not yet run on an accelerator.
 """
 
 import ml_collections
