@@ -25,6 +25,17 @@ def test_train_throughput_prints_its_settings():
     assert key in result
 
 
+def test_forward_backward_prints_one_line_per_lowering():
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/forward_backward.py', '--config', 'experiments/cpu_budget.py',
+       '--lowering', 'auto', 'xla', '--batch', '4', '--width', '0.125', '--calls', '1'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
+  assert [l['lowering'] for l in lines] == ['auto', 'xla']
+  assert all(l['model'] == 'vgg_fer' and l['images_per_s'] > 0 for l in lines)
+
+
 def test_compare_keras_without_tensorflow_reports_fer_jax_only(tmp_path):
   out = subprocess.run(
       [sys.executable, 'benchmarks/compare_keras.py', '--rounds', '1', '--rows', '48x8',

@@ -1,0 +1,72 @@
+"""Images/s of one model's forward + backward alone (no augmentation, no optimizer), per lowering.
+
+  python benchmarks/forward_backward.py --config experiments/cpu_budget.py --lowering native xla
+prints one JSON line per lowering: the median of --calls timed calls after compilation of
+`jax.grad` of the cross-entropy through `model.apply` (BatchNorm statistics mutable, dropout on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--config', default='experiments/cpu_budget.py')
+  p.add_argument('--lowering', nargs='+', default=['native', 'xla'])
+  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--width', type=float, default=None, help='override config.model.width')
+  p.add_argument('--calls', type=int, default=6)
+  args = p.parse_args()
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from fer_jax import models, runtime
+  runtime.inline_cpu_dispatch()  # as launch.py does
+  spec = importlib.util.spec_from_file_location('cfg', args.config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model_cfg = module.get_config().model
+  if args.width is not None:
+    model_cfg.width = type(model_cfg.width)(args.width)
+  size, b = model_cfg.image_size, args.batch
+  x = jax.random.normal(jax.random.key(1), (b, size, size, 1))
+  y = jnp.zeros((b,), jnp.int32)
+  for lowering in args.lowering:
+    model_cfg.lowering = lowering
+    model = models.get_model(model_cfg, 7)
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+    others = {k: v for k, v in variables.items() if k != 'params'}
+    extra = {'example_ids': jnp.arange(b)}
+
+    @jax.jit
+    def grads(params, x):
+      def loss(p):
+        out = model.apply({'params': p, **others}, x, train=True, mutable=list(others),
+                          rngs={'dropout': jax.random.key(0)}, **extra)
+        logits = out[0] if others else out
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return jax.grad(loss)(params)
+
+    jax.block_until_ready(grads(variables['params'], x))
+    times = []
+    for _ in range(args.calls):
+      t = time.perf_counter()
+      jax.block_until_ready(grads(variables['params'], x))
+      times.append(time.perf_counter() - t)
+    times.sort()
+    print(json.dumps({'model': model_cfg.name, 'width': model_cfg.get('width'), 'size': size,
+                      'batch': b, 'lowering': lowering,
+                      'images_per_s': round(b / times[len(times) // 2], 1),
+                      'backend': jax.default_backend(), 'jax': jax.__version__}))
+
+
+if __name__ == '__main__':
+  main()
