@@ -28,9 +28,9 @@ from fer_jax.data.types import Split
 from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.metric_writer import MetricWriter
 from fer_jax.models import for_pmap, get_model
-from fer_jax.train_step import (StepContext, create_train_state, eval_step, make_optimizer,
-                               make_plateau, model_variables, resolve_microbatch, train_step,
-                               update_plateau)
+from fer_jax.train_step import (StepContext, create_train_state, ema_decay_rate, eval_step,
+                               eval_variables, make_optimizer, make_plateau, resolve_microbatch,
+                               train_step, update_plateau)
 
 
 def evaluate(eval_fn: Callable, variables: Any, split: Split, *, global_batch: int, mode: str,
@@ -136,6 +136,7 @@ def make_step_context(config: ml_collections.ConfigDict, *, num_classes: int, we
                      class_weights=jnp.asarray(weights), l2=config.train.l2,
                      label_smoothing=config.train.label_smoothing, mean=mean, std=std,
                      seed=config.seed, l2_scope=config.train.get('l2_scope', 'model'),
+                     ema_decay=ema_decay_rate(config.train),
                      microbatch=resolve_microbatch(config.train.get('microbatch_size', 0),
                                                    per_device_batch, jax.default_backend(),
                                                    has_batch_statistics(model, size)))
@@ -258,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     periodic = config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0
     if epoch_end or periodic or step == stop_step or preempted:
       _raise_if_diverged(_metrics_to_host(window, mode), step, manager, params=state.params)
-      result = run_eval(model_variables(state), eval_split)
+      result = run_eval(eval_variables(state), eval_split)
       if plateau is not None and epoch_end:
         # Once per epoch (never at a mid-epoch stop or preemption, so a resumed run updates it
         # at the same steps): the patience counts epochs. The state is checkpointed below.
@@ -293,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if best_step is None:
     raise FerJaxError(f'no checkpoint in {workdir}: nothing to evaluate')
   best_state, _ = checkpointing.restore(manager, best_step, abstract_state)
-  best_variables = model_variables(best_state)
+  best_variables = eval_variables(best_state)
   splits = {}
   for name in (config.data.eval_split, config.data.test_split):
     splits[name] = run_eval(steps.prepare_state(best_variables), dataset[name])

@@ -37,15 +37,40 @@ class TrainState(train_state.TrainState):
   `model_state` holds every collection `model.init` returns besides 'params' (BatchNorm's
   'batch_stats'; empty for SeedCNN): the train step updates it (`mutable=`), evaluation reads
   it, and it is checkpointed with the rest. `plateau` is optax's reduce-on-plateau state when
-  the schedule is 'plateau' (None otherwise); its `scale` multiplies every update.
+  the schedule is 'plateau' (None otherwise); its `scale` multiplies every update. `ema` is an
+  exponential moving average of the model's variables (params and the other collections) when
+  `train.ema_decay` > 0 (None otherwise): evaluation, checkpoint selection and `load` use it.
   """
   model_state: Any = flax.struct.field(default_factory=dict)
   plateau: Any = None
+  ema: Any = None
 
 
 def model_variables(state: TrainState) -> dict[str, Any]:
   """The `variables` that `model.apply` takes: params and the other collections."""
   return {'params': state.params, **state.model_state}
+
+
+def eval_variables(state: TrainState) -> dict[str, Any]:
+  """The variables to evaluate and select on: the moving average when there is one."""
+  return state.ema if state.ema is not None else model_variables(state)
+
+
+def ema_decay_rate(train_cfg: ml_collections.ConfigDict) -> float:
+  """`train.ema_decay`: 0 switches the moving average of the weights off."""
+  decay = float(train_cfg.get('ema_decay', 0.0))
+  if not 0.0 <= decay < 1.0:
+    raise ConfigError(f'config.train.ema_decay={decay} must be in [0, 1) (0: no moving average)')
+  return decay
+
+
+def update_ema(ema: Any, variables: Any, decay: float, step: jax.Array) -> Any:
+  """One moving-average update. The decay ramps up as min(decay, (1 + step) / (10 + step)),
+  as TensorFlow's ExponentialMovingAverage with num_updates, so early averages are not
+  dominated by the random initialisation."""
+  step = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, v: (d * e + (1.0 - d) * v).astype(e.dtype), ema, variables)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +88,7 @@ class StepContext:
   seed: int
   microbatch: int = 0  # examples per device per chunk; 0 = the whole batch (resolve_microbatch)
   l2_scope: str = 'model'  # 'model': the kernels the model names (L2_KERNEL_PATHS); 'all'
+  ema_decay: float = 0.0  # > 0: keep a moving average of the variables (update_ema)
 
 
 def takes_example_ids(model: nn.Module) -> bool:
@@ -195,7 +221,8 @@ def create_train_state(ctx: StepContext, tx: optax.GradientTransformation,
   params = variables.pop('params')
   return TrainState.create(apply_fn=ctx.model.apply, params=params, tx=tx,
                            model_state=variables,
-                           plateau=plateau.init(params) if plateau is not None else None)
+                           plateau=plateau.init(params) if plateau is not None else None,
+                           ema={'params': params, **variables} if ctx.ema_decay > 0 else None)
 
 
 def example_keys(ctx: StepContext, step: jax.Array, batch_size: int, axis_name: str | None):
@@ -327,6 +354,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
     updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state, model_state=new_model_state)
+  if state.ema is not None:
+    new_state = new_state.replace(ema=update_ema(state.ema, model_variables(new_state),
+                                                 ctx.ema_decay, state.step))
   metrics['learning_rate_scale'] = (state.plateau.scale if state.plateau is not None
                                     else jnp.float32(1))
   return new_state, metrics

@@ -114,6 +114,8 @@ def load(workdir: str, checkpoint: str | int = 'best', *,
          sharding: jax.sharding.Sharding | None = None) -> TrainedModel:
   """Restores the parameters and metadata of one checkpoint of `workdir`.
 
+  The variables are those training evaluated: the moving average when `train.ema_decay` > 0.
+
   Args:
     workdir: a directory written by `train_and_evaluate` (it holds checkpoints/).
     checkpoint: 'best' (highest PublicTest accuracy), 'latest' or a step number.
@@ -147,6 +149,10 @@ def load(workdir: str, checkpoint: str | int = 'best', *,
     others = {k: v for k, v in shapes.items() if k != 'params'}
     if others:
       target['model_state'] = abstract(others)
+    # A run with train.ema_decay > 0 evaluated and selected its moving average: load that.
+    use_ema = float(config.get('train', {}).get('ema_decay', 0.0)) > 0
+    if use_ema:
+      target = {'ema': abstract(dict(shapes))}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -157,7 +163,9 @@ def load(workdir: str, checkpoint: str | int = 'best', *,
                         ) from None
   finally:
     manager.close()
-  variables = {'params': restored['state']['params'], **restored['state'].get('model_state', {})}
+  state = restored['state']
+  variables = (dict(state['ema']) if use_ema
+               else {'params': state['params'], **state.get('model_state', {})})
   return TrainedModel(workdir=workdir, checkpoint=str(checkpoint), step=step, config=config,
                       class_names=class_names, pixel_mean=float(meta['pixel_mean']),
                       pixel_std=float(meta['pixel_std']), model=model, variables=variables)

@@ -2,6 +2,7 @@
 workdir works in evaluate / predict / report; jit = pmap and exact resume with BatchNorm and
 reduce-on-plateau; SeedCNN checkpoints from before the model contract still load."""
 
+import dataclasses
 import json
 import os
 
@@ -17,7 +18,7 @@ from flax.training import train_state
 from experiments import base, cpu_budget, resnet18_fer2013, synthetic, vgg_fer2013, vgg_ferplus
 from fer_jax import checkpointing, evaluate, models, parallel, report, train, workdir
 from fer_jax.data.types import FER2013_CLASSES
-from fer_jax.train_step import create_train_state, make_optimizer, make_plateau
+from fer_jax.train_step import create_train_state, make_optimizer, make_plateau, update_ema
 
 from tests.test_ferplus import ferplus_data  # noqa: F401  (a fixture)
 
@@ -173,18 +174,46 @@ def test_pmap_train_loop_with_batch_norm_and_plateau(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_equals_straight_run_with_batch_norm_and_plateau(tmp_path):
-  train.train_and_evaluate(_tiny_vgg(), str(tmp_path / 'straight'))
-  train.train_and_evaluate(_tiny_vgg(max_steps=11), str(tmp_path / 'resumed'))
-  train.train_and_evaluate(_tiny_vgg(), str(tmp_path / 'resumed'))
+def test_interrupted_and_resumed_equals_straight_run_with_batch_norm_plateau_and_ema(tmp_path):
+  train.train_and_evaluate(_tiny_vgg(ema_decay=0.9), str(tmp_path / 'straight'))
+  train.train_and_evaluate(_tiny_vgg(max_steps=11, ema_decay=0.9), str(tmp_path / 'resumed'))
+  train.train_and_evaluate(_tiny_vgg(ema_decay=0.9), str(tmp_path / 'resumed'))
   a, b = _state(tmp_path / 'straight'), _state(tmp_path / 'resumed')
   assert int(a['step']) == int(b['step']) == 16
-  assert set(a) >= {'params', 'opt_state', 'model_state', 'plateau'}
+  assert set(a) >= {'params', 'opt_state', 'model_state', 'plateau', 'ema'}
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # identical on CPU
   metrics = [json.loads(l) for l in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()]
   scales = [m['learning_rate_scale'] for m in metrics if m['split'] == 'PublicTest']
   assert len(scales) == 2 and scales[-1] == pytest.approx(float(a['plateau']['scale']))
+
+
+def test_ema_update_ramps_its_decay_up_to_the_configured_one():
+  ema, new = {'w': jnp.zeros(3)}, {'w': jnp.ones(3)}
+  # step 0: decay min(0.99, 1/10) = 0.1; step 990: min(0.99, 991/1000) = 0.99
+  np.testing.assert_allclose(update_ema(ema, new, 0.99, jnp.int32(0))['w'], 0.9, rtol=1e-6)
+  np.testing.assert_allclose(update_ema(ema, new, 0.99, jnp.int32(990))['w'], 0.01, rtol=1e-4)
+  np.testing.assert_allclose(update_ema(ema, new, 0.5, jnp.int32(990))['w'], 0.5, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_ema_of_batch_norm_weights_is_evaluated_checkpointed_and_loaded(tmp_path):
+  c = _tiny_vgg(epochs=1, max_steps=-1, ema_decay=0.9)
+  results = train.train_and_evaluate(c, str(tmp_path))
+  state = _state(tmp_path)
+  assert set(state['ema']) == {'params', 'batch_stats'}
+  ema_leaves, raw_leaves = jax.tree.leaves(state['ema']['params']), jax.tree.leaves(state['params'])
+  assert len(ema_leaves) == len(raw_leaves)
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(ema_leaves, raw_leaves)) > 1e-4
+  trained = workdir.load(str(tmp_path))
+  for x, y in zip(jax.tree.leaves(trained.variables), jax.tree.leaves(state['ema']), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The reported figures are the moving average's: evaluating it reproduces them.
+  reported = results['splits']['PrivateTest']['loss']
+  got, _, _ = evaluate.evaluate(trained, split='PrivateTest', tta='none')
+  raw = dataclasses.replace(trained, variables={'params': state['params'], **state['model_state']})
+  got_raw, _, _ = evaluate.evaluate(raw, split='PrivateTest', tta='none')
+  assert abs(got['loss'] - reported) < 0.1 * abs(got_raw['loss'] - reported), (got, got_raw, reported)
 
 
 def test_seed_cnn_checkpoint_from_before_the_model_contract_loads(tmp_path):
