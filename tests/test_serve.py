@@ -2,8 +2,10 @@
 service still up, concurrent requests sharing model calls, and one real uvicorn server."""
 
 import asyncio
+import contextlib
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -147,11 +149,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_real_server_on_loopback(onnx_model, astronaut_jpeg):  # noqa: F811
+@contextlib.contextmanager
+def running_server(model: str, *flags: str):
+  """`python -m fer_jax.serve --model model` on a free loopback port: yields (base URL, Popen)."""
   port = _free_port()
   server = subprocess.Popen(
-      [sys.executable, '-m', 'fer_jax.serve', f'--model={onnx_model}', f'--port={port}',
-       '--max_body_mb=1', '--log_level=warning'], cwd=REPO, stdout=subprocess.PIPE,
+      [sys.executable, '-m', 'fer_jax.serve', f'--model={model}', f'--port={port}',
+       '--log_level=warning', *flags], cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONPATH': str(REPO)})
   base = f'http://127.0.0.1:{port}'
   try:
@@ -165,6 +169,14 @@ def test_real_server_on_loopback(onnx_model, astronaut_jpeg):  # noqa: F811
       assert server.poll() is None, server.stderr.read()
       assert time.time() < deadline, 'the server did not start in 60 s'
       time.sleep(0.1)
+    yield base, server
+  finally:
+    server.terminate()
+    server.communicate(timeout=30)
+
+
+def test_real_server_on_loopback(onnx_model, astronaut_jpeg):  # noqa: F811
+  with running_server(onnx_model, '--max_body_mb=1') as (base, server):
     with httpx.Client(base_url=base, timeout=30) as c:
       good = lambda: c.post('/v1/predict', content=astronaut_jpeg,
                             headers={'Content-Type': 'image/jpeg'})
@@ -181,7 +193,9 @@ def test_real_server_on_loopback(onnx_model, astronaut_jpeg):  # noqa: F811
                    headers={'Content-Type': 'image/jpeg'}, timeout=30)
     assert r.status_code == 200 and len(r.json()['faces']) == 1
     assert server.poll() is None
-  finally:
-    server.terminate()
-    _, err = server.communicate(timeout=30)
-  assert f'http://127.0.0.1:{port}/' in err  # bound to loopback by default
+    # Bound to loopback by default: no other address of this machine answers.
+    listening = subprocess.run(['ss', '-ltn'], capture_output=True, text=True).stdout \
+        if shutil.which('ss') else ''
+    port = base.rsplit(':', 1)[1]
+    assert all(line.split()[3] == f'127.0.0.1:{port}' for line in listening.splitlines()
+               if len(line.split()) > 3 and line.split()[3].endswith(f':{port}'))
