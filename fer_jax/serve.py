@@ -283,6 +283,8 @@ def create_app(predictor: predict.Predictor, *, limits: Limits = Limits(), batch
 
   @app.get('/v1/model')
   async def model_info():
+    if batcher:  # how well the batcher batches: faces per call = faces / model_calls
+      return {**info, 'batching': {**info['batching'], 'model_calls': batcher.calls}}
     return info
 
   @app.post('/v1/predict')
@@ -324,7 +326,7 @@ def main(argv: list[str]) -> None:
     workdir.quiet_library_logs()
   try:
     predictor = predict.Predictor(f.workdir or None, f.checkpoint, model=f.model or None,
-                                  margin=f.margin)
+                                  detector=f.detector, margin=f.margin)
   except FerJaxError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -348,6 +350,9 @@ def _define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'best', "With --workdir: 'best', 'latest' or a step.")
   flags.DEFINE_string('host', '127.0.0.1', 'The address to bind (0.0.0.0: every interface).')
   flags.DEFINE_integer('port', 8000, 'The TCP port.')
+  flags.DEFINE_enum('detector', 'haar', ('haar', 'none'),
+                    "'haar': OpenCV's frontal-face cascade; 'none': each image is one face "
+                    '(for clients that send face crops).')
   flags.DEFINE_float('margin', 0.1, 'Added around each detected face box, as a fraction of its '
                      'side (as fer_jax.predict).')
   flags.DEFINE_float('max_body_mb', 20.0, 'Largest request body, MiB.')
