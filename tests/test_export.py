@@ -191,3 +191,7 @@ def test_predict_model_never_imports_jax(onnx_model, tmp_path):
   # Imports, the ONNX session, the Haar cascade and one photo: ~0.3 s on an idle core.
   assert float(seconds) < 3.0
   assert len(json.loads(record)['faces']) == 1
+
+
+def test_predict_repeats_evaluates_tta_modes():
+  assert predict.TTA_MODES == evaluate.TTA_MODES

@@ -199,3 +199,28 @@ def test_real_server_on_loopback(onnx_model, astronaut_jpeg):  # noqa: F811
     port = base.rsplit(':', 1)[1]
     assert all(line.split()[3] == f'127.0.0.1:{port}' for line in listening.splitlines()
                if len(line.split()) > 3 and line.split()[3].endswith(f':{port}'))
+
+
+def test_workdir_backend_serves_the_same_json(trained_workdir, predictor, astronaut_jpeg):
+  jax_predictor = predict.Predictor(str(trained_workdir))
+  with TestClient(serve.create_app(jax_predictor, batching=False)) as c:
+    info = c.get('/v1/model').json()
+    r = c.post('/v1/predict', content=astronaut_jpeg, headers={'Content-Type': 'image/jpeg'})
+  assert info['backend'] == 'jax' and info['checkpoint_step'] == predictor.info()['checkpoint_step']
+  assert info['accuracy'] == predictor.info()['accuracy']
+  (face,) = r.json()['faces']
+  (expected,) = _expected(predictor, astronaut_jpeg)
+  assert face['box'] == expected['box'] and face['emotion'] == expected['emotion']
+
+
+def test_load_benchmark_runs_without_errors(onnx_model):  # noqa: F811
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/serve_load.py', f'--model={onnx_model}', '--clients', '1', '4',
+       '--seconds', '1', '--batching', 'on', '--detector', 'none'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  import json
+  rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
+  assert [r['clients'] for r in rows] == [1, 4]
+  assert all(r['errors'] == 0 and r['requests'] > 0 and r['p99_ms'] >= r['p50_ms'] for r in rows)
+  assert '| on | 4 |' in out.stdout
