@@ -2,6 +2,7 @@
 
   python -m fer_jax.predict --workdir W [--checkpoint best] [--annotate_dir DIR]
       [--whole_image] [--detector haar|none] [--margin 0.1] PATH...
+  python -m fer_jax.predict --model model.onnx PATH...     (an export of fer_jax.export)
 
 PATH may be image files, folders (searched recursively for images and videos) or video files
 (read frame by frame with OpenCV, every --frame_step-th frame). For each image or frame one JSON
@@ -15,7 +16,9 @@ detected"). A file that cannot be read is one line `error: PATH: reason` on stde
 still run. Exit status: 0 when every input was read, 1 when any failed, 2 for a bad workdir or
 bad flags.
 
-Library use: `Predictor(workdir)` loads the checkpoint once; `predict_image(rgb_array)` returns
+Library use: `Predictor(workdir)` loads the checkpoint once (`Predictor(model='model.onnx')` an
+ONNX export instead: onnxruntime, OpenCV and numpy only, JAX is never imported, so it starts in
+a fraction of a second); `predict_image(rgb_array)` returns
 the faces of one image and `predict_paths(paths)` yields the records above. Faces are found by a
 pluggable detector, any callable (grayscale uint8 (H, W)) -> int (N, 4) boxes [x, y, w, h];
 the default is OpenCV's frontal-face Haar cascade. Each face is cut out with a margin
@@ -25,12 +28,14 @@ images' size and classified; all faces of a group of images go through one jitte
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from fer_jax.errors import DataError, FerJaxError
@@ -42,6 +47,9 @@ VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.m
 HAAR_CASCADE = 'haarcascade_frontalface_default.xml'
 # Images are grouped so that their faces share one device call.
 _IMAGES_PER_CALL = 16
+# fer_jax.evaluate.TTA_MODES, repeated: importing fer_jax.evaluate imports JAX.
+TTA_MODES = ('none', 'flip', 'tencrop')
+ONNX_METADATA_KEY = 'fer_jax'  # fer_jax.export.METADATA_KEY
 
 
 def _cv2():
@@ -57,7 +65,8 @@ class HaarDetector:
 
   Large images are shrunk so their longer side is at most `max_side` before detection (the
   cascade's cost grows with the pixel count, and a face too small to find there would be too
-  small to read) and the boxes are scaled back.
+  small to read) and the boxes are scaled back. Each thread gets its own cascade classifier
+  (OpenCV's is not safe to share between threads; fer_jax.serve detects in a thread pool).
   """
 
   def __init__(self, cascade: str = HAAR_CASCADE, *, scale_factor: float = 1.1,
@@ -67,7 +76,9 @@ class HaarDetector:
     if not hasattr(cv2, 'CascadeClassifier') or not os.path.isfile(path):
       raise FerJaxError(f'Haar cascade {cascade} not found (OpenCV {cv2.__version__}; the cascades '
                         'ship with opencv-python-headless 4.x)')
-    self._classifier = cv2.CascadeClassifier(path)
+    self._path = path
+    self._local = threading.local()
+    self._local.classifier = cv2.CascadeClassifier(path)
     self._scale_factor, self._min_neighbors = scale_factor, min_neighbors
     self._min_size, self._max_side = min_size, max_side
 
@@ -77,7 +88,10 @@ class HaarDetector:
     small = gray if scale == 1.0 else cv2.resize(
         gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)),
         interpolation=cv2.INTER_AREA)
-    boxes = self._classifier.detectMultiScale(
+    classifier = getattr(self._local, 'classifier', None)
+    if classifier is None:
+      classifier = self._local.classifier = cv2.CascadeClassifier(self._path)
+    boxes = classifier.detectMultiScale(
         small, scaleFactor=self._scale_factor, minNeighbors=self._min_neighbors,
         minSize=(self._min_size, self._min_size))
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4) / scale
@@ -134,20 +148,45 @@ def _resize(gray: np.ndarray, size: int) -> np.ndarray:
 
 def read_image(path: str) -> np.ndarray:
   """An image file as uint8 RGB (H, W, 3), EXIF orientation applied; DataError if unreadable."""
-  from PIL import Image, ImageOps
   try:
-    with Image.open(path) as img:
-      img = ImageOps.exif_transpose(img)
-      return np.asarray(img.convert('RGB'), np.uint8)
+    return _open_rgb(path, path)
   except FileNotFoundError:
     raise DataError(f'{path}: file not found') from None
   except IsADirectoryError:
     raise DataError(f'{path}: is a directory') from None
+
+
+def decode_image(data: bytes, *, what: str = 'image', max_pixels: int | None = None) -> np.ndarray:
+  """Encoded image bytes (JPEG, PNG, ...) as uint8 RGB (H, W, 3), EXIF orientation applied.
+
+  Raises DataError (message starts with `what`) for empty, unidentifiable or truncated data,
+  and ImageTooLarge, before decoding the pixels, when width x height exceeds `max_pixels`.
+  """
+  if not data:
+    raise DataError(f'{what}: empty (0 bytes)')
+  return _open_rgb(io.BytesIO(data), what, max_pixels)
+
+
+class ImageTooLarge(DataError):
+  """An image with more pixels than allowed (found from its header, before decoding)."""
+
+
+def _open_rgb(source: Any, what: str, max_pixels: int | None = None) -> np.ndarray:
+  from PIL import Image, ImageOps
+  try:
+    with Image.open(source) as img:
+      if max_pixels is not None and img.width * img.height > max_pixels:
+        raise ImageTooLarge(f'{what}: {img.width}x{img.height} is {img.width * img.height / 1e6:.1f} '
+                            f'megapixels; the limit is {max_pixels / 1e6:.1f}')
+      img = ImageOps.exif_transpose(img)
+      return np.asarray(img.convert('RGB'), np.uint8)
   except Image.UnidentifiedImageError:
-    raise DataError(f'{path}: not an image, or a corrupt one (Pillow cannot identify it)') from None
+    raise DataError(f'{what}: not an image, or a corrupt one (Pillow cannot identify it)') from None
+  except (FileNotFoundError, IsADirectoryError, DataError):
+    raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     reason = (str(e).splitlines() or [type(e).__name__])[0]
-    raise DataError(f'{path}: corrupt or unreadable image ({reason})') from None
+    raise DataError(f'{what}: corrupt or unreadable image ({reason})') from None
 
 
 def expand_paths(paths: Iterable[str]) -> list[str]:
@@ -170,35 +209,97 @@ def is_video(path: str) -> bool:
   return path.lower().endswith(VIDEO_EXTENSIONS)
 
 
+class OnnxModel:
+  """An ONNX export of fer_jax.export, run by onnxruntime (no JAX): faces -> probabilities."""
+
+  def __init__(self, path: str):
+    try:
+      import onnxruntime as ort
+    except ImportError:
+      raise FerJaxError('running an ONNX model needs onnxruntime: pip install "fer_jax[serve]"'
+                        ) from None
+    if not os.path.isfile(path):
+      raise FerJaxError(f'--model {path}: file not found')
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    try:
+      self._session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    except Exception as e:  # onnxruntime raises its own exception types, one per failure
+      raise FerJaxError(f'--model {path}: onnxruntime cannot load it '
+                        f'({" ".join(str(e).split())[:200]})') from None
+    raw = self._session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+    if raw is None:
+      raise FerJaxError(f'--model {path}: no "{ONNX_METADATA_KEY}" metadata (not written by '
+                        'python -m fer_jax.export)')
+    self.metadata = json.loads(raw)
+    self.path = path
+    self.class_names = tuple(self.metadata['class_names'])
+    self.face_size = int(self.metadata['face_size'])
+    self._input = self._session.get_inputs()[0].name
+    self._dtype = np.dtype(self.metadata['input']['dtype'])
+
+  def __call__(self, faces: np.ndarray) -> np.ndarray:
+    """uint8 (N, S, S) faces -> float32 (N, K) probabilities."""
+    batch = np.asarray(faces, np.uint8)[..., None].astype(self._dtype)
+    return np.asarray(self._session.run(None, {self._input: batch})[0], np.float32)
+
+
+def read_accuracy(workdir: str) -> dict[str, float]:
+  """Split name -> accuracy of the best checkpoint, from the workdir's results.json ({} if none)."""
+  try:
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return {name: round(float(split['accuracy']), 4)
+          for name, split in results.get('splits', {}).items() if 'accuracy' in split}
+
+
 class Predictor:
-  """A trained workdir loaded once, for classifying the faces in images.
+  """A trained workdir (or an ONNX export) loaded once, for classifying the faces in images.
 
   Args:
-    workdir: a trained workdir.
+    workdir: a trained workdir (JAX runs the checkpoint).
     checkpoint: 'best', 'latest' or a step.
+    model: instead of `workdir`, an ONNX file written by fer_jax.export (onnxruntime runs it;
+      JAX is not imported).
     detector: 'haar' (default), 'none' (the whole image is the face) or a callable
       gray uint8 (H, W) -> int (N, 4) [x, y, w, h] boxes.
     margin: fraction of the box side added on every side before cropping. FER2013's faces
       are cropped tight, about a Haar box plus 0.1: on skimage's astronaut a model trained on
       FER2013 says happy with p=0.91 at margin 0.1, 0.81 at 0.2 and 0.66 at 0.3.
     whole_image_fallback: when no face is found, classify the whole image as one face.
-    tta: test-time augmentation, as in fer_jax.evaluate ('none', 'flip', 'tencrop').
+    tta: test-time augmentation, as in fer_jax.evaluate ('none', 'flip', 'tencrop'); a
+      workdir only (an export is single view).
   """
 
-  def __init__(self, workdir: str, checkpoint: str | int = 'best', *,
-               detector: str | Detector = 'haar', margin: float = 0.1,
+  def __init__(self, workdir: str | None = None, checkpoint: str | int = 'best', *,
+               model: str | None = None, detector: str | Detector = 'haar', margin: float = 0.1,
                whole_image_fallback: bool = False, tta: str = 'none'):
-    from fer_jax import evaluate
-    from fer_jax import workdir as workdir_lib
+    if (workdir is None) == (model is None):
+      raise FerJaxError('give a workdir or an exported model (model=...), not both')
     if isinstance(detector, str):
       if detector not in ('haar', 'none'):
         raise FerJaxError(f"detector={detector!r}: expected 'haar', 'none' or a callable")
       detector = HaarDetector() if detector == 'haar' else whole_image
     if not margin >= 0:
       raise FerJaxError(f'margin={margin}: must be >= 0')
+    if tta not in TTA_MODES:
+      raise FerJaxError(f'tta={tta!r}: expected one of {TTA_MODES}')
     self.detector = detector
     self.margin = float(margin)
     self.whole_image_fallback = whole_image_fallback
+    self.trained = None
+    self.onnx: OnnxModel | None = None
+    if model is not None:
+      if tta != 'none':
+        raise FerJaxError(f'tta={tta!r}: an exported model runs the single view only')
+      self.onnx = OnnxModel(model)
+      self.class_names, self.face_size = self.onnx.class_names, self.onnx.face_size
+      return
+    import jax
+    from fer_jax import evaluate
+    from fer_jax import workdir as workdir_lib
     device = jax.devices()[0]
     self.trained = workdir_lib.load(workdir, checkpoint,
                                     sharding=jax.sharding.SingleDeviceSharding(device))
@@ -206,11 +307,29 @@ class Predictor:
     self.face_size = self.trained.data_size
     self._fn = jax.jit(evaluate.predict_probs_fn(self.trained, tta))
 
+  def info(self) -> dict[str, Any]:
+    """What serves the model: classes, input size, checkpoint step, accuracy (results.json)."""
+    if self.onnx is not None:
+      m = self.onnx.metadata
+      return {'backend': 'onnxruntime', 'source': os.path.basename(self.onnx.path),
+              'model': m.get('model'), 'classes': list(self.class_names),
+              'face_size': self.face_size, 'model_input_size': m.get('model_input_size'),
+              'checkpoint_step': m.get('checkpoint_step'), 'accuracy': m.get('accuracy', {})}
+    t = self.trained
+    return {'backend': 'jax', 'source': os.path.basename(t.workdir.rstrip(os.sep)),
+            'model': str(t.config.model.name), 'classes': list(self.class_names),
+            'face_size': self.face_size, 'model_input_size': t.image_size,
+            'checkpoint_step': int(t.step), 'accuracy': read_accuracy(t.workdir)}
+
   def classify_faces(self, faces: np.ndarray) -> np.ndarray:
     """uint8 (N, S, S) grayscale faces at `face_size` -> float32 (N, K) probabilities."""
     faces = np.asarray(faces, np.uint8)
     if faces.ndim != 3 or faces.shape[1:] != (self.face_size, self.face_size):
       raise ValueError(f'expected (N, {self.face_size}, {self.face_size}) faces, got {faces.shape}')
+    if len(faces) == 0:
+      return np.zeros((0, len(self.class_names)), np.float32)
+    if self.onnx is not None:
+      return np.concatenate([self.onnx(faces[i:i + 256]) for i in range(0, len(faces), 256)])
     out = []
     for start in range(0, len(faces), 256):
       chunk = faces[start:start + 256]
@@ -219,15 +338,30 @@ class Predictor:
       batch = np.zeros((padded, self.face_size, self.face_size, 1), np.uint8)
       batch[:len(chunk), ..., 0] = chunk
       out.append(np.asarray(self._fn(self.trained.variables, batch))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+    return np.concatenate(out)
 
-  def _find_faces(self, gray: np.ndarray) -> tuple[np.ndarray, bool]:
+  def find_faces(self, image: np.ndarray, *, whole_image_fallback: bool | None = None
+                 ) -> tuple[np.ndarray, bool, np.ndarray]:
+    """(boxes int (N, 4), whole-image flag, uint8 (N, S, S) face crops) of one image.
+
+    The detection half of prediction, kept apart from `classify_faces` so a server can batch
+    the crops of several requests into one model call.
+    """
+    gray = to_gray(image)
+    fallback = self.whole_image_fallback if whole_image_fallback is None else whole_image_fallback
     boxes = np.asarray(self.detector(gray), np.int64).reshape(-1, 4)
-    if len(boxes) == 0 and self.whole_image_fallback:
-      return whole_image(gray), True
-    return boxes, self.detector is whole_image
+    whole = self.detector is whole_image
+    if len(boxes) == 0 and fallback:
+      boxes, whole = whole_image(gray), True
+    if whole:  # stretched to a square, as the image-folder loader does
+      crops = [_resize(gray, self.face_size)]
+    else:
+      crops = [crop_face(gray, b, margin=self.margin, size=self.face_size) for b in boxes]
+    crops = np.stack(crops) if crops else np.zeros((0, self.face_size, self.face_size), np.uint8)
+    return boxes, whole, crops
 
-  def _face_records(self, boxes: np.ndarray, probs: np.ndarray, whole: bool) -> list[dict[str, Any]]:
+  def face_records(self, boxes: np.ndarray, probs: np.ndarray, whole: bool) -> list[dict[str, Any]]:
+    """One JSON-ready dict per face (see `predict_image`)."""
     faces = []
     for box, p in zip(boxes, probs):
       top = int(np.argmax(p))
@@ -241,20 +375,13 @@ class Predictor:
 
   def _predict_many(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
     """Faces of several images, classified in one batch."""
-    found, crops = [], []
-    for image in images:
-      gray = to_gray(image)
-      boxes, whole = self._find_faces(gray)
-      if whole:  # stretched to a square, as the image-folder loader does
-        crops.append(_resize(gray, self.face_size))
-      else:
-        crops += [crop_face(gray, b, margin=self.margin, size=self.face_size) for b in boxes]
-      found.append((boxes, whole))
-    probs = self.classify_faces(np.stack(crops) if crops else
+    found = [self.find_faces(image) for image in images]
+    crops = [c for _, _, c in found]
+    probs = self.classify_faces(np.concatenate(crops) if crops else
                                 np.zeros((0, self.face_size, self.face_size), np.uint8))
     out, start = [], 0
-    for boxes, whole in found:
-      out.append(self._face_records(boxes, probs[start:start + len(boxes)], whole))
+    for boxes, whole, _ in found:
+      out.append(self.face_records(boxes, probs[start:start + len(boxes)], whole))
       start += len(boxes)
     return out
 
@@ -406,10 +533,15 @@ def main(argv: list[str]) -> None:
     raise app.UsageError('give one or more image files, folders or videos', exitcode=2)
   if f.frame_step < 1:
     raise app.UsageError('--frame_step must be at least 1', exitcode=2)
-  from fer_jax import workdir
-  workdir.quiet_library_logs()
+  if bool(f.workdir) == bool(f.model):
+    raise app.UsageError('give --workdir (a trained workdir) or --model (an ONNX export)',
+                         exitcode=2)
+  if f.workdir:  # fer_jax.workdir imports JAX: the --model path never does
+    from fer_jax import workdir
+    workdir.quiet_library_logs()
   try:
-    predictor = Predictor(f.workdir, f.checkpoint, detector=f.detector, margin=f.margin,
+    predictor = Predictor(f.workdir or None, f.checkpoint, model=f.model or None,
+                          detector=f.detector, margin=f.margin,
                           whole_image_fallback=f.whole_image, tta=f.tta)
   except FerJaxError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -435,8 +567,9 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
-  from fer_jax.evaluate import TTA_MODES
-  flags.DEFINE_string('workdir', None, 'A trained workdir (holds checkpoints/).', required=True)
+  flags.DEFINE_string('workdir', '', 'A trained workdir (holds checkpoints/).')
+  flags.DEFINE_string('model', '', 'Instead of --workdir: an ONNX file from fer_jax.export '
+                      '(run by onnxruntime, without JAX).')
   flags.DEFINE_string('checkpoint', 'best', "'best' (PublicTest accuracy), 'latest' or a step.")
   flags.DEFINE_enum('detector', 'haar', ('haar', 'none'),
                     "'haar': OpenCV's frontal-face cascade; 'none': each image is one face.")
