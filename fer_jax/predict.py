@@ -25,6 +25,7 @@ images' size and classified; all faces of a group of images go through one jitte
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -182,14 +183,13 @@ class Predictor:
       are cropped tight, about a Haar box plus 0.1: on skimage's astronaut a model trained on
       FER2013 says happy with p=0.91 at margin 0.1, 0.81 at 0.2 and 0.66 at 0.3.
     whole_image_fallback: when no face is found, classify the whole image as one face.
-    tta: test-time augmentation, as in fer_jax.evaluate ('none', 'flip', 'tencrop').
+    tta: test-time augmentation, as in fer_jax.evaluation ('none', 'flip', 'tencrop').
   """
 
   def __init__(self, workdir: str, checkpoint: str | int = 'best', *,
                detector: str | Detector = 'haar', margin: float = 0.1,
                whole_image_fallback: bool = False, tta: str = 'none'):
-    from fer_jax import evaluate
-    from fer_jax import workdir as workdir_lib
+    from fer_jax import evaluation, trained_model
     if isinstance(detector, str):
       if detector not in ('haar', 'none'):
         raise FerJaxError(f"detector={detector!r}: expected 'haar', 'none' or a callable")
@@ -200,11 +200,13 @@ class Predictor:
     self.margin = float(margin)
     self.whole_image_fallback = whole_image_fallback
     device = jax.devices()[0]
-    self.trained = workdir_lib.load(workdir, checkpoint,
-                                    sharding=jax.sharding.SingleDeviceSharding(device))
+    self.trained = trained_model.load(workdir, checkpoint,
+                                      sharding=jax.sharding.SingleDeviceSharding(device))
     self.class_names = self.trained.class_names
     self.face_size = self.trained.data_size
-    self._fn = jax.jit(evaluate.predict_probs_fn(self.trained, tta))
+    # Batches of any size on one device: no gradient chunks (microbatch=0).
+    spec = evaluation.spec_for(self.trained, tta, microbatch=0)
+    self._fn = jax.jit(functools.partial(evaluation.probabilities, spec))
 
   def classify_faces(self, faces: np.ndarray) -> np.ndarray:
     """uint8 (N, S, S) grayscale faces at `face_size` -> float32 (N, K) probabilities."""
@@ -406,8 +408,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError('give one or more image files, folders or videos', exitcode=2)
   if f.frame_step < 1:
     raise app.UsageError('--frame_step must be at least 1', exitcode=2)
-  from fer_jax import workdir
-  workdir.quiet_library_logs()
+  from fer_jax import logs
+  logs.quiet_library_logs()
   try:
     predictor = Predictor(f.workdir, f.checkpoint, detector=f.detector, margin=f.margin,
                           whole_image_fallback=f.whole_image, tta=f.tta)
@@ -435,7 +437,7 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
-  from fer_jax.evaluate import TTA_MODES
+  from fer_jax.evaluation import TTA_MODES
   flags.DEFINE_string('workdir', None, 'A trained workdir (holds checkpoints/).', required=True)
   flags.DEFINE_string('checkpoint', 'best', "'best' (PublicTest accuracy), 'latest' or a step.")
   flags.DEFINE_enum('detector', 'haar', ('haar', 'none'),

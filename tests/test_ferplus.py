@@ -311,7 +311,7 @@ def test_real_files_load(fer2013_path):
 
 
 def test_train_report_predict_with_eight_classes(ferplus_data, tmp_path):
-  from fer_jax import report, train, workdir
+  from fer_jax import report, train, trained_model
   csv = ferplus_data[0]
   c = _config(csv, ferplus_mode='probability')
   c.train.batch_size = 32
@@ -324,7 +324,7 @@ def test_train_report_predict_with_eight_classes(ferplus_data, tmp_path):
   on_disk = json.loads((tmp_path / 'w' / 'results.json').read_text())
   assert on_disk['config']['data']['labels'] == 'ferplus'
 
-  trained = workdir.load(str(tmp_path / 'w'))
+  trained = trained_model.load(str(tmp_path / 'w'))
   assert trained.class_names == ferplus.FERPLUS_CLASSES
   index = report.build_report(trained, str(tmp_path / 'report'), split='PrivateTest')
   text = open(index).read()
