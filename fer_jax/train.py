@@ -179,9 +179,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   repl = parallel.replicated(mesh)
   state = jax.jit(lambda: create_train_state(ctx, tx, plateau), out_shardings=repl)()
   abstract_state = checkpointing.abstract_like(state)  # restore target: replicated on the mesh
-  train_iter = pipeline.make_train_iterator(
+  train_iter = cleanup.enter_context(contextlib.closing(pipeline.make_train_iterator(
       train_split, global_batch=global_batch, num_epochs=config.train.epochs, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count())))
   meta = {'config': config.to_dict(), 'class_names': list(dataset.class_names),
           'pixel_mean': mean, 'pixel_std': std, 'wall_s': 0.0}
 
