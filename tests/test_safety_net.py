@@ -20,16 +20,18 @@ from fer_jax.train_step import create_train_state, learning_rate_schedule, make_
 from tests.conftest import synthetic_config
 
 
-def test_a_short_synthetic_run_beats_chance_by_a_wide_margin(trained_workdir):
-  # The shared 2-epoch run (conftest, 24 steps). 7 classes: chance is 14 %; always answering
-  # the commonest class scores about 21 % with a macro-F1 near 0.05. A model that does not learn
-  # stays there; this one must be well clear of both.
-  results = json.loads((trained_workdir / 'results.json').read_text())
+def test_a_short_synthetic_run_beats_chance_by_a_wide_margin(tmp_path):
+  # 7 classes: chance is 14 %, always answering the commonest class about 21 % (macro-F1 near
+  # 0.05). 150 steps at 24x24 (a quarter of the work of 48x48), no augmentation.
+  c = synthetic_config(train_examples=960, test_examples=100, batch_size=64, eval_batch_size=100,
+                       epochs=10, schedule='constant', learning_rate=1e-3, warmup_epochs=0.0,
+                       log_every_steps=15)
+  c.model.image_size = 24
+  c.augment.enabled = False
+  results = train.train_and_evaluate(c, str(tmp_path))
   for split in ('PublicTest', 'PrivateTest'):
     figures = results['splits'][split]
-    assert figures['accuracy'] >= 0.28 and figures['macro_f1'] >= 0.15, (split, figures)
-    predicted = np.asarray(figures['confusion_matrix']).sum(axis=0)
-    assert np.count_nonzero(predicted) >= 4, predicted  # not one or two classes for everything
+    assert figures['accuracy'] >= 0.5 and figures['macro_f1'] >= 0.4, (split, figures)
 
 
 def test_the_applied_update_is_the_gradient_of_the_reported_loss():
