@@ -1,5 +1,6 @@
 """Test setup: 4 simulated CPU devices (set before jax starts), shared paths and fixtures."""
 
+import importlib
 import os
 import pathlib
 
@@ -10,6 +11,17 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_FER2013 = REPO.parent / 'shared' / 'data' / 'fer2013.csv.gz'
+
+
+def require(module: str):
+  """Imports a declared dependency. Without it the test is skipped, except in CI (CI set, as
+  .ci/run does), where a missing or broken install of a declared dependency must fail."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    if os.environ.get('CI'):
+      pytest.fail(f'{module} is a declared dependency but does not import: {e}', pytrace=False)
+    pytest.skip(f'{module} does not import: {e}', allow_module_level=True)
 
 
 @pytest.fixture

@@ -79,3 +79,14 @@ def test_the_cpu_kernels_are_prepared_when_the_model_is_built():
   native.unavailable_reason.cache_clear()
   models.get_model(base.get_config().model, 7)  # lowering 'auto' on the CPU
   assert native.unavailable_reason.cache_info().currsize == 1  # decided here, not at tracing
+
+
+def test_a_missing_declared_dependency_fails_in_ci_and_skips_elsewhere(monkeypatch):
+  from tests.conftest import require
+  monkeypatch.setenv('CI', '1')
+  with pytest.raises(pytest.fail.Exception, match='declared dependency'):
+    require('fer_jax_no_such_module')
+  monkeypatch.delenv('CI')
+  with pytest.raises(pytest.skip.Exception):
+    require('fer_jax_no_such_module')
+  assert require('PIL.Image').open  # a present one is returned

@@ -12,7 +12,7 @@ from fer_jax.data.synthetic import write_synthetic_csv
 from fer_jax.data.types import FER2013_CLASSES, FER2013_USAGES, Split
 from fer_jax.errors import ConfigError, DataError
 
-from tests.conftest import SHARED_FER2013
+from tests.conftest import SHARED_FER2013, require
 
 HEADER = ','.join(('Usage', 'Image name', 'neutral', 'happiness', 'surprise', 'sadness', 'anger',
                    'disgust', 'fear', 'contempt', 'unknown', 'NF'))
@@ -331,7 +331,7 @@ def test_train_report_predict_with_eight_classes(ferplus_data, tmp_path):
   accuracy = results['splits']['PrivateTest']['accuracy']
   assert '| contempt |' in text and f'accuracy **{accuracy:.4f}**' in text
 
-  pytest.importorskip('cv2')
+  require('cv2')
   from fer_jax import predict
   p = predict.Predictor(str(tmp_path / 'w'), detector='none')
   (face,) = p.predict_image(ferplus_data[2].images[0])

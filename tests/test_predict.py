@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-cv2 = pytest.importorskip('cv2')
-skimage_data = pytest.importorskip('skimage.data')
+from tests.conftest import require  # noqa: E402
+
+cv2 = require('cv2')
+skimage_data = require('skimage.data')
 
 from fer_jax import evaluation, predict  # noqa: E402
 from fer_jax.data.synthetic import render_faces  # noqa: E402

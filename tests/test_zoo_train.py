@@ -21,6 +21,7 @@ from fer_jax import (checkpointing, evaluate, evaluation, models, parallel, repo
 from fer_jax.data.types import FER2013_CLASSES
 from fer_jax.train_step import create_train_state, make_optimizer, make_plateau
 
+from tests.conftest import require
 from tests.test_ferplus import ferplus_data  # noqa: F401  (a fixture)
 
 
@@ -82,7 +83,7 @@ def test_evaluate_predict_report_on_a_batch_norm_workdir(vgg_workdir, tmp_path):
     assert got['loss'] == pytest.approx(expected['loss'], rel=1e-4)
   index = report.build_report(trained, str(tmp_path / 'report'), split='PrivateTest')
   assert 'accuracy **' in open(index).read()
-  pytest.importorskip('cv2')
+  require('cv2')
   from fer_jax import predict
   p = predict.Predictor(str(path), detector='none')
   (face,) = p.predict_image(np.full((60, 50), 128, np.uint8))
