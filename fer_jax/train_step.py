@@ -265,7 +265,8 @@ def _chunked(fn, inputs, chunks: int, devices: int):
 
 
 def map_batch(fn, inputs, microbatch: int, axis_name: str | None):
-  """fn over the whole batch, or in chunks of at most `microbatch` examples per device (0: whole)."""
+  """fn over the whole batch, or in chunks of at most `microbatch` examples per device
+  (0: the whole batch)."""
   batch = jax.tree.leaves(inputs)[0].shape[0]
   devices = 1 if axis_name else jax.device_count()  # jit sees the global batch
   per_device = batch // devices

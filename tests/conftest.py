@@ -39,7 +39,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope='session')
 def trained_workdir(tmp_path_factory) -> pathlib.Path:
-  """ONE tiny synthetic run (2 epochs, ~15 s), shared read-only by the evaluate/report/predict tests.
+  """ONE tiny synthetic run (2 epochs, ~15 s), shared read-only by the evaluate/report/predict
+  tests.
 
   Its data cache is the session's (as `_isolated_cache`), named in the config so the tools that
   reload the dataset from the checkpoint's config find it.
