@@ -71,11 +71,8 @@ def takes_example_ids(model: nn.Module) -> bool:
 
 
 # Chunk size (images) that keeps a SeedCNN forward+backward inside the CPU's caches without
-# re-reading the dense kernel too often. Measured with the C++ conv kernels (2-core AVX-512
-# machine, images/s, alternating runs): 48x48 batch 256, chunks of 32: 3235, 3260; 64: 3034,
-# 3047; 128: 2495, 2872; whole: 2733, 2684; 48x48 batch 64, 32 vs whole: 2846 vs 2779.
-# 150x150 batch 64, chunks of 16: 210, 199, 190, 202, 196; 32: 228, 214, 218, 216, 171;
-# whole: 184, 209, 228, 157, 220. (With the im2col lowering 150x150 had preferred 16.)
+# re-reading the dense kernel too often (the measurements behind 32 are in benchmarks/README.md,
+# 'Figures behind constants in the code').
 _CPU_CHUNK_IMAGES = 32
 
 
