@@ -29,6 +29,14 @@ def test_no_module_imports_private_names_or_private_jax():
         bad.append(f'{path.name}: {module}')
       if module.startswith('fer_jax') and any(n.startswith('_') for n in names):
         bad.append(f'{path.name}: from {module} import {names}')
+    # `module._name` for any fer_jax module (files, packages) other than this file's own.
+    modules = {p.stem for p in PACKAGE.rglob('*.py')} | {p.name for p in PACKAGE.iterdir()
+                                                          if p.is_dir()}
+    for node in ast.walk(ast.parse(path.read_text())):
+      if (isinstance(node, ast.Attribute) and node.attr.startswith('_')
+          and not node.attr.startswith('__') and isinstance(node.value, ast.Name)
+          and node.value.id in modules - {path.stem}):
+        bad.append(f'{path.name}: {node.value.id}.{node.attr}')
   assert not bad, bad
 
 
