@@ -13,12 +13,11 @@ from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.evaluation import TTA_MODES
 from fer_jax.models import get_model
 from fer_jax.parallel import PARALLEL_MODES
-from fer_jax.train_step import SCHEDULES
+from fer_jax.train_step import make_optimizer, make_plateau
 
 # Each list belongs to the module that uses the value; checked here before any data is read.
 _CHOICES = {
     'parallel': PARALLEL_MODES,
-    'train.schedule': SCHEDULES,
     'data.source': datasets.SOURCES,
     'data.labels': datasets.LABELS,
     'data.ferplus_mode': ferplus.LABEL_MODES,
@@ -55,10 +54,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if mode not in TTA_MODES:
       raise ConfigError(f'config.train.final_tta={tuple(config.train.final_tta)}: each must be one '
                         f'of {TTA_MODES}')
-  # The model's and the augmentation's own options are checked by their owners, here before
-  # any data is read.
+  # The model's, the augmentation's and the optimizer's (schedule, plateau) own options are
+  # checked by their owners, here before any data is read.
   get_model(config.model, 7)
   augment.check_config(config.augment)
+  make_optimizer(config.train, steps_per_epoch=1)
+  make_plateau(config.train)
   if config.data.source == 'tfds' and config.data.ferplus_path:
     raise ConfigError("config.data.ferplus_path is not used with source='tfds': the builder reads "
                       'fer2013new.csv from its manual dir (the folder of config.data.path)')
