@@ -8,15 +8,18 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from experiments import base
 from fer_jax import augment, checkpointing, evaluate, train, trained_model
 from fer_jax.data.datasets import load_dataset, pixel_stats
 from fer_jax.train import make_step_context
-from fer_jax.train_step import create_train_state, learning_rate_schedule, make_optimizer, train_step
-
+from fer_jax.train_step import (
+  create_train_state,
+  learning_rate_schedule,
+  make_optimizer,
+  train_step,
+)
 from tests.conftest import synthetic_config
 
 
