@@ -142,7 +142,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         cleanup: contextlib.ExitStack) -> dict[str, Any]:
   # ---- Setup --------------------------------------------------------------------------------
   runtime.tune_malloc()  # no-op when launch.py already started us with tuned MALLOC_* variables
-  runtime.inline_cpu_dispatch()  # no-op when launch.py did it, or JAX is already running
+  runtime.inline_cpu_dispatch()  # takes effect only if JAX has not started yet (launch.py: first)
   validate_config(config)
   check_workdir_writable(workdir)
   is_chief = jax.process_index() == 0
