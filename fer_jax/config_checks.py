@@ -58,7 +58,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   # checked by their owners, here before any data is read.
   get_model(config.model, 7)
   augment.check_config(config.augment)
-  make_optimizer(config.train, steps_per_epoch=1)
+  make_optimizer(config.train, steps_per_epoch=1000)  # any epoch length that leaves cosine steps
   make_plateau(config.train)
   if config.data.source == 'tfds' and config.data.ferplus_path:
     raise ConfigError("config.data.ferplus_path is not used with source='tfds': the builder reads "
