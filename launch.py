@@ -19,18 +19,11 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Number of processes (
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (multi-host).')
 
 
-class _QuietLibraries:
-  """Keeps orbax's and grain's INFO chatter out of the progress log (shown with --verbosity=1)."""
-
-  def filter(self, record) -> bool:
-    noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
-    return not noisy or record.levelno >= 30 or logging.get_verbosity() > logging.INFO
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from fer_jax import logs
+  logs.quiet_library_logs()  # orbax's and grain's INFO records only with --verbosity=1
   from fer_jax import parallel, runtime, train  # after flag parsing: jax reads XLA_FLAGS at import
   from fer_jax.errors import FerJaxError
   runtime.inline_cpu_dispatch()  # before JAX starts its CPU client

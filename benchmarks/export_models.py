@@ -58,7 +58,7 @@ def _median_ms(fn, calls: int) -> float:
 def measure(workdir: str, out_dir: str, calls: int) -> dict:
   import jax
   import onnxruntime as ort
-  from fer_jax import evaluate, export, models
+  from fer_jax import evaluation, export, models
   trained = export.load_trained(workdir)
   name = str(trained.config.model.name)
   onnx_path = os.path.join(out_dir, f'{name}.onnx')
@@ -67,7 +67,7 @@ def measure(workdir: str, out_dir: str, calls: int) -> dict:
   export.to_stablehlo(trained, hlo_path)
   face = np.random.default_rng(0).integers(0, 256, (1, trained.data_size, trained.data_size, 1),
                                            dtype=np.uint8)
-  fn = jax.jit(evaluate.predict_probs_fn(trained))
+  fn = jax.jit(evaluation.probabilities_fn(trained))
   with open(hlo_path, 'rb') as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   hlo_fn = jax.jit(exported.call)

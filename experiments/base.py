@@ -5,8 +5,8 @@ Run: python launch.py --config experiments/base.py \
 
 The layers are the seed's (0.84 M parameters, 19 MFLOPs per 48x48 image forward); the recipe is
 sized for a 10-minute budget on a 2-core CPU (30 epochs; measured time and accuracy in the
-README), where the model underfits (train accuracy under dropout stays below PublicTest), so it regularises
-lightly: dropout 0.1 / 0.1 / 0.25 instead of 0.25 / 0.25 / 0.5, horizontal flips only,
+README), where the model underfits (train accuracy under dropout stays below PublicTest), so it
+regularises lightly: dropout 0.1 / 0.1 / 0.25 instead of 0.25 / 0.25 / 0.5, horizontal flips only,
 per-image standardization (removes lighting), adamw 2e-3 with warmup + cosine decay, batch 32,
 no class weights. Measured on PublicTest at equal epochs, each change helped (see the README).
 """

@@ -1,4 +1,5 @@
-"""SeedCNN on the built-in synthetic faces: the README's first command (about 2 minutes on 2 cores)."""
+"""SeedCNN on the built-in synthetic faces: the README's first command (about 2 minutes on 2
+cores)."""
 
 import ml_collections
 

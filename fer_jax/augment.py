@@ -292,9 +292,9 @@ def warp(image: jax.Array, matrix: jax.Array, out_size: int) -> jax.Array:
   Each output pixel goes through the inverse of `matrix` (output pixel units)
   and then the pixel-centre-aligned scaling to the input grid, so geometry and
   resize cost one interpolation. Coordinates outside the input are clamped to
-  the edge (fill_mode='nearest'). Uses jax.scipy.ndimage.map_coordinates, which
-  measured faster on CPU than hand-written flat-index gathers (B=64, 150x150:
-  ~9 ms vs ~15 ms).
+  the edge (fill_mode='nearest'). Uses jax.scipy.ndimage.map_coordinates, which is
+  faster on CPU than hand-written flat-index gathers (benchmarks/README.md, 'Figures behind
+  constants in the code').
   """
   h, w, ch = image.shape
   image = image.astype(jnp.float32)

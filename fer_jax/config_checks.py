@@ -7,21 +7,22 @@ import tempfile
 
 import ml_collections
 
+from fer_jax import augment
+from fer_jax.data import datasets, ferplus
 from fer_jax.errors import ConfigError, FerJaxError
-from fer_jax.evaluate import TTA_MODES
+from fer_jax.evaluation import TTA_MODES
 from fer_jax.models import get_model
 from fer_jax.parallel import PARALLEL_MODES
-from fer_jax.train_step import SCHEDULES
+from fer_jax.train_step import make_optimizer, make_plateau
 
+# Each list belongs to the module that uses the value; checked here before any data is read.
 _CHOICES = {
     'parallel': PARALLEL_MODES,
-    'train.schedule': SCHEDULES,
-    'data.source': ('csv', 'folders', 'synthetic', 'tfds'),
-    'data.labels': ('fer2013', 'ferplus'),
-    'data.ferplus_mode': ('majority', 'probability'),
-    'data.ferplus_classes': (8, 7),
-    'data.class_weights': ('balanced', 'max_over_count', 'none'),
-    'augment.standardize': ('dataset', 'per_image', 'none'),
+    'data.source': datasets.SOURCES,
+    'data.labels': datasets.LABELS,
+    'data.ferplus_mode': ferplus.LABEL_MODES,
+    'data.ferplus_classes': ferplus.NUM_CLASSES,
+    'data.class_weights': datasets.CLASS_WEIGHT_FORMULAS,
 }
 
 
@@ -53,9 +54,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if mode not in TTA_MODES:
       raise ConfigError(f'config.train.final_tta={tuple(config.train.final_tta)}: each must be one '
                         f'of {TTA_MODES}')
-  # The model's own options are checked by its builder (fer_jax.models), here before any data
-  # is read.
+  # The model's, the augmentation's and the optimizer's (schedule, plateau) own options are
+  # checked by their owners, here before any data is read.
   get_model(config.model, 7)
+  augment.check_config(config.augment)
+  make_optimizer(config.train, steps_per_epoch=1000)  # any epoch length that leaves cosine steps
+  make_plateau(config.train)
   if config.data.source == 'tfds' and config.data.ferplus_path:
     raise ConfigError("config.data.ferplus_path is not used with source='tfds': the builder reads "
                       'fer2013new.csv from its manual dir (the folder of config.data.path)')

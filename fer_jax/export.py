@@ -47,8 +47,8 @@ ONNX_OPSET = 21  # onnxruntime 1.20+ (and its Web build) run it
 
 def load_trained(workdir: str, checkpoint: str | int = 'best') -> Any:
   """The workdir's checkpoint on the first device (fer_jax's only use of the workdir loader)."""
-  from fer_jax import workdir as workdir_lib
-  return workdir_lib.load(workdir, checkpoint,
+  from fer_jax import trained_model
+  return trained_model.load(workdir, checkpoint,
                           sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
@@ -86,13 +86,13 @@ def inference_fn(trained: Any, input_dtype: str = 'uint8') -> Callable[[jax.Arra
   through the XLA FFI, 'dot' an im2col with a hand-written gradient) compute the same numbers
   but only 'xla' is made of standard operations every runtime has.
   """
-  from fer_jax import evaluate
+  from fer_jax import evaluation
   if input_dtype not in INPUT_DTYPES:
     raise FerJaxError(f'input_dtype={input_dtype!r}: expected one of {INPUT_DTYPES}')
   model = trained.model
   if 'lowering' in {f.name for f in dataclasses.fields(model)}:
     model = model.clone(lowering='xla')
-  probs = evaluate.predict_probs_fn(dataclasses.replace(trained, model=model), 'none')
+  probs = evaluation.probabilities_fn(dataclasses.replace(trained, model=model), 'none')
   variables = trained.variables
 
   def fn(images: jax.Array) -> jax.Array:
@@ -210,11 +210,11 @@ def export(workdir: str, out: str, *, fmt: str = 'onnx', checkpoint: str | int =
 
 def main(argv: list[str]) -> None:
   from absl import app, flags
-  from fer_jax import workdir as workdir_lib
+  from fer_jax import logs
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}', exitcode=2)
   f = flags.FLAGS
-  workdir_lib.quiet_library_logs()
+  logs.quiet_library_logs()
   try:
     meta = export(f.workdir, f.out, fmt=f.format, checkpoint=f.checkpoint,
                   input_dtype=f.input_dtype)

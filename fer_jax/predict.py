@@ -47,7 +47,7 @@ VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.m
 HAAR_CASCADE = 'haarcascade_frontalface_default.xml'
 # Images are grouped so that their faces share one device call.
 _IMAGES_PER_CALL = 16
-# fer_jax.evaluate.TTA_MODES, repeated: importing fer_jax.evaluate imports JAX.
+# fer_jax.evaluation.TTA_MODES, repeated: importing fer_jax.evaluation imports JAX.
 TTA_MODES = ('none', 'flip', 'tencrop')
 ONNX_METADATA_KEY = 'fer_jax'  # fer_jax.export.METADATA_KEY
 
@@ -269,7 +269,7 @@ class Predictor:
       are cropped tight, about a Haar box plus 0.1: on skimage's astronaut a model trained on
       FER2013 says happy with p=0.91 at margin 0.1, 0.81 at 0.2 and 0.66 at 0.3.
     whole_image_fallback: when no face is found, classify the whole image as one face.
-    tta: test-time augmentation, as in fer_jax.evaluate ('none', 'flip', 'tencrop'); a
+    tta: test-time augmentation, as in fer_jax.evaluation ('none', 'flip', 'tencrop'); a
       workdir only (an export is single view).
   """
 
@@ -298,14 +298,13 @@ class Predictor:
       self.class_names, self.face_size = self.onnx.class_names, self.onnx.face_size
       return
     import jax
-    from fer_jax import evaluate
-    from fer_jax import workdir as workdir_lib
+    from fer_jax import evaluation, trained_model
     device = jax.devices()[0]
-    self.trained = workdir_lib.load(workdir, checkpoint,
+    self.trained = trained_model.load(workdir, checkpoint,
                                     sharding=jax.sharding.SingleDeviceSharding(device))
     self.class_names = self.trained.class_names
     self.face_size = self.trained.data_size
-    self._fn = jax.jit(evaluate.predict_probs_fn(self.trained, tta))
+    self._fn = jax.jit(evaluation.probabilities_fn(self.trained, tta))
 
   def info(self) -> dict[str, Any]:
     """What serves the model: classes, input size, checkpoint step, accuracy (results.json)."""
@@ -536,9 +535,8 @@ def main(argv: list[str]) -> None:
   if bool(f.workdir) == bool(f.model):
     raise app.UsageError('give --workdir (a trained workdir) or --model (an ONNX export)',
                          exitcode=2)
-  if f.workdir:  # fer_jax.workdir imports JAX: the --model path never does
-    from fer_jax import workdir
-    workdir.quiet_library_logs()
+  from fer_jax import logs  # absl only: the --model path imports no JAX
+  logs.quiet_library_logs()
   try:
     predictor = Predictor(f.workdir or None, f.checkpoint, model=f.model or None,
                           detector=f.detector, margin=f.margin,
@@ -579,7 +577,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('annotate_dir', '', 'Write a copy of each image with boxes and the top '
                       'emotion here (videos as .avi).')
   flags.DEFINE_integer('frame_step', 1, 'Videos: classify every N-th frame.')
-  flags.DEFINE_enum('tta', 'none', TTA_MODES, 'Test-time augmentation (see fer_jax.evaluate).')
+  flags.DEFINE_enum('tta', 'none', TTA_MODES, 'Test-time augmentation (see fer_jax.evaluation).')
 
 
 if __name__ == '__main__':

@@ -302,10 +302,11 @@ def build_dataset_report(dataset: Dataset, source: str, out_dir: str) -> str:
 def build_report(trained, out_dir: str, *, split: str = 'PrivateTest', tta: str = 'none',
                  data_path: str = '', samples: Sequence[int] = (), num_mistakes: int = 24) -> str:
   """All figures for a trained workdir and its index.md; returns the index path."""
-  from fer_jax import evaluate
+  from fer_jax import evaluation
+  from fer_jax.data.datasets import load_dataset_or_path
   os.makedirs(out_dir, exist_ok=True)
-  dataset, source = evaluate.load_data(trained.config.data, image_size=trained.image_size,
-                                       data_size=trained.data_size, data_path=data_path)
+  dataset, source = load_dataset_or_path(trained.config.data, image_size=trained.image_size,
+                                         data_size=trained.data_size, data_path=data_path)
   if len(dataset.splits) == 1:
     split = next(iter(dataset.splits))
   if split not in dataset.splits:
@@ -323,9 +324,7 @@ def build_report(trained, out_dir: str, *, split: str = 'PrivateTest', tta: str 
                            mark_label=mark, steps_per_epoch=spe)
 
   data = dataset[split]
-  probs = evaluate.predict_split(trained, data, tta=tta,
-                                 batch_size=int(trained.config.train.eval_batch_size))
-  report = evaluate.summarize(probs, data.labels, names)
+  report, probs = evaluation.evaluate_trained(trained, data, tta=tta)
   what = f'{split}, checkpoint {trained.checkpoint} (step {trained.step}), TTA {tta}'
   figs['confusion_matrix'] = confusion_matrix(
       np.asarray(report['confusion_matrix']), names, os.path.join(out_dir, 'confusion_matrix.png'),
@@ -400,7 +399,7 @@ def _write_index(out_dir: str, lines: Sequence[str]) -> str:
 
 def main(argv: list[str]) -> None:
   from absl import app, flags
-  from fer_jax import workdir as workdir_lib
+  from fer_jax import logs, trained_model
   from fer_jax.errors import FerJaxError
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -409,23 +408,23 @@ def main(argv: list[str]) -> None:
   if bool(f.workdir) == (config is not None):
     raise app.UsageError('give --workdir (a trained run) or --config (a dataset alone, before '
                          'training), not both; --data_path points a workdir at moved data')
-  workdir_lib.quiet_library_logs()
+  logs.quiet_library_logs()
   try:
     samples = [int(s) for s in f.samples]
   except ValueError:
     raise app.UsageError(f'--samples must be example indices, got {f.samples}') from None
   try:
     if f.workdir:
-      trained = workdir_lib.load(f.workdir, f.checkpoint)
+      trained = trained_model.load(f.workdir, f.checkpoint)
       out_dir = f.out_dir or os.path.join(trained.workdir, 'report')
       index = build_report(trained, out_dir, split=f.split, tta=f.tta, data_path=f.data_path,
                            samples=samples, num_mistakes=f.num_mistakes)
     else:
       if not f.out_dir:
         raise app.UsageError('--out_dir is required with --config')
-      from fer_jax import evaluate
+      from fer_jax.data.datasets import load_dataset_or_path
       size = int(config.model.image_size)
-      dataset, source = evaluate.load_data(
+      dataset, source = load_dataset_or_path(
           config.data, image_size=size, data_size=size if config.data.source == 'folders' else 48,
           data_path=f.data_path)
       index = build_dataset_report(dataset, source, f.out_dir)
@@ -443,7 +442,7 @@ def _define_flags() -> None:
   global _CONFIG
   from absl import flags
   from ml_collections import config_flags
-  from fer_jax.evaluate import TTA_MODES
+  from fer_jax.evaluation import TTA_MODES
   _CONFIG = config_flags.DEFINE_config_file(
       'config', None, 'Dataset-only report: an experiment config (overrides as --config.data.path=...).',
       lock_config=True)

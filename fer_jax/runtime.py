@@ -46,33 +46,37 @@ def tuned_environ() -> dict[str, str] | None:
   return {**os.environ, **_ENV, _MARK: '1'}
 
 
-def tune_malloc() -> None:
-  """Best-effort in-process version of the same settings (no-op off glibc or when opted out)."""
-  if not _glibc() or os.environ.get(_MARK) == '0':
-    return
+def tune_malloc() -> bool:
+  """Best-effort in-process version of the same settings; returns whether it applied them.
+
+  A no-op off glibc, when launch.py already re-executed with the MALLOC_* variables (it sets
+  FER_JAX_MALLOC_TUNED=1), when the user set any MALLOC_* variable, or with
+  FER_JAX_MALLOC_TUNED=0 (opt out): the same conditions under which `tuned_environ` does nothing.
+  """
+  if not _glibc() or _MARK in os.environ or any(k in os.environ for k in _ENV):
+    return False
   try:
     libc = ctypes.CDLL('libc.so.6')
   except OSError:
-    return
+    return False
   libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
   libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
   libc.mallopt(_M_TOP_PAD, 256 << 20)
+  return True
 
 
 def inline_cpu_dispatch() -> bool:
-  """Runs XLA:CPU computations on the calling thread (`jax_cpu_enable_async_dispatch=False`).
+  """Asks XLA:CPU to run computations on the calling thread (`jax_cpu_enable_async_dispatch`
+  = False); returns whether it set the option (False with FER_JAX_ASYNC_DISPATCH=1).
 
-  Measured on a 2-core machine (SeedCNN train step, batch 64): at 150x150 async dispatch took
-  51,600 page faults (200 MB) and 85 ms of system time per ~300 ms step, inline none, and the
-  step ran 16 % faster; at 48x48 (whose buffers fit a thread heap) the two are level
-  (benchmarks/ablations.py: async 1.02x the inline step), so losing the overlap of host work
-  with the step costs nothing measurable there.
-  It has to run before JAX creates its CPU client (the first computation or device query);
-  afterwards, or with FER_JAX_ASYNC_DISPATCH=1, it changes nothing. Returns whether it applied.
+  Why: at 150x150 async dispatch page-faults the step's large buffers in on every step and runs
+  it slower; at 48x48 the two are level (figures in benchmarks/README.md, 'Inline CPU dispatch').
+  JAX reads the option when it creates its CPU client (the first computation or device query)
+  and has no public way to ask whether that has happened, so call this first thing: launch.py
+  does so right after parsing flags. Called later it is harmless and changes nothing.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-  if os.environ.get(_ASYNC_OPT_OUT) == '1' or xla_bridge.backends_are_initialized():
+  if os.environ.get(_ASYNC_OPT_OUT) == '1':
     return False
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   return True

@@ -321,9 +321,8 @@ def main(argv: list[str]) -> None:
   if bool(f.workdir) == bool(f.model):
     raise app.UsageError('give --workdir (a trained workdir) or --model (an ONNX export)',
                          exitcode=2)
-  if f.workdir:
-    from fer_jax import workdir
-    workdir.quiet_library_logs()
+  from fer_jax import logs  # absl only: the --model path imports no JAX
+  logs.quiet_library_logs()
   try:
     predictor = predict.Predictor(f.workdir or None, f.checkpoint, model=f.model or None,
                                   detector=f.detector, margin=f.margin)

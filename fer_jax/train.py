@@ -7,6 +7,7 @@ PublicTest and PrivateTest -> results.json.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import checkpointing, metrics, parallel, preemption, runtime
+from fer_jax import checkpointing, evaluation, metrics, parallel, preemption, runtime
 from fer_jax.config_checks import check_workdir_writable, validate_config
 from fer_jax.data import pipeline
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
@@ -28,31 +29,21 @@ from fer_jax.data.types import Split
 from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.metric_writer import MetricWriter
 from fer_jax.models import for_pmap, get_model
-from fer_jax.train_step import (StepContext, create_train_state, ema_decay_rate, eval_step,
-                               eval_variables, make_optimizer, make_plateau, resolve_microbatch,
-                               train_step, update_plateau)
+from fer_jax.train_step import (StepContext, create_train_state, ema_decay_rate, eval_variables,
+                               make_optimizer, make_plateau, microbatch_for, train_step,
+                               update_plateau)
 
 
-def evaluate(eval_fn: Callable, variables: Any, split: Split, *, global_batch: int, mode: str,
-             mesh: jax.sharding.Mesh) -> dict[str, Any]:
+# What results.json and metrics.jsonl keep of `evaluation.summarize`'s report for each split.
+_EVAL_FIGURES = ('accuracy', 'macro_f1', 'loss', 'per_class_accuracy', 'confusion_matrix')
+
+
+def evaluate(compiled: evaluation.CompiledEval, variables: Any, split: Split, *,
+             global_batch: int) -> dict[str, Any]:
   """Exact metrics over every example of `split` (the last batch is padded and masked)."""
-  totals = None
-  for batch in pipeline.eval_batches(split, global_batch=global_batch,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
-    batch = parallel.to_pmap(batch) if mode == 'pmap' else parallel.to_global(batch, mesh)
-    out = eval_fn(variables, batch)
-    if mode == 'pmap':
-      out = parallel.unreplicate_from_pmap(out)
-    out = parallel.to_host(out)
-    totals = out if totals is None else jax.tree.map(np.add, totals, out)
-  cm = np.rint(totals['confusion']).astype(np.int64)
-  assert cm.sum() == len(split), (cm.sum(), len(split))
-  report = metrics.classification_report(cm)
-  return {'accuracy': report['accuracy'], 'macro_f1': report['macro_f1'],
-          'loss': float(totals['loss_sum'] / totals['count']),
-          'per_class_accuracy': list(report['per_class_accuracy']),
-          'confusion_matrix': cm.tolist()}
+  totals, _ = evaluation.evaluate_split(compiled, variables, split, global_batch=global_batch)
+  report = evaluation.summarize(totals, len(split))
+  return {k: report[k] for k in _EVAL_FIGURES}
 
 
 def _metrics_to_host(window: list[dict[str, jax.Array]], mode: str) -> list[dict[str, np.ndarray]]:
@@ -90,10 +81,17 @@ def _raise_if_diverged(host_window: list[dict[str, np.ndarray]], last_step: int,
 class Steps(NamedTuple):
   """The compiled steps for one parallel mode, and how to feed them."""
   train: Callable  # (state, batch) -> (state, metrics)
-  eval: Callable  # (variables, batch) -> sums
+  eval: evaluation.CompiledEval  # (variables, host batch) -> host sums
   put_batch: Callable  # host batch -> device batch
   prepare_state: Callable  # canonical (mesh-replicated) state -> the step's layout
   canonical: Callable  # the step's layout -> canonical state (for checkpoints)
+
+
+def eval_spec(ctx: StepContext, tta: str = 'none') -> evaluation.EvalSpec:
+  """The evaluation of the model the steps train, with its evaluation preprocessing."""
+  return evaluation.EvalSpec(model=ctx.model, augment_cfg=ctx.augment_cfg,
+                             image_size=ctx.image_size, num_classes=ctx.num_classes,
+                             mean=ctx.mean, std=ctx.std, microbatch=ctx.microbatch, tta=tta)
 
 
 def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps:
@@ -104,7 +102,7 @@ def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps
     return Steps(
         train=jax.pmap(functools.partial(train_step, ctx=ctx, axis_name=axis), axis_name=axis,
                        donate_argnums=0),
-        eval=jax.pmap(functools.partial(eval_step, ctx=ctx, axis_name=axis), axis_name=axis),
+        eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
         put_batch=parallel.to_pmap,
         prepare_state=parallel.replicate_for_pmap,
         canonical=parallel.unreplicate_from_pmap)
@@ -112,34 +110,22 @@ def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps
   return Steps(
       train=jax.jit(functools.partial(train_step, ctx=ctx), in_shardings=(repl, data),
                     out_shardings=(repl, repl), donate_argnums=0),
-      eval=jax.jit(functools.partial(eval_step, ctx=ctx), in_shardings=(repl, data),
-                   out_shardings=repl),
+      eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
       put_batch=functools.partial(parallel.to_global, mesh=mesh),
       prepare_state=lambda s: s,
       canonical=lambda s: s)
 
 
-def has_batch_statistics(model: Any, image_size: int) -> bool:
-  """Whether `model.init` returns collections besides 'params' (BatchNorm's 'batch_stats')."""
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False))
-  return any(name != 'params' for name in shapes)
-
-
 def make_step_context(config: ml_collections.ConfigDict, *, num_classes: int, weights: np.ndarray,
                       mean: float, std: float) -> StepContext:
-  per_device_batch = max(config.train.batch_size // jax.device_count(), 1)
   model = get_model(config.model, num_classes)
-  size = config.model.image_size
   return StepContext(model=model, augment_cfg=config.augment,
-                     image_size=size, num_classes=num_classes,
+                     image_size=config.model.image_size, num_classes=num_classes,
                      class_weights=jnp.asarray(weights), l2=config.train.l2,
                      label_smoothing=config.train.label_smoothing, mean=mean, std=std,
                      seed=config.seed, l2_scope=config.train.get('l2_scope', 'model'),
                      ema_decay=ema_decay_rate(config.train),
-                     microbatch=resolve_microbatch(config.train.get('microbatch_size', 0),
-                                                   per_device_batch, jax.default_backend(),
-                                                   has_batch_statistics(model, size)))
+                     microbatch=microbatch_for(config, model))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -147,10 +133,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   On SIGTERM (preemption) it checkpoints at the next step boundary and returns
   `{'preempted': True, 'steps': step}` without the final evaluation; rerunning resumes.
+  Whatever way it ends (an error included), the checkpoint manager and the metric writer are
+  closed and the SIGTERM handler is restored.
   """
+  with contextlib.ExitStack() as cleanup:
+    return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        cleanup: contextlib.ExitStack) -> dict[str, Any]:
   # ---- Setup --------------------------------------------------------------------------------
   runtime.tune_malloc()  # no-op when launch.py already started us with tuned MALLOC_* variables
-  runtime.inline_cpu_dispatch()  # no-op when launch.py did it, or JAX is already running
+  runtime.inline_cpu_dispatch()  # takes effect only if JAX has not started yet (launch.py: first)
   validate_config(config)
   check_workdir_writable(workdir)
   is_chief = jax.process_index() == 0
@@ -161,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   global_batch = config.train.batch_size
   parallel.check_batch_size(global_batch)
   n_dev = jax.device_count()
-  eval_batch = -(-config.train.eval_batch_size // n_dev) * n_dev
+  eval_batch = evaluation.eval_global_batch(config.train.eval_batch_size)
   logging.info('devices: %d (%s) on %d process(es); global batch %d', n_dev,
                jax.devices()[0].platform, jax.process_count(), global_batch)
 
@@ -187,15 +181,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   repl = parallel.replicated(mesh)
   state = jax.jit(lambda: create_train_state(ctx, tx, plateau), out_shardings=repl)()
   abstract_state = checkpointing.abstract_like(state)  # restore target: replicated on the mesh
-  train_iter = pipeline.make_train_iterator(
+  train_iter = cleanup.enter_context(contextlib.closing(pipeline.make_train_iterator(
       train_split, global_batch=global_batch, num_epochs=config.train.epochs, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count())))
   meta = {'config': config.to_dict(), 'class_names': list(dataset.class_names),
           'pixel_mean': mean, 'pixel_std': std, 'wall_s': 0.0}
 
   # ---- Restore ------------------------------------------------------------------------------
-  manager = checkpointing.make_manager(workdir, keep_latest=config.train.keep_latest,
-                                       keep_best=config.train.keep_best)
+  manager = cleanup.enter_context(contextlib.closing(checkpointing.make_manager(
+      workdir, keep_latest=config.train.keep_latest, keep_best=config.train.keep_best)))
   start_step = 0
   if manager.all_steps():
     found = checkpointing.restore_newest_readable(manager, abstract_state, train_iter)
@@ -218,10 +212,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps = compile_steps(ctx, mode, mesh)
   train_fn, eval_fn, put_batch, canonical = steps.train, steps.eval, steps.put_batch, steps.canonical
   state = steps.prepare_state(state)
-  run_eval = functools.partial(evaluate, eval_fn, global_batch=eval_batch, mode=mode, mesh=mesh)
+  run_eval = functools.partial(evaluate, eval_fn, global_batch=eval_batch)
 
   # ---- Train loop ---------------------------------------------------------------------------
-  writer = MetricWriter(workdir, enabled=is_chief)
+  writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_chief)))
   t_start = time.time()
   timed_images, timed_s = 0, 0.0
   window = []
@@ -229,7 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   epoch_count = 0
   step = start_step
   t_last = time.time()
-  watcher = preemption.PreemptionWatcher(start_step, agree_every=config.train.log_every_steps)
+  watcher = cleanup.enter_context(
+      preemption.PreemptionWatcher(start_step, agree_every=config.train.log_every_steps))
   preempted = False
   while step < stop_step:
     batch = put_batch(next(train_iter))
@@ -280,13 +275,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       t_last = time.time()  # eval and save are not training time
     if preempted:
       break
-  watcher.close()
+  watcher.close()  # SIGTERM terminates again during the final evaluation
   manager.wait_until_finished()
   if preempted:
     logging.warning('preempted: checkpoint at step %d saved in %s; run the same command again '
                     'to resume', step, workdir)
-    manager.close()
-    writer.close()
     return {'preempted': True, 'steps': int(step)}
 
   # ---- Final evaluation of the best checkpoint ------------------------------------------------
@@ -302,12 +295,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  metrics.format_table(metrics.classification_report(
                      np.asarray(splits[name]['confusion_matrix'])), dataset.class_names))
   tta = {}
-  for mode_name in config.train.get('final_tta', ()):
-    if jax.process_count() > 1:
-      logging.warning('final_tta=%s skipped: it runs in a single process (use '
-                      'python -m fer_jax.evaluate --tta %s on the workdir)', mode_name, mode_name)
-      continue
-    tta[mode_name] = final_tta(config, dataset, best_variables, best_step, meta, mode_name)
+  for tta_mode in config.train.get('final_tta', ()):
+    # The same evaluation with test-time augmentation (= python -m fer_jax.evaluate --tta).
+    compiled = evaluation.CompiledEval(eval_spec(ctx, tta_mode), mode, mesh)
+    tta[tta_mode] = {}
+    for name in (config.data.eval_split, config.data.test_split):
+      result = evaluate(compiled, steps.prepare_state(best_variables), dataset[name],
+                        global_batch=eval_batch)
+      tta[tta_mode][name] = {k: result[k] for k in ('accuracy', 'macro_f1', 'loss')}
+      logging.info('best checkpoint (step %d) on %s with %s TTA: accuracy %.4f', best_step, name,
+                   tta_mode, result['accuracy'])
   meta['wall_s'] += time.time() - t_start
   results = {
       'config': config.to_dict(),
@@ -329,31 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('wrote %s: %s accuracy %.4f, %s accuracy %.4f', path, config.data.eval_split,
                  splits[config.data.eval_split]['accuracy'], config.data.test_split,
                  splits[config.data.test_split]['accuracy'])
-  manager.close()
-  writer.close()
   return results
-
-
-def final_tta(config: ml_collections.ConfigDict, dataset: Any, variables: Any, step: int,
-              meta: dict, tta: str) -> dict[str, dict[str, Any]]:
-  """The best checkpoint's figures on the eval and test splits with test-time augmentation,
-  through `fer_jax.evaluate` (the same function as `python -m fer_jax.evaluate --tta ...`)."""
-  from fer_jax import evaluate as evaluate_lib
-  from fer_jax.workdir import TrainedModel
-  trained = TrainedModel(workdir='', checkpoint='best', step=int(step), config=config,
-                         class_names=tuple(dataset.class_names), pixel_mean=meta['pixel_mean'],
-                         pixel_std=meta['pixel_std'],
-                         model=get_model(config.model, dataset.num_classes),
-                         variables=parallel.to_host(variables))
-  out = {}
-  for name in (config.data.eval_split, config.data.test_split):
-    probs = evaluate_lib.predict_split(trained, dataset[name], tta=tta,
-                                       batch_size=config.train.eval_batch_size)
-    report = evaluate_lib.summarize(probs, dataset[name].labels, trained.class_names)
-    out[name] = {k: report[k] for k in ('accuracy', 'macro_f1', 'loss')}
-    logging.info('best checkpoint (step %d) on %s with %s TTA: accuracy %.4f', step, name, tta,
-                 report['accuracy'])
-  return out
 
 
 def _json_default(o):

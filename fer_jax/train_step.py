@@ -1,4 +1,4 @@
-"""The train and eval steps: one function each, driven by jax.jit (mesh) or jax.pmap.
+"""The train step (driven by jax.jit over the mesh or jax.pmap), its optimizer and schedule.
 
 Randomness is per example: each example's augmentation key is
 fold_in(fold_in(seed_key, step), global_index_in_batch) and its dropout masks are keyed by the
@@ -97,11 +97,8 @@ def takes_example_ids(model: nn.Module) -> bool:
 
 
 # Chunk size (images) that keeps a SeedCNN forward+backward inside the CPU's caches without
-# re-reading the dense kernel too often. Measured with the C++ conv kernels (2-core AVX-512
-# machine, images/s, alternating runs): 48x48 batch 256, chunks of 32: 3235, 3260; 64: 3034,
-# 3047; 128: 2495, 2872; whole: 2733, 2684; 48x48 batch 64, 32 vs whole: 2846 vs 2779.
-# 150x150 batch 64, chunks of 16: 210, 199, 190, 202, 196; 32: 228, 214, 218, 216, 171;
-# whole: 184, 209, 228, 157, 220. (With the im2col lowering 150x150 had preferred 16.)
+# re-reading the dense kernel too often (the measurements behind 32 are in benchmarks/README.md,
+# 'Figures behind constants in the code').
 _CPU_CHUNK_IMAGES = 32
 
 
@@ -131,6 +128,22 @@ def resolve_microbatch(requested: int, per_device_batch: int, backend: str,
     raise ConfigError(f'config.train.microbatch_size={requested} does not divide the per-device '
                       f'batch of {per_device_batch}')
   return 0 if requested >= per_device_batch else requested
+
+
+def has_batch_statistics(model: nn.Module, image_size: int) -> bool:
+  """Whether `model.init` returns collections besides 'params' (BatchNorm's 'batch_stats')."""
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False))
+  return any(name != 'params' for name in shapes)
+
+
+def microbatch_for(config: ml_collections.ConfigDict, model: nn.Module) -> int:
+  """The gradient chunk (`resolve_microbatch`) of `config` on this machine's devices; the
+  evaluation of a trained model uses the same chunks, so its sums equal the training run's."""
+  per_device_batch = max(config.train.batch_size // jax.device_count(), 1)
+  return resolve_microbatch(config.train.get('microbatch_size', 0), per_device_batch,
+                            jax.default_backend(),
+                            has_batch_statistics(model, config.model.image_size))
 
 
 def _warmup_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int) -> int:
@@ -275,14 +288,15 @@ def _chunked(fn, inputs, chunks: int, devices: int):
   return total, jax.tree.map(merge, outs)
 
 
-def _map_batch(fn, inputs, ctx: StepContext, axis_name: str | None):
-  """fn over the whole batch, or chunk by chunk when ctx.microbatch asks for it."""
+def map_batch(fn, inputs, microbatch: int, axis_name: str | None):
+  """fn over the whole batch, or in chunks of at most `microbatch` examples per device
+  (0: the whole batch)."""
   batch = jax.tree.leaves(inputs)[0].shape[0]
   devices = 1 if axis_name else jax.device_count()  # jit sees the global batch
   per_device = batch // devices
-  if not ctx.microbatch or per_device <= ctx.microbatch:
+  if not microbatch or per_device <= microbatch:
     return fn(inputs)
-  size = next(m for m in range(ctx.microbatch, 0, -1) if per_device % m == 0)  # eval batches
+  size = next(m for m in range(microbatch, 0, -1) if per_device % m == 0)  # eval batches
   return _chunked(fn, inputs, per_device // size, devices)
 
 
@@ -337,8 +351,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
         weighted_ce_sum, has_aux=True)(state.params, *chunk)
     return (ce_sum, grads), (logits, new_model_state)
 
-  (ce_sum, grads), (logits, new_model_state) = _map_batch(
-      chunk_grads, (images, targets, weights, aug_keys, example_ids), ctx, axis_name)
+  (ce_sum, grads), (logits, new_model_state) = map_batch(
+      chunk_grads, (images, targets, weights, aug_keys, example_ids), ctx.microbatch, axis_name)
   # Keras class_weight: per-example weight, mean over the batch size (not over the weights).
   data_loss = ce_sum / batch_size
   l2_loss, l2_grads = jax.value_and_grad(
@@ -360,26 +374,3 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
   metrics['learning_rate_scale'] = (state.plateau.scale if state.plateau is not None
                                     else jnp.float32(1))
   return new_state, metrics
-
-
-def eval_step(variables: Any, batch: dict[str, jax.Array], ctx: StepContext,
-              axis_name: str | None = None) -> dict[str, jax.Array]:
-  """Sums over the (masked) batch: loss, and the confusion matrix (rows true, cols predicted).
-
-  `variables` are `model_variables(state)`: BatchNorm uses its running averages here.
-  """
-  def sums(chunk):
-    images, labels, mask = chunk
-    x = augment.preprocess_batch(images, None, ctx.augment_cfg, out_size=ctx.image_size,
-                                 train=False, mean=ctx.mean, std=ctx.std)
-    logits = ctx.model.apply(variables, x, train=False)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    true = jax.nn.one_hot(labels, ctx.num_classes) * mask[:, None]
-    pred = jax.nn.one_hot(jnp.argmax(logits, -1), ctx.num_classes)
-    return {'loss_sum': jnp.sum(ce * mask), 'count': jnp.sum(mask),
-            'confusion': jnp.einsum('bi,bj->ij', true, pred)}, ()
-
-  out, _ = _map_batch(sums, (batch['image'], batch['label'], batch['mask']), ctx, axis_name)
-  if axis_name:
-    out = jax.lax.psum(out, axis_name)
-  return out

@@ -1,5 +1,6 @@
 """Test setup: 4 simulated CPU devices (set before jax starts), shared paths and fixtures."""
 
+import importlib
 import os
 import pathlib
 
@@ -10,6 +11,17 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_FER2013 = REPO.parent / 'shared' / 'data' / 'fer2013.csv.gz'
+
+
+def require(module: str):
+  """Imports a declared dependency. Without it the test is skipped, except in CI (CI set, as
+  .ci/run does), where a missing or broken install of a declared dependency must fail."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    if os.environ.get('CI'):
+      pytest.fail(f'{module} is a declared dependency but does not import: {e}', pytrace=False)
+    pytest.skip(f'{module} does not import: {e}', allow_module_level=True)
 
 
 @pytest.fixture
@@ -27,7 +39,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope='session')
 def trained_workdir(tmp_path_factory) -> pathlib.Path:
-  """ONE tiny synthetic run (2 epochs, ~15 s), shared read-only by the evaluate/report/predict tests.
+  """ONE tiny synthetic run (2 epochs, ~15 s), shared read-only by the evaluate/report/predict
+  tests.
 
   Its data cache is the session's (as `_isolated_cache`), named in the config so the tools that
   reload the dataset from the checkpoint's config find it.

@@ -1,5 +1,6 @@
 """fer_jax.evaluate: exact metrics, TTA views on the device, image folders, the CLI."""
 
+import functools
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_jax import evaluate, workdir
+from fer_jax import evaluate, evaluation, trained_model
 from fer_jax.data.types import FER2013_CLASSES
 from fer_jax.errors import ConfigError, FerJaxError
 
@@ -20,44 +21,66 @@ from tests.conftest import REPO
 
 @pytest.fixture(scope='module')
 def trained(trained_workdir):
-  return workdir.load(str(trained_workdir), 'best')
+  return trained_model.load(str(trained_workdir), 'best')
 
 
 @pytest.fixture(scope='module')
 def private_test(trained):
-  return evaluate.load_eval_data(trained, 'PrivateTest')[1]
+  return evaluate.load_eval_split(trained, 'PrivateTest')[1]
+
+
+def _probs_fn(trained, tta):
+  return functools.partial(evaluation.probabilities, evaluation.spec_for(trained, tta))
 
 
 def test_tta_views_geometry():
-  ch, cw, views = evaluate.tta_views('tencrop', 48, 48)
+  ch, cw, views = evaluation.tta_views('tencrop', 48, 48)
   assert (ch, cw) == (42, 42)
   assert len({tuple(v) for v in views}) == 10
   assert {(y, x) for y, x, _ in views} == {(0, 0), (0, 6), (6, 0), (6, 6), (3, 3)}
   assert sorted(views[:, 2]) == [0] * 5 + [1] * 5
-  assert evaluate.tta_views('flip', 48, 48)[2].tolist() == [[0, 0, 0], [0, 0, 1]]
-  assert evaluate.tta_views('tencrop', 150, 150)[:2] == (131, 131)
+  assert evaluation.tta_views('flip', 48, 48)[2].tolist() == [[0, 0, 0], [0, 0, 1]]
+  assert evaluation.tta_views('tencrop', 150, 150)[:2] == (131, 131)
   with pytest.raises(ConfigError, match='tta'):
-    evaluate.tta_views('fivecrop', 48, 48)
+    evaluation.tta_views('fivecrop', 48, 48)
+
+
+_FIGURES = ('accuracy', 'macro_f1', 'loss', 'per_class_accuracy', 'confusion_matrix')
 
 
 def test_none_equals_the_training_loops_evaluation(trained, trained_workdir):
   results = json.loads((trained_workdir / 'results.json').read_text())
   assert trained.step == results['best_step']
   for split in ('PublicTest', 'PrivateTest'):
-    report, probs, data = evaluate.evaluate(trained, split=split, tta='none', batch_size=24)
+    report, probs, data = evaluate.evaluate(trained, split=split, tta='none')
     expected = results['splits'][split]
-    assert report['confusion_matrix'] == expected['confusion_matrix']
-    assert report['accuracy'] == pytest.approx(expected['accuracy'])
-    assert report['loss'] == pytest.approx(expected['loss'], rel=1e-4)
+    # One evaluation function: the figures are equal, not close (the loss included).
+    assert {k: report[k] for k in _FIGURES} == expected
     assert probs.shape == (len(data), 7)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     assert report['test_time_augmentation'] == 'none' and report['tta_views'] == 1
+  # Another batch size sums in another order: the same counts, the loss within rounding.
+  other, _, _ = evaluate.evaluate(trained, split='PrivateTest', tta='none', batch_size=24)
+  assert other['confusion_matrix'] == results['splits']['PrivateTest']['confusion_matrix']
+  assert other['loss'] == pytest.approx(results['splits']['PrivateTest']['loss'], rel=1e-5)
+
+
+def test_cli_private_test_equals_the_training_runs_figures(trained_workdir, tmp_path):
+  work = tmp_path / 'w'
+  shutil.copytree(trained_workdir, work)
+  out = subprocess.run([sys.executable, '-m', 'fer_jax.evaluate', f'--workdir={work}',
+                        '--split', 'PrivateTest', '--tta', 'none'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+  assert out.returncode == 0, out.stderr[-3000:]
+  saved = json.loads((work / 'eval' / 'PrivateTest_best_none.json').read_text())
+  expected = json.loads((work / 'results.json').read_text())['splits']['PrivateTest']
+  assert {k: saved[k] for k in _FIGURES} == expected
 
 
 def test_flip_averages_image_and_mirror(trained, private_test):
   images = private_test.images[:16]
-  none = jax.jit(evaluate.predict_probs_fn(trained, 'none'))
-  flip = jax.jit(evaluate.predict_probs_fn(trained, 'flip'))
+  none = jax.jit(_probs_fn(trained, 'none'))
+  flip = jax.jit(_probs_fn(trained, 'flip'))
   expected = (np.asarray(none(trained.variables, images)) +
               np.asarray(none(trained.variables, images[:, :, ::-1]))) / 2
   np.testing.assert_allclose(np.asarray(flip(trained.variables, images)), expected, atol=1e-6)
@@ -65,8 +88,8 @@ def test_flip_averages_image_and_mirror(trained, private_test):
 
 def test_tencrop_averages_the_ten_static_crops(trained, private_test):
   images = private_test.images[:8]
-  none = jax.jit(evaluate.predict_probs_fn(trained, 'none'))
-  tencrop = jax.jit(evaluate.predict_probs_fn(trained, 'tencrop'))
+  none = jax.jit(_probs_fn(trained, 'none'))
+  tencrop = jax.jit(_probs_fn(trained, 'tencrop'))
   pixels = images.astype(np.float32)
   total = 0
   for top, left in ((0, 0), (0, 6), (6, 0), (6, 6), (3, 3)):
@@ -102,11 +125,11 @@ def test_image_folders_give_the_same_numbers(trained, private_test, tmp_path):
 
 def test_unknown_checkpoint_and_split_are_one_line_errors(trained_workdir, trained):
   with pytest.raises(FerJaxError, match='no checkpoint at step 5; kept steps: 12, 24'):
-    workdir.load(str(trained_workdir), 5)
+    trained_model.load(str(trained_workdir), 5)
   with pytest.raises(FerJaxError, match="expected 'best', 'latest' or a step"):
-    workdir.load(str(trained_workdir), 'newest')
+    trained_model.load(str(trained_workdir), 'newest')
   with pytest.raises(FerJaxError, match='not found'):
-    workdir.load(str(trained_workdir / 'nope'))
+    trained_model.load(str(trained_workdir / 'nope'))
   with pytest.raises(ConfigError, match="split 'Validation' not in the dataset"):
     evaluate.evaluate(trained, split='Validation')
 

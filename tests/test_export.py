@@ -17,7 +17,7 @@ ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('jax2onnx')
 
 from experiments import synthetic, vgg_fer2013  # noqa: E402
-from fer_jax import evaluate, export, predict, train  # noqa: E402
+from fer_jax import evaluation, export, predict, train  # noqa: E402
 from fer_jax.data.synthetic import render_faces  # noqa: E402
 from fer_jax.errors import FerJaxError  # noqa: E402
 
@@ -70,7 +70,7 @@ def images():
 
 def _reference(trained, images):
   """fer_jax's probabilities, as evaluate and predict compute them (the model's own lowering)."""
-  return np.asarray(jax.jit(evaluate.predict_probs_fn(trained))(trained.variables, images))
+  return np.asarray(jax.jit(evaluation.probabilities_fn(trained))(trained.variables, images))
 
 
 @pytest.mark.parametrize('name', ['seed_cnn', 'vgg_fer'])
@@ -194,4 +194,4 @@ def test_predict_model_never_imports_jax(onnx_model, tmp_path):
 
 
 def test_predict_repeats_evaluates_tta_modes():
-  assert predict.TTA_MODES == evaluate.TTA_MODES
+  assert predict.TTA_MODES == evaluation.TTA_MODES

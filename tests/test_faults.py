@@ -239,3 +239,19 @@ def test_sigkill_at_random_points_then_resume_equals_a_straight_run(tmp_path):
   for a, b in zip(jax.tree.leaves(restore_params(straight, step)),
                   jax.tree.leaves(restore_params(killed, step))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_diverged_run_restores_sigterm_and_leaves_no_threads(tmp_path):
+  """The error path closes what the run opened: the SIGTERM handler, orbax's checkpoint
+  manager (its threads), the metric writer and grain's prefetch thread."""
+  handler = signal.getsignal(signal.SIGTERM)
+  before = set(threading.enumerate())
+  with pytest.raises(FerJaxError, match='diverged'):
+    train.train_and_evaluate(tiny_config(learning_rate=float('inf'), checkpoint_every_steps=1),
+                             str(tmp_path))
+  assert signal.getsignal(signal.SIGTERM) is handler
+  deadline = time.time() + 5
+  while (left := [t.name for t in set(threading.enumerate()) - before if t.is_alive()]) and (
+      time.time() < deadline):
+    time.sleep(0.05)
+  assert not left, left

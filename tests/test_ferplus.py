@@ -12,7 +12,7 @@ from fer_jax.data.synthetic import write_synthetic_csv
 from fer_jax.data.types import FER2013_CLASSES, FER2013_USAGES, Split
 from fer_jax.errors import ConfigError, DataError
 
-from tests.conftest import SHARED_FER2013
+from tests.conftest import SHARED_FER2013, require
 
 HEADER = ','.join(('Usage', 'Image name', 'neutral', 'happiness', 'surprise', 'sadness', 'anger',
                    'disgust', 'fear', 'contempt', 'unknown', 'NF'))
@@ -311,7 +311,7 @@ def test_real_files_load(fer2013_path):
 
 
 def test_train_report_predict_with_eight_classes(ferplus_data, tmp_path):
-  from fer_jax import report, train, workdir
+  from fer_jax import report, train, trained_model
   csv = ferplus_data[0]
   c = _config(csv, ferplus_mode='probability')
   c.train.batch_size = 32
@@ -324,14 +324,14 @@ def test_train_report_predict_with_eight_classes(ferplus_data, tmp_path):
   on_disk = json.loads((tmp_path / 'w' / 'results.json').read_text())
   assert on_disk['config']['data']['labels'] == 'ferplus'
 
-  trained = workdir.load(str(tmp_path / 'w'))
+  trained = trained_model.load(str(tmp_path / 'w'))
   assert trained.class_names == ferplus.FERPLUS_CLASSES
   index = report.build_report(trained, str(tmp_path / 'report'), split='PrivateTest')
   text = open(index).read()
   accuracy = results['splits']['PrivateTest']['accuracy']
   assert '| contempt |' in text and f'accuracy **{accuracy:.4f}**' in text
 
-  pytest.importorskip('cv2')
+  require('cv2')
   from fer_jax import predict
   p = predict.Predictor(str(tmp_path / 'w'), detector='none')
   (face,) = p.predict_image(ferplus_data[2].images[0])

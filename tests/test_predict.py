@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-cv2 = pytest.importorskip('cv2')
-skimage_data = pytest.importorskip('skimage.data')
+from tests.conftest import require  # noqa: E402
 
-from fer_jax import evaluate, predict  # noqa: E402
+cv2 = require('cv2')
+skimage_data = require('skimage.data')
+
+from fer_jax import evaluation, predict  # noqa: E402
 from fer_jax.data.synthetic import render_faces  # noqa: E402
 from fer_jax.data.types import Split  # noqa: E402
 
@@ -58,7 +60,7 @@ def test_whole_image_faces_match_the_evaluation_path(trained_workdir, predictor,
   got = np.array([[f['probabilities'][n] for n in whole.class_names]
                   for image in faces for f in whole.predict_image(image)])
   split = Split(images=faces[..., None], labels=np.arange(7, dtype=np.int32))
-  expected = evaluate.predict_split(predictor.trained, split, batch_size=8)
+  _, expected = evaluation.evaluate_trained(predictor.trained, split, batch_size=8)
   np.testing.assert_allclose(got, expected, atol=1e-4)  # JSON rounds to 4 decimals
 
 

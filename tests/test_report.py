@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_jax import report, workdir
+from fer_jax import report, trained_model
 
 from tests.conftest import REPO
 
@@ -24,7 +24,7 @@ def _png_size(path):
 
 
 def test_workdir_report(trained_workdir, tmp_path):
-  trained = workdir.load(str(trained_workdir))
+  trained = trained_model.load(str(trained_workdir))
   out = tmp_path / 'report'
   index = report.build_report(trained, str(out), split='PrivateTest', samples=[5, 0, 99])
   assert sorted(n for n in os.listdir(out) if n.endswith('.png')) == WORKDIR_FIGURES

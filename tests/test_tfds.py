@@ -8,7 +8,9 @@ import textwrap
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip('tensorflow_datasets')
+from tests.conftest import require
+
+tfds = require('tensorflow_datasets')
 
 from experiments import base  # noqa: E402
 from fer_jax.data import datasets, ferplus, tfds_fer2013  # noqa: E402

@@ -55,8 +55,9 @@ def test_results_json_shape(tmp_path):
 
 
 def test_pmap_equals_jit(tmp_path):
-  jit = train.train_and_evaluate(tiny_config(epochs=1, max_steps=6), str(tmp_path / 'jit'))
-  cfg = tiny_config(epochs=1, max_steps=6)
+  # 12 steps an epoch: 14 steps cross the epoch boundary (a new shuffle, an evaluation).
+  jit = train.train_and_evaluate(tiny_config(max_steps=14), str(tmp_path / 'jit'))
+  cfg = tiny_config(max_steps=14)
   cfg.parallel = 'pmap'
   pmap = train.train_and_evaluate(cfg, str(tmp_path / 'pmap'))
   _, p_jit = final_params(tmp_path / 'jit')

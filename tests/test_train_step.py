@@ -58,6 +58,10 @@ def test_step_updates_params_and_counts_steps():
     ('parallel', 'threads', 'parallel'),
     ('data.class_weights', 'inverse', 'class_weights'),
     ('train.learning_rate', -0.1, 'learning_rate'),
+    # Checked by the owners (make_optimizer, augment.check_config) before any data is read.
+    ('train.schedule', 'linear', 'schedule'),
+    ('train.optimizer', 'lamb', 'optimizer'),
+    ('augment.standardize', 'zscore', 'standardize'),
 ])
 def test_validate_config_names_the_bad_key(key, value, match):
   c = base.get_config()

@@ -11,12 +11,12 @@ import pytest
 from jax import lax
 
 from experiments import base, cpu_budget, resnet18_fer2013, vgg_fer2013
-from fer_jax import augment, models, native
+from fer_jax import augment, evaluation, models, native, train
 from fer_jax.config_checks import validate_config
 from fer_jax.errors import ConfigError
 from fer_jax.models import layers
 from fer_jax.train import make_step_context
-from fer_jax.train_step import (create_train_state, eval_step, example_keys, learning_rate_schedule,
+from fer_jax.train_step import (create_train_state, example_keys, learning_rate_schedule,
                                 make_optimizer, make_plateau, model_variables, resolve_microbatch,
                                 train_step, update_plateau)
 
@@ -152,7 +152,7 @@ def test_batch_norm_statistics_update_in_training_and_serve_evaluation():
                              rtol=1e-5, atol=1e-5)
   # ... but they do depend on the statistics, which eval_step reads from the variables.
   batch['mask'] = np.ones(8, np.float32)
-  sums = lambda v: eval_step(v, batch, ctx)['loss_sum']
+  sums = lambda v: evaluation.eval_step(v, batch, train.eval_spec(ctx))['loss_sum']
   assert float(sums(model_variables(new))) != pytest.approx(float(sums(model_variables(state))))
 
 

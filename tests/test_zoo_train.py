@@ -17,10 +17,12 @@ import pytest
 from flax.training import train_state
 
 from experiments import base, cpu_budget, resnet18_fer2013, synthetic, vgg_fer2013, vgg_ferplus
-from fer_jax import checkpointing, evaluate, models, parallel, report, train, workdir
+from fer_jax import (checkpointing, evaluate, evaluation, models, parallel, report, train,
+                     trained_model)
 from fer_jax.data.types import FER2013_CLASSES
 from fer_jax.train_step import create_train_state, make_optimizer, make_plateau, update_ema
 
+from tests.conftest import require
 from tests.test_ferplus import ferplus_data  # noqa: F401  (a fixture)
 
 
@@ -70,7 +72,7 @@ def test_vgg_fer2013_experiment_runs_and_reports_single_view_and_tencrop(vgg_wor
 @pytest.mark.slow
 def test_evaluate_predict_report_on_a_batch_norm_workdir(vgg_workdir, tmp_path):
   path, results = vgg_workdir
-  trained = workdir.load(str(path))
+  trained = trained_model.load(str(path))
   assert set(trained.variables) == {'params', 'batch_stats'}
   assert models.count_params(trained.params) == 29_890_759
   # One evaluation function: the CLI's single view equals the training run's figures, and its
@@ -82,7 +84,7 @@ def test_evaluate_predict_report_on_a_batch_norm_workdir(vgg_workdir, tmp_path):
     assert got['loss'] == pytest.approx(expected['loss'], rel=1e-4)
   index = report.build_report(trained, str(tmp_path / 'report'), split='PrivateTest')
   assert 'accuracy **' in open(index).read()
-  pytest.importorskip('cv2')
+  require('cv2')
   from fer_jax import predict
   p = predict.Predictor(str(path), detector='none')
   (face,) = p.predict_image(np.full((60, 50), 128, np.uint8))
@@ -201,7 +203,7 @@ def test_pmap_loop_with_batch_norm_plateau_and_ema_evaluates_checkpoints_and_loa
   ema_leaves, raw_leaves = jax.tree.leaves(state['ema']['params']), jax.tree.leaves(state['params'])
   assert len(ema_leaves) == len(raw_leaves)
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(ema_leaves, raw_leaves)) > 1e-4
-  trained = workdir.load(str(tmp_path))
+  trained = trained_model.load(str(tmp_path))
   for x, y in zip(jax.tree.leaves(trained.variables), jax.tree.leaves(state['ema']), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The reported figures are the moving average's: evaluating it reproduces them.
@@ -225,10 +227,11 @@ def test_seed_cnn_checkpoint_from_before_the_model_contract_loads(tmp_path):
   checkpointing.save(manager, 7, old, None, meta, {'accuracy': 0.5})
   manager.wait_until_finished()
   manager.close()
-  trained = workdir.load(str(tmp_path))
+  trained = trained_model.load(str(tmp_path))
   assert trained.step == 7 and set(trained.variables) == {'params'}
   for x, y in zip(jax.tree.leaves(trained.params), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   images = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1), dtype=np.uint8)
-  probs = jax.jit(evaluate.predict_probs_fn(trained))(trained.variables, images)
+  probs = jax.jit(functools.partial(evaluation.probabilities, evaluation.spec_for(trained)))(
+      trained.variables, images)
   assert probs.shape == (4, 7) and np.allclose(np.sum(probs, -1), 1, atol=1e-5)

@@ -7,7 +7,7 @@ import os
 import ml_collections
 import numpy as np
 
-from fer_jax.errors import ConfigError
+from fer_jax.errors import ConfigError, DataError
 from fer_jax.data.types import FER2013_CLASSES, FER2013_USAGES, Dataset, Split
 
 SOURCES = ('csv', 'folders', 'synthetic', 'tfds')
@@ -70,6 +70,39 @@ def load_dataset(data_cfg: ml_collections.ConfigDict, *, image_size: int) -> Dat
     if name not in ds.splits:
       raise ConfigError(f'split {name!r} not in the dataset (it has {sorted(ds.splits)})')
   return ds
+
+
+def load_dataset_or_path(data_cfg: ml_collections.ConfigDict, *, image_size: int, data_size: int,
+                         data_path: str = '') -> tuple[Dataset, str]:
+  """(Dataset, description) of the configured data, or of `data_path` when given.
+
+  `data_path` may be a FER2013 CSV (.csv or .csv.gz), a Kaggle image-folder root
+  (train/ and test/ holding one folder per emotion), or a single folder of emotion folders
+  (e.g. that root's test/), which becomes the only split, named after the folder; its faces
+  are resized to `data_size` (the stored side of the training images).
+  """
+  from fer_jax.data import folders
+  data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+  if data_path:
+    data_path = os.path.abspath(data_path)
+    if os.path.isdir(data_path):
+      if folders.is_class_folder(data_path):
+        name = os.path.basename(data_path.rstrip(os.sep))
+        split = folders.load_class_folder(data_path, image_size=data_size)
+        return Dataset(splits={name: split}), f'image folder {data_path}'
+      data_cfg.source = 'folders'
+    elif os.path.isfile(data_path):
+      data_cfg.source = 'csv'
+    else:
+      raise DataError(f'{data_path}: not found')
+    data_cfg.path = data_path
+  elif data_cfg.source != 'synthetic' and not os.path.exists(data_cfg.path):
+    raise DataError(f'{data_cfg.path}: the configured dataset is not found (from {os.getcwd()}); '
+                    'point to it with --data_path')
+  dataset = load_dataset(data_cfg, image_size=image_size)
+  what = {'csv': 'FER2013 CSV', 'folders': 'image folders', 'synthetic': 'synthetic faces'}
+  where = f' {data_cfg.path}' if data_cfg.source != 'synthetic' else ''
+  return dataset, f'{what.get(data_cfg.source, data_cfg.source)}{where}'
 
 
 def _load_tfds(data_cfg: ml_collections.ConfigDict, cache_dir: str, labels: str,

@@ -144,3 +144,17 @@ def load_image_folders(root: str, *, image_size: int, cache_dir: str) -> Dataset
                'PublicTest and PrivateTest)', root, meta['train'], meta['test'])
   return Dataset(splits={'Training': train, 'PublicTest': test, 'PrivateTest': test},
                  class_names=FER2013_CLASSES)
+
+
+def is_class_folder(path: str) -> bool:
+  """True when `path` holds emotion folders directly (rather than train/ and test/)."""
+  names = {e.name.lower() for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.')}
+  return bool(names) and names <= set(FER2013_CLASSES)
+
+
+def load_class_folder(path: str, *, image_size: int) -> Split:
+  """One folder of emotion folders (e.g. a Kaggle root's test/) as a Split, not cached."""
+  files, labels = _list_split(path)
+  with futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix='image_folders') as pool:
+    images = _decode_all(files, image_size, pool)
+  return Split(images=images, labels=labels)

@@ -115,6 +115,8 @@ def build() -> Path:
     if path.exists():
       return path
     try:
+      logging.info('compiling the fer_jax C++ conv kernels for this CPU (once per machine): %s',
+                   path)
       _compile(cxx, flags, path)
       return path
     except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
@@ -126,7 +128,9 @@ def build() -> Path:
 def _load() -> ctypes.CDLL:
   if os.environ.get('FER_JAX_NATIVE', '1') == '0':
     raise NativeUnavailable('disabled by FER_JAX_NATIVE=0')
-  lib = ctypes.CDLL(str(build()))
+  path = build()
+  lib = ctypes.CDLL(str(path))
+  logging.info('fer_jax C++ conv kernels loaded from %s', path)
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
   return lib

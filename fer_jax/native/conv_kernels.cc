@@ -48,7 +48,8 @@
 namespace fer_jax {
 namespace {
 
-// Tuning constants (measured on a 2-core AMD Zen 3, AVX2 + FMA).
+// Tuning constants: work-item sizes and thresholds of the kernels below (how they were chosen,
+// and on which CPU: benchmarks/README.md, 'Figures behind constants in the code').
 constexpr int64_t kFwdMaxChunk = 192;     // output pixels per ConvForward work item (max)
 constexpr int64_t kStreamBytes = int64_t{16} << 20;  // streaming stores for outputs this large
 constexpr int64_t kStreamMaxDepth = 64;   // ... of convs with a reduction this short

@@ -1,4 +1,5 @@
-"""Loads a trained workdir once for the evaluation, report and prediction tools.
+"""`load(workdir, checkpoint)`: a trained checkpoint as a `TrainedModel`, for the evaluation,
+report and prediction tools.
 
 A checkpoint carries everything needed to rebuild the model and its input pipeline: the config,
 the class names and the training pixel statistics (its 'meta' item). Only the parameters of the
@@ -9,9 +10,7 @@ on the requested sharding (replicated over a mesh, or on one device).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import os
 from typing import Any
 
@@ -21,30 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fer_jax import checkpointing
+from fer_jax import checkpointing, logs
 from fer_jax.errors import FerJaxError
 from fer_jax.models import get_model
 
 CHECKPOINT_CHOICES = "'best', 'latest' or a step number"
-# What orbax says, as a warning, about every read-only manager: expected here, so not shown.
-_READ_ONLY_NOTICES = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
-
-
-class _DropReadOnlyNotices(logging.Filter):
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(_READ_ONLY_NOTICES)
-
-
-@contextlib.contextmanager
-def _quiet_read_only():
-  absl_logger = logging.getLogger('absl')
-  notice_filter = _DropReadOnlyNotices()
-  absl_logger.addFilter(notice_filter)
-  try:
-    yield
-  finally:
-    absl_logger.removeFilter(notice_filter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +108,7 @@ def load(workdir: str, checkpoint: str | int = 'best', *,
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     what = 'has no checkpoints/ directory' if os.path.isdir(workdir) else 'not found'
     raise FerJaxError(f'workdir {workdir}: {what}')
-  with _quiet_read_only():
+  with logs.quiet_read_only_notices():
     manager = checkpointing.make_manager(workdir, keep_latest=1, keep_best=1, read_only=True)
   try:
     step = resolve_step(manager, checkpoint)
@@ -169,18 +149,3 @@ def load(workdir: str, checkpoint: str | int = 'best', *,
   return TrainedModel(workdir=workdir, checkpoint=str(checkpoint), step=step, config=config,
                       class_names=class_names, pixel_mean=float(meta['pixel_mean']),
                       pixel_std=float(meta['pixel_std']), model=model, variables=variables)
-
-
-class _QuietLibraries(logging.Filter):
-  """orbax's and grain's INFO records, hidden unless --verbosity is raised (as launch.py)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    from absl import logging as absl_logging
-    noisy = '/orbax/' in record.pathname or '/grain/' in record.pathname
-    return not noisy or record.levelno >= logging.WARNING or absl_logging.get_verbosity() > 0
-
-
-def quiet_library_logs() -> None:
-  """For the command-line tools: keep their output to what they report."""
-  from absl import logging as absl_logging
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
