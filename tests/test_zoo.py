@@ -75,10 +75,7 @@ _needs_native = pytest.mark.skipif(not native.available(), reason='no C++ compil
 @pytest.mark.parametrize('k,stride,padding,size,cin,cout', [
     (3, 1, 'SAME', (7, 9), 3, 16), (3, 1, 'VALID', (8, 6), 5, 8), (3, 1, 'SAME', (10, 10), 1, 32),
     (1, 2, 'SAME', (9, 8), 6, 12), (1, 1, 'SAME', (5, 5), 4, 4), (3, 2, 'SAME', (8, 8), 4, 8),
-    (5, 1, 'SAME', (6, 7), 2, 4),
-    # Strided: space-to-depth onto the stride-1 C++ kernels under 'native'; odd and even sizes.
-    (3, 2, 'SAME', (9, 7), 3, 20), (3, 2, 'VALID', (9, 8), 4, 8), (3, 2, 'VALID', (10, 11), 2, 5),
-    (5, 2, 'SAME', (7, 9), 3, 4), (1, 2, 'VALID', (7, 7), 4, 6), (3, 3, 'SAME', (10, 8), 2, 4)])
+    (5, 1, 'SAME', (6, 7), 2, 4)])
 def test_conv_lowerings_match_lax_conv(lowering, k, stride, padding, size, cin, cout):
   x = _rand((3, *size, cin), 0)
   conv = layers.Conv(cout, k, stride, padding, lowering=lowering)

@@ -233,46 +233,13 @@ def _native_conv_bwd(pad, res, dy):
 native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
 
 
-def _xla_padding(size: int, k: int, s: int, padding: str) -> tuple[int, int]:
-  """(before, after) zero padding of one spatial axis, as lax.conv pads 'SAME' / 'VALID'."""
-  if padding == 'VALID':
-    return 0, 0
-  total = max((-(-size // s) - 1) * s + k - size, 0)
-  return total // 2, total - total // 2
-
-
-def native_strided_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: str) -> jax.Array:
-  """A strided kxk conv on the stride-1 C++ kernels, by space-to-depth.
-
-  Each s x s block of the padded input becomes one pixel of s*s*C channels, and the kernel is
-  zero-padded to a multiple of s and folded the same way: y = a stride-1 'VALID' conv of
-  ceil(k/s) x ceil(k/s) taps (for 3x3, stride 2: 2x2 taps over 4C channels, 16/9 of the MACs).
-  The folds are reshapes whose gradients XLA does for free; the conv and its two gradients are
-  `native_conv`'s.
-  """
-  b, h, w, c = x.shape
-  k, o = kernel.shape[0], kernel.shape[-1]
-  kk = -(-k // stride)
-  (ht, hb), (wl, wr) = (_xla_padding(h, k, stride, padding), _xla_padding(w, k, stride, padding))
-  oh, ow = (h + ht + hb - k) // stride + 1, (w + wl + wr - k) // stride + 1
-  lh, lw = stride * (oh + kk - 1), stride * (ow + kk - 1)  # rows/cols the blocks cover
-  xp = jnp.pad(x, ((0, 0), (ht, max(lh - h - ht, 0)), (wl, max(lw - w - wl, 0)), (0, 0)))
-  xp = xp[:, :lh, :lw, :]
-  z = xp.reshape(b, lh // stride, stride, lw // stride, stride, c).transpose(0, 1, 3, 2, 4, 5)
-  z = z.reshape(b, lh // stride, lw // stride, stride * stride * c)
-  kp = jnp.pad(kernel, ((0, kk * stride - k), (0, kk * stride - k), (0, 0), (0, 0)))
-  kz = kp.reshape(kk, stride, kk, stride, c, o).transpose(0, 2, 1, 3, 4, 5)
-  return native_conv(z, kz.reshape(kk, kk, stride * stride * c, o))
-
-
 class Conv(nn.Module):
   """`nn.Conv` (square kernel, 'SAME' or 'VALID', stride 1 or 2) with the CPU lowerings.
 
   The parameters are nn.Conv's (`kernel` HWIO, optional `bias`), so checkpoints move between
   lowerings and backends. 'xla' is lax.conv. On CPU ('native'/'dot'): a 1x1 conv is a strided
   slice and one matmul; a stride-1 kxk conv runs on the C++ kernels ('native', float32) or as
-  one im2col matmul ('dot'); a strided kxk conv runs on the C++ kernels by space-to-depth
-  (`native_strided_conv`, 'native') or stays on lax.conv ('dot').
+  one im2col matmul ('dot'); a strided kxk conv stays on lax.conv.
   """
   features: int
   kernel_size: int = 3
@@ -303,8 +270,6 @@ class Conv(nn.Module):
         y = native_conv(x, kernel, pad)
       else:
         y = _im2col_conv(_pad_hw(x, pad), kernel)[0]
-    elif lowering == 'native' and x.dtype == jnp.float32:
-      y = native_strided_conv(x, kernel, s, self.padding)
     else:
       y = lax.conv_general_dilated(x, kernel, (s, s), self.padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
