@@ -4,9 +4,8 @@
 prints one JSON line per lowering: the median of --calls timed calls after compilation of
 `jax.grad` of the cross-entropy through `model.apply` (BatchNorm statistics mutable, dropout on).
 Every lowering is compiled first, then the calls alternate between them (one call of each in
-turn), so a load change on a shared machine hits them alike. 'native_strided_xla' is 'native'
-with the strided convs left on lax.conv (what 'native' did before `native_strided_conv`);
-'native_no_bn' is 'native' with every BatchNorm replaced by the identity (what BatchNorm costs).
+turn), so a load change on a shared machine hits them alike. 'native_no_bn' is 'native' with
+every BatchNorm replaced by the identity (what BatchNorm costs).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', default='experiments/cpu_budget.py')
   p.add_argument('--lowering', nargs='+', default=['native', 'xla'],
-                 choices=('auto', 'xla', 'dot', 'native', 'native_strided_xla', 'native_no_bn'))
+                 choices=('auto', 'xla', 'dot', 'native', 'native_no_bn'))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--width', type=float, default=None, help='override config.model.width')
   p.add_argument('--calls', type=int, default=6)
@@ -44,14 +43,6 @@ def main() -> None:
   size, b = model_cfg.image_size, args.batch
   x = jax.random.normal(jax.random.key(1), (b, size, size, 1))
   y = jnp.zeros((b,), jnp.int32)
-  from jax import lax
-  from fer_jax.models import layers
-  native_strided_conv = layers.native_strided_conv
-
-  def strided_on_xla(x, kernel, stride, padding):
-    return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
   import flax.linen as nn
   batch_norm = nn.BatchNorm
 
@@ -68,8 +59,6 @@ def main() -> None:
 
   fns = {}
   for lowering in args.lowering:
-    layers.native_strided_conv = (strided_on_xla if lowering == 'native_strided_xla'
-                                  else native_strided_conv)
     nn.BatchNorm = NoBatchNorm if lowering == 'native_no_bn' else batch_norm
     model_cfg.lowering = 'native' if lowering.startswith('native') else lowering
     model = models.get_model(model_cfg, 7)
@@ -88,7 +77,7 @@ def main() -> None:
 
     jax.block_until_ready(grads(variables['params'], x))  # compiles, with this lowering's patch
     fns[lowering] = (grads, variables['params'], [])
-  layers.native_strided_conv, nn.BatchNorm = native_strided_conv, batch_norm
+  nn.BatchNorm = batch_norm
   for _ in range(args.calls):
     for lowering, (grads, params, times) in fns.items():
       t = time.perf_counter()
