@@ -1,9 +1,12 @@
 """Images/s of the full fer_jax train step (augmentation included unless --no-augment).
 
   python benchmarks/train_throughput.py --size 48 --batch 64
-prints a progress table and, as its last line, one JSON object. Defaults are the base
-config's training settings. Warm-up (compilation) is excluded; the figure is the median of
-several timed windows.
+  python benchmarks/train_throughput.py --model resnet18 vgg_fer_compact --lowering native xla
+prints a progress table and one JSON object per (model, lowering), the last line being the last
+one. Defaults are the config's training settings (`--model NAME` picks a zoo model's config, see
+MODEL_CONFIGS; otherwise --config). Warm-up (compilation) is excluded; every (model, lowering)
+is compiled first and their timed windows then alternate, so a load change on a shared machine
+hits them alike; each figure is the median of its windows.
 """
 
 from __future__ import annotations
@@ -16,14 +19,27 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
+# The zoo's models and the experiment config each is benchmarked with.
+MODEL_CONFIGS = {
+    'seed_cnn': 'experiments/base.py',
+    'vgg_fer': 'experiments/vgg_fer2013.py',
+    'resnet18': 'experiments/resnet18_fer2013.py',
+    'vgg_fer_compact': 'experiments/cpu_budget.py',  # width 0.5, one Dense-256
+}
+
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', default='experiments/base.py')
+  p.add_argument('--model', nargs='+', choices=sorted(MODEL_CONFIGS), default=None,
+                 help='zoo models to time, each with its experiment config (overrides --config)')
+  p.add_argument('--width', type=float, default=None,
+                 help="override config.model.width (vgg_fer: a multiplier; resnet18: channels)")
   p.add_argument('--size', type=int, default=None, help='model input size (default: config)')
   p.add_argument('--batch', type=int, default=None, help='global batch (default: config)')
   p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'))
-  p.add_argument('--lowering', default=None, choices=('auto', 'xla', 'dot', 'native'))
+  p.add_argument('--lowering', nargs='+', default=None, choices=('auto', 'xla', 'dot', 'native'),
+                 help='one or more lowerings, timed in alternation (default: the config\'s)')
   p.add_argument('--parallel', default=None, choices=('jit', 'pmap'))
   p.add_argument('--devices', type=int, default=0, help='simulate N CPU devices (0: as found)')
   p.add_argument('--no-augment', action='store_true')
@@ -55,60 +71,81 @@ def main() -> None:
   from fer_jax.train import compile_steps, make_step_context
   from fer_jax.train_step import create_train_state, make_optimizer
 
-  spec = importlib.util.spec_from_file_location('cfg', args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  if args.size: config.model.image_size = args.size
-  if args.batch: config.train.batch_size = args.batch
-  if args.dtype: config.model.dtype = args.dtype
-  if args.lowering: config.model.lowering = args.lowering
-  if args.parallel: config.parallel = args.parallel
-  if args.no_augment: config.augment.enabled = False
-  if args.microbatch is not None: config.train.microbatch_size = args.microbatch
+  def load_config(path):
+    spec = importlib.util.spec_from_file_location('cfg', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    if args.size: config.model.image_size = args.size
+    if args.batch: config.train.batch_size = args.batch
+    if args.dtype: config.model.dtype = args.dtype
+    if args.parallel: config.parallel = args.parallel
+    if args.no_augment: config.augment.enabled = False
+    if args.microbatch is not None: config.train.microbatch_size = args.microbatch
+    if args.width is not None and 'width' in config.model:  # seed_cnn has no width
+      config.model.width = type(config.model.width)(args.width)
+    return config
 
-  batch_size, size = config.train.batch_size, config.model.image_size
+  paths = [(m, MODEL_CONFIGS[m]) for m in args.model] if args.model else [(None, args.config)]
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch_size)
-  ctx = make_step_context(config, num_classes=7, weights=np.ones(7, np.float32), mean=0.5, std=0.25)
-  tx = make_optimizer(config.train, steps_per_epoch=448)
-  state = jax.jit(lambda: create_train_state(ctx, tx), out_shardings=parallel.replicated(mesh))()
-  steps = compile_steps(ctx, config.parallel, mesh)
-  state = steps.prepare_state(state)
   rng = np.random.default_rng(0)
-  # FER2013 images are 48x48; a larger model input is produced by the on-device resample.
-  host = [{'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
-           'label': rng.integers(0, 7, (batch_size,)).astype(np.int32)} for _ in range(4)]
+  runs = []
+  for label, path in paths:
+    for lowering in args.lowering or [None]:
+      config = load_config(path)
+      if lowering: config.model.lowering = lowering
+      batch_size = config.train.batch_size
+      parallel.check_batch_size(batch_size)
+      ctx = make_step_context(config, num_classes=7, weights=np.ones(7, np.float32), mean=0.5,
+                              std=0.25)
+      tx = make_optimizer(config.train, steps_per_epoch=448)
+      state = jax.jit(lambda: create_train_state(ctx, tx),
+                      out_shardings=parallel.replicated(mesh))()
+      steps = compile_steps(ctx, config.parallel, mesh)
+      # FER2013 images are 48x48; a larger model input is produced by the on-device resample.
+      host = [{'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
+               'label': rng.integers(0, 7, (batch_size,)).astype(np.int32)} for _ in range(4)]
+      runs.append({'label': label or config.model.name, 'config': config, 'ctx': ctx,
+                   'steps': steps, 'state': steps.prepare_state(state), 'host': host,
+                   'rates': []})
 
-  def run(n):
-    nonlocal state
+  def run(r, n):
+    state, steps = r['state'], r['steps']
     for i in range(n):
-      state, m = steps.train(state, steps.put_batch(host[i % len(host)]))
+      state, m = steps.train(state, steps.put_batch(r['host'][i % len(r['host'])]))
     jax.block_until_ready(m)
+    r['state'] = state
 
-  run(3)  # compile + warm up
-  rates = []
+  for r in runs:
+    run(r, 3)  # compile + warm up
   for w in range(args.windows):
-    t = time.perf_counter()
-    run(args.steps_per_window)
-    rate = args.steps_per_window * batch_size / (time.perf_counter() - t)
-    rates.append(rate)
-    print(f'window {w}: {rate:.0f} img/s', file=sys.stderr)
-  resolved = layers.resolve_lowering(config.model.lowering)
-  result = {
-      'images_per_s': round(float(np.median(rates)), 1),
-      'size': size, 'batch': batch_size, 'devices': jax.device_count(),
-      'dtype': config.model.dtype, 'lowering': config.model.lowering,
-      'lowering_resolved': resolved, 'parallel': config.parallel,
-      'augment': bool(config.augment.enabled), 'model': config.model.name,
-      'microbatch': ctx.microbatch,
-      'windows': [round(r, 1) for r in rates], 'backend': jax.default_backend(),
-      'jax': jax.__version__,
-      'malloc_tuned': os.environ.get('FER_JAX_MALLOC_TUNED') == '1',
-      'cpu_async_dispatch': bool(jax.config.values['jax_cpu_enable_async_dispatch']),
-      'native_isa': native.isa() if resolved == 'native' else None,
-  }
-  print(json.dumps(result))
+    for r in runs:  # alternate: each window of each run under the same load
+      batch_size = r['config'].train.batch_size
+      t = time.perf_counter()
+      run(r, args.steps_per_window)
+      rate = args.steps_per_window * batch_size / (time.perf_counter() - t)
+      r['rates'].append(rate)
+      print(f'window {w} {r["label"]} {r["config"].model.lowering}: {rate:.0f} img/s',
+            file=sys.stderr)
+  for r in runs:
+    config, rates = r['config'], r['rates']
+    resolved = layers.resolve_lowering(config.model.lowering)
+    result = {
+        'images_per_s': round(float(np.median(rates)), 1),
+        'size': config.model.image_size, 'batch': config.train.batch_size,
+        'devices': jax.device_count(),
+        'dtype': config.model.dtype, 'lowering': config.model.lowering,
+        'lowering_resolved': resolved, 'parallel': config.parallel,
+        'augment': bool(config.augment.enabled), 'model': config.model.name,
+        'zoo_name': r['label'], 'width': config.model.get('width'),
+        'microbatch': r['ctx'].microbatch,
+        'windows': [round(x, 1) for x in rates], 'backend': jax.default_backend(),
+        'jax': jax.__version__,
+        'malloc_tuned': os.environ.get('FER_JAX_MALLOC_TUNED') == '1',
+        'cpu_async_dispatch': bool(jax.config.values['jax_cpu_enable_async_dispatch']),
+        'native_isa': native.isa() if resolved == 'native' else None,
+    }
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == '__main__':

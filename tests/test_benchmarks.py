@@ -25,6 +25,23 @@ def test_train_throughput_prints_its_settings():
     assert key in result
 
 
+def test_train_throughput_times_zoo_models_in_alternation():
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/train_throughput.py', '--model', 'seed_cnn', 'vgg_fer_compact',
+       '--lowering', 'auto', '--width', '0.125', '--size', '16', '--batch', '4', '--windows', '2',
+       '--steps-per-window', '1'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
+  assert [(l['zoo_name'], l['model']) for l in lines] == [('seed_cnn', 'seed_cnn'),
+                                                          ('vgg_fer_compact', 'vgg_fer')]
+  assert lines[1]['width'] == 0.125 and lines[1]['size'] == 16  # cpu_budget's model, shrunk
+  assert all(l['images_per_s'] > 0 and len(l['windows']) == 2 and l['augment'] for l in lines)
+  order = [l.split(':')[0] for l in out.stderr.splitlines() if l.startswith('window ')]
+  assert order == ['window 0 seed_cnn auto', 'window 0 vgg_fer_compact auto',
+                   'window 1 seed_cnn auto', 'window 1 vgg_fer_compact auto']
+
+
 def test_forward_backward_prints_one_line_per_lowering():
   out = subprocess.run(
       [sys.executable, 'benchmarks/forward_backward.py', '--config', 'experiments/cpu_budget.py',

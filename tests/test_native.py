@@ -125,6 +125,45 @@ def test_conv_pool_ties_pick_the_first_maximum_like_max_pool():
 
 
 @needs_native
+@pytest.mark.parametrize('position', [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_conv_pool_propagates_a_nan_anywhere_in_the_window(position):
+  """A NaN conv output is the window's pooled value (as through nn.max_pool), so a divergence
+  shows in the loss of the step where it happens; the code points at it (the first NaN)."""
+  import flax.linen as nn
+  x = np.arange(2 * 6 * 6, dtype=np.float32).reshape(2, 6, 6, 1)
+  x[1, 2 + position[0], 4 + position[1], 0] = np.nan
+  k = jnp.ones((1, 1, 1, 20))  # every output channel is x: partial vectors in every tile width
+  pooled, code = jax.jit(native.conv_pool)(jnp.asarray(x), k)
+  ref = nn.max_pool(_lax_conv(jnp.asarray(x), k), (2, 2), (2, 2), 'VALID')
+  np.testing.assert_array_equal(np.isnan(pooled), np.isnan(ref))
+  assert np.isnan(pooled).sum() == 20 and np.isnan(pooled[1, 1, 2]).all()
+  np.testing.assert_array_equal(code[1, 1, 2], 2 * position[0] + position[1])
+  np.testing.assert_array_equal(np.where(np.isnan(ref), 0, pooled), np.where(np.isnan(ref), 0, ref))
+
+
+@needs_native
+@pytest.mark.parametrize('position', [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_native_conv_relu_pool_layer_keeps_a_nan_like_the_xla_layer(position):
+  """The forward pass and every gradient of ConvReluPool have NaNs exactly where the 'xla'
+  layer's have them."""
+  from fer_jax.models import layers
+  x = np.random.default_rng(0).normal(size=(2, 10, 10, 3)).astype(np.float32)
+  x[0, 4 + position[0], 4 + position[1], 1] = np.nan
+  results = []
+  for lowering in ('native', 'xla'):
+    layer = layers.ConvReluPool(20, 3, lowering=lowering)
+    params = layer.init(jax.random.key(0), x)
+    out = layer.apply(params, x)
+    grads = jax.grad(lambda p, v: jnp.sum(layer.apply(p, v)), argnums=(0, 1))(params, x)
+    results.append([np.asarray(out)] + [np.asarray(g) for g in jax.tree.leaves(grads)])
+  assert np.isnan(results[1][0]).any()
+  # Only the NaN patterns: in a window holding a NaN, XLA's pool gradient goes to whichever
+  # element its >= chain against the NaN ends on, the native one to the NaN (killed by the relu).
+  for got, want in zip(*results):
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+@needs_native
 def test_conv_pool_rejects_an_odd_conv_output():
   with pytest.raises(ValueError, match='not even'):
     native.conv_pool(jnp.ones((1, 6, 7, 1)), jnp.ones((3, 3, 1, 4)))
@@ -170,7 +209,7 @@ def test_every_instruction_set_matches_lax(tmp_path, march, isa):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   assert f'isa: {isa}' in proc.stdout
-  assert f'{len(SHAPES) + len(POOL_SHAPES) + 2} passed' in proc.stdout
+  assert f'{len(SHAPES) + len(POOL_SHAPES) + 6} passed' in proc.stdout
 
 
 _NO_NATIVE = """
@@ -203,6 +242,121 @@ def test_without_the_kernels_auto_falls_back_to_dot(tmp_path, env, reason):
   assert "model.lowering='native' needs the C++ conv kernels" in proc.stdout
   assert not list(tmp_path.rglob('*.so'))  # nothing half-built left behind
   assert not list(tmp_path.rglob('*.tmp'))
+  # A failed build is a warning (printed without any logging setup); turning it off is not.
+  warned = 'fer_jax native conv kernels unavailable' in proc.stderr
+  assert warned == ('CXX' in env), proc.stderr[-3000:]
+
+
+# A stand-in compiler: logs each compile to $FAKE_CXX_LOG, takes a second, writes the output
+# (or fails when $FAKE_CXX_FAIL is set); --version and -dM -E go to the real one.
+_FAKE_CXX = """#!/bin/sh
+for a in "$@"; do case "$a" in --version|-dM) exec c++ "$@";; esac; done
+echo "$@" >> "$FAKE_CXX_LOG"
+sleep 1
+if [ -n "$FAKE_CXX_FAIL" ]; then echo 'fake: no such target' >&2; exit 1; fi
+while [ $# -gt 1 ]; do if [ "$1" = -o ]; then echo fake > "$2"; fi; shift; done
+"""
+
+
+def _fake_cxx(tmp_path, **env):
+  if not shutil.which('c++'):
+    pytest.skip('needs c++ for --version')
+  cxx = tmp_path / 'fake-c++'
+  cxx.write_text(_FAKE_CXX)
+  cxx.chmod(0o755)
+  log = tmp_path / 'compiles.log'
+  log.touch()
+  return log, {**os.environ, 'CXX': str(cxx), 'FAKE_CXX_LOG': str(log), 'JAX_PLATFORMS': 'cpu',
+               'FER_JAX_CACHE_DIR': str(tmp_path / 'cache'), **env}
+
+
+_BUILD = 'from fer_jax import native; print("built:", native.build())'
+
+
+def test_concurrent_first_builds_compile_once(tmp_path):
+  log, env = _fake_cxx(tmp_path)
+  env.pop('FER_JAX_NATIVE_MARCH', None)
+  procs = [subprocess.Popen([sys.executable, '-c', _BUILD], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  paths = {line for out, _ in outs for line in out.splitlines() if line.startswith('built:')}
+  assert len(paths) == 1  # the same library...
+  assert len(log.read_text().splitlines()) == 1  # ...compiled once
+
+
+def test_the_built_library_is_readable_by_other_users(tmp_path, monkeypatch):
+  log, env = _fake_cxx(tmp_path)
+  for k in ('CXX', 'FAKE_CXX_LOG', 'FER_JAX_CACHE_DIR'):
+    monkeypatch.setenv(k, env[k])
+  monkeypatch.delenv('FER_JAX_NATIVE_MARCH', raising=False)
+  old = os.umask(0o022)
+  try:
+    path = native.build()
+  finally:
+    os.umask(old)
+  assert path.stat().st_mode & 0o777 == 0o755  # not mkstemp's 0600
+  assert len(log.read_text().splitlines()) == 1
+
+
+def test_an_explicit_march_that_does_not_build_is_an_error(tmp_path):
+  log, env = _fake_cxx(tmp_path, FAKE_CXX_FAIL='1', FER_JAX_NATIVE_MARCH='x86-64')
+  proc = subprocess.run([sys.executable, '-c', _BUILD], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0
+  assert "NativeMarchError: FER_JAX_NATIVE_MARCH='x86-64' does not build" in proc.stderr
+  assert 'fake: no such target' in proc.stderr
+  compiles = log.read_text().splitlines()
+  assert len(compiles) == 1 and '-march=x86-64' in compiles[0]  # no silent portable build
+
+
+def test_an_explicit_march_this_cpu_cannot_run_is_an_error(tmp_path):
+  flags = _cpu_flags()
+  if platform.machine() not in ('x86_64', 'AMD64') or not flags or not shutil.which('c++'):
+    pytest.skip('x86 Linux with c++')
+  if 'avx512f' not in flags:
+    march, missing = 'skylake-avx512', 'avx512f'
+  elif 'amx_tile' not in flags:
+    march, missing = 'sapphirerapids', 'amx_tile'
+  else:
+    pytest.skip('this CPU runs every target named here')
+  log, env = _fake_cxx(tmp_path, FER_JAX_NATIVE_MARCH=march)
+  code = 'from fer_jax import native; print(native.available())'
+  proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0  # not a quiet fallback, not a SIGILL (returncode < 0)
+  assert proc.returncode > 0 and 'NativeMarchError' in proc.stderr
+  assert f'needs CPU features this CPU lacks: ' in proc.stderr and missing in proc.stderr
+  assert not log.read_text()  # refused before compiling
+
+
+_OUT_OF_MEMORY = """
+import resource
+import jax
+import jax.numpy as jnp
+from fer_jax import native
+native.ensure_loaded()
+o = 1 << 24  # the fused pool's per-thread scratch (2 conv rows, 512 MB) will not fit
+x, k = jnp.ones((1, 2, 4, 1)), jnp.ones((1, 1, 1, o))
+jax.block_until_ready(native.conv_pool(x, jnp.ones((1, 1, 1, 8))))
+vm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize')][0]
+resource.setrlimit(resource.RLIMIT_AS, (vm + (400 << 20), resource.RLIM_INFINITY))
+try:
+  jax.block_until_ready(native.conv_pool(x, k))
+except Exception as e:
+  print('error:', e)
+"""
+
+
+@needs_native
+def test_a_cpp_exception_becomes_an_error_of_the_call():
+  if not os.path.exists('/proc/self/status'):
+    pytest.skip('reads VmSize from /proc')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, '-c', _OUT_OF_MEMORY], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "RESOURCE_EXHAUSTED: conv_pool: out of memory for the kernel's scratch" in proc.stdout
 
 
 @needs_native

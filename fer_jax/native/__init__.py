@@ -11,13 +11,19 @@ the flipped kernel.
 The library is compiled with the machine's C++ compiler (`$CXX`, else `c++`/`g++`) the first time
 a process asks for it, into a cache keyed by the sources, the compiler, jaxlib and the CPU
 (`$FER_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/fer_jax`, else `~/.cache/fer_jax`). It is written
-to a temporary name and renamed, so a crash never leaves a half-written library. Where there is no
-compiler, or `FER_JAX_NATIVE=0`, `available()` is False and the 'auto' lowering uses 'dot'.
+to a temporary name, made readable like any compiler output (0755 less the umask: a shared cache
+serves every user) and renamed, so a crash never leaves a half-written library; a lock file
+makes concurrent first builds into one cache compile once. Where there is no compiler, or the
+build or load fails, `available()` is False (with a warning) and the 'auto' lowering uses 'dot';
+`FER_JAX_NATIVE=0` turns the kernels off quietly. An explicit `FER_JAX_NATIVE_MARCH` that does
+not build, or names instructions this CPU lacks, raises `NativeMarchError` instead.
 """
 
 from __future__ import annotations
 
 import ctypes
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -43,6 +49,13 @@ _BASE_FLAGS = ('-O3', '-std=c++20', '-shared', '-fPIC')
 
 class NativeUnavailable(RuntimeError):
   """The C++ kernels cannot be built or loaded here (the message says why)."""
+
+
+class NativeMarchError(RuntimeError):
+  """`$FER_JAX_NATIVE_MARCH` names a target that does not build or that this CPU cannot run.
+
+  Not a NativeUnavailable: an explicit request is not silently replaced by a slower build.
+  """
 
 
 def cache_dir() -> Path:
@@ -82,9 +95,21 @@ def _build_key(cxx: str, flags: tuple[str, ...]) -> str:
   return h.hexdigest()[:16]
 
 
+def _umask() -> int:
+  """The process's umask (read from /proc where possible: setting it is not thread-safe)."""
+  try:
+    for line in Path('/proc/self/status').read_text().splitlines():
+      if line.startswith('Umask:'):
+        return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def _compile(cxx: str, flags: tuple[str, ...], out: Path) -> None:
   """Compiles SOURCES into `out` atomically (temporary file + rename)."""
-  out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + '.', suffix='.tmp')
   os.close(fd)
   cmd = [cxx, *flags, '-isystem', jax.ffi.include_dir(),
@@ -93,10 +118,78 @@ def _compile(cxx: str, flags: tuple[str, ...], out: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
       raise NativeUnavailable(f'{" ".join(cmd)} failed: {proc.stderr.strip()[-2000:]}')
+    # mkstemp made it 0600; other users of a shared cache must be able to load it.
+    os.chmod(tmp, 0o755 & ~_umask())
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+  """Holds an exclusive lock on `directory`/build.lock: one process compiles, the others wait
+  for its library instead of compiling the same one for minutes."""
+  directory.mkdir(parents=True, exist_ok=True)
+  with open(directory / 'build.lock', 'a+b') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached_or_compiled(cxx: str, flags: tuple[str, ...]) -> Path:
+  path = cache_dir() / 'native' / _build_key(cxx, flags) / 'libfer_jax_native.so'
+  if path.exists():
+    return path
+  with _build_lock(path.parent):
+    if not path.exists():  # another process may have built it while we waited
+      logging.info('compiling the fer_jax C++ conv kernels for this CPU (once per machine): %s',
+                   path)
+      _compile(cxx, flags, path)
+  return path
+
+
+# Predefined macros of a -march target -> the /proc/cpuinfo flag the CPU needs to run its code.
+_MACRO_FLAGS = {
+    '__SSE3__': 'pni', '__SSSE3__': 'ssse3', '__SSE4_1__': 'sse4_1', '__SSE4_2__': 'sse4_2',
+    '__POPCNT__': 'popcnt', '__AVX__': 'avx', '__AVX2__': 'avx2', '__FMA__': 'fma',
+    '__F16C__': 'f16c', '__BMI__': 'bmi1', '__BMI2__': 'bmi2', '__MOVBE__': 'movbe',
+    '__AVX512F__': 'avx512f', '__AVX512CD__': 'avx512cd', '__AVX512BW__': 'avx512bw',
+    '__AVX512DQ__': 'avx512dq', '__AVX512VL__': 'avx512vl', '__AVX512VNNI__': 'avx512_vnni',
+    '__AVX512BF16__': 'avx512_bf16', '__AVX512FP16__': 'avx512_fp16', '__AVXVNNI__': 'avx_vnni',
+    '__AMX_TILE__': 'amx_tile', '__AMX_BF16__': 'amx_bf16', '__AMX_INT8__': 'amx_int8',
+}
+
+
+def _cpu_flags() -> set[str] | None:
+  """This CPU's feature flags from /proc/cpuinfo (None where there is none, e.g. not Linux)."""
+  try:
+    lines = Path('/proc/cpuinfo').read_text().splitlines()
+  except OSError:
+    return None
+  flags = {f for l in lines if l.startswith('flags') for f in l.split(':', 1)[1].split()}
+  return flags or None
+
+
+def _check_march_runs_here(cxx: str, march: str) -> None:
+  """Raises NativeMarchError if -march=`march` lets the compiler use instructions this CPU
+  lacks (the first convolution would die of SIGILL)."""
+  proc = subprocess.run([cxx, f'-march={march}', '-dM', '-E', '-x', 'c++', os.devnull],
+                        capture_output=True, text=True, timeout=120)
+  if proc.returncode != 0:
+    raise NativeMarchError(f'FER_JAX_NATIVE_MARCH={march!r}: {cxx} rejects -march={march}: '
+                           f'{proc.stderr.strip()[-500:]}')
+  cpu = _cpu_flags()
+  if cpu is None:
+    return
+  macros = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith('#define ')}
+  missing = sorted(flag for macro, flag in _MACRO_FLAGS.items() if macro in macros
+                   and flag not in cpu)
+  if missing:
+    raise NativeMarchError(f'FER_JAX_NATIVE_MARCH={march!r} needs CPU features this CPU lacks: '
+                           f'{", ".join(missing)} (unset it for -march=native)')
 
 
 def build() -> Path:
@@ -104,24 +197,26 @@ def build() -> Path:
 
   `$FER_JAX_NATIVE_MARCH` (default 'native') is the -march target: 'native' picks AVX-512 or
   AVX2 kernels for this CPU; e.g. 'haswell' forces the AVX2 ones, 'x86-64' the portable C++.
+  An explicit target is built as asked or not at all (NativeMarchError); the default falls
+  back to a portable build, with a warning, where the compiler has no -march=native.
   """
   cxx = _compiler()
-  last_error = None
-  march = os.environ.get('FER_JAX_NATIVE_MARCH', 'native')
-  # -march first (SIMD kernels); a compiler without it gets the portable build.
-  for extra in ((f'-march={march}',), ()):
-    flags = _BASE_FLAGS + extra
-    path = cache_dir() / 'native' / _build_key(cxx, flags) / 'libfer_jax_native.so'
-    if path.exists():
-      return path
+  march = os.environ.get('FER_JAX_NATIVE_MARCH', '')
+  if march:
+    _check_march_runs_here(cxx, march)
     try:
-      logging.info('compiling the fer_jax C++ conv kernels for this CPU (once per machine): %s',
-                   path)
-      _compile(cxx, flags, path)
-      return path
+      return _cached_or_compiled(cxx, _BASE_FLAGS + (f'-march={march}',))
     except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
-      last_error = e
-  raise NativeUnavailable(str(last_error))
+      raise NativeMarchError(f'FER_JAX_NATIVE_MARCH={march!r} does not build: {e}') from e
+  try:
+    return _cached_or_compiled(cxx, _BASE_FLAGS + ('-march=native',))
+  except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
+    logging.warning('fer_jax native kernels: the -march=native build failed, trying the portable '
+                    'one: %s', str(e).splitlines()[0] if str(e) else type(e).__name__)
+  try:
+    return _cached_or_compiled(cxx, _BASE_FLAGS)
+  except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
+    raise NativeUnavailable(str(e)) from e
 
 
 @functools.cache
@@ -140,7 +235,7 @@ def ensure_loaded() -> None:
   """Builds (once per machine) and registers the kernels; raises NativeUnavailable if it can't."""
   try:
     _load()
-  except NativeUnavailable:
+  except (NativeUnavailable, NativeMarchError):
     raise
   except Exception as e:  # ctypes/jax errors: report them the same way
     raise NativeUnavailable(f'{type(e).__name__}: {e}') from e
@@ -148,13 +243,19 @@ def ensure_loaded() -> None:
 
 @functools.cache
 def unavailable_reason() -> str | None:
-  """None if the kernels are usable in this process, else one line saying why not."""
+  """None if the kernels are usable in this process, else one line saying why not.
+
+  A failed build or load is logged as a warning ('auto' then runs the slower 'dot' lowering);
+  NativeMarchError (a bad explicit FER_JAX_NATIVE_MARCH) propagates.
+  """
   try:
     ensure_loaded()
     return None
   except NativeUnavailable as e:
     reason = str(e).splitlines()[0] if str(e) else 'unknown error'
-    logging.info('fer_jax native conv kernels unavailable: %s', reason)
+    disabled = os.environ.get('FER_JAX_NATIVE', '1') == '0'
+    (logging.info if disabled else logging.warning)(
+        'fer_jax native conv kernels unavailable: %s', reason)
     return reason
 
 

@@ -140,9 +140,11 @@ struct Simd {
   static inline Mask TailMask(int valid) { return static_cast<Mask>((1u << valid) - 1u); }
   static inline V MaskLoad(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static inline void MaskStore(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
-  // m = cand where cand > m (and w = k there): one step of a first-maximum search.
+  // m = cand where cand > m, or cand is the window's first NaN (and w = k there): one step of a
+  // first-maximum search in which a NaN is the maximum, as it propagates through max-pool.
   static inline void MaxStep(V& m, V& w, V cand, V k) {
-    const __mmask16 g = _mm512_cmp_ps_mask(cand, m, _CMP_GT_OQ);
+    const __mmask16 g =
+        _mm512_cmp_ps_mask(cand, m, _CMP_NLE_UQ) & _mm512_cmp_ps_mask(m, m, _CMP_ORD_Q);
     m = _mm512_mask_blend_ps(g, m, cand);
     w = _mm512_mask_blend_ps(g, w, k);
   }
@@ -186,7 +188,8 @@ struct Simd {
   static inline V MaskLoad(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
   static inline void MaskStore(float* p, Mask m, V v) { _mm256_maskstore_ps(p, m, v); }
   static inline void MaxStep(V& m, V& w, V cand, V k) {
-    const __m256 g = _mm256_cmp_ps(cand, m, _CMP_GT_OQ);
+    const __m256 g = _mm256_and_ps(_mm256_cmp_ps(cand, m, _CMP_NLE_UQ),
+                                   _mm256_cmp_ps(m, m, _CMP_ORD_Q));
     m = _mm256_blendv_ps(m, cand, g);
     w = _mm256_blendv_ps(w, k, g);
   }
@@ -481,7 +484,9 @@ void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* 
 
 // pooled[Q, f] = the max of the 2x2 window at columns 2Q, 2Q + 1 of conv rows r0 and r1 (each
 // (2 pw, o), dense); code[Q, f] = 2 di + dj of the window's first maximum in row-major order (a
-// later element replaces it only when strictly greater, as XLA's max-pool gradient chooses).
+// later element replaces it only when strictly greater, as XLA's max-pool gradient chooses, or
+// when it is the window's first NaN: a NaN anywhere in the window is the pooled value, as
+// through nn.max_pool).
 void PoolRowPair(const float* r0, const float* r1, int64_t pw, int64_t o, float* pooled,
                  uint8_t* code) {
   const V k1 = Simd::Set1(1.0f), k2 = Simd::Set1(2.0f), k3 = Simd::Set1(3.0f);
@@ -839,12 +844,17 @@ void PoolRowPair(const float* __restrict r0, const float* __restrict r1, int64_t
     for (int64_t f = 0; f < o; ++f) {
       float m = a[f];
       uint8_t w = 0;
-      w = b[f] > m ? 1 : w;
-      m = b[f] > m ? b[f] : m;
-      w = c[f] > m ? 2 : w;
-      m = c[f] > m ? c[f] : m;
-      w = d[f] > m ? 3 : w;
-      m = d[f] > m ? d[f] : m;
+      // Take v when it is greater, or when it is the first NaN (!(v <= m) holds for a NaN v;
+      // m == m keeps an earlier NaN).
+      const auto step = [&](float v, uint8_t k) {
+        if (!(v <= m) && m == m) {
+          m = v;
+          w = k;
+        }
+      };
+      step(b[f], 1);
+      step(c[f], 2);
+      step(d[f], 3);
       pq[f] = m;
       cq[f] = w;
     }

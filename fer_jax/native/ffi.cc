@@ -4,9 +4,11 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 
 #include "conv_kernels.h"
@@ -18,7 +20,10 @@ namespace {
 
 // body(i) for i in [0, n) on the caller's thread plus up to num_threads - 1 pool threads.
 // Items are claimed from a shared counter, so the caller alone can finish all of them: no
-// deadlock when every pool thread is busy (this handler may itself run on one).
+// deadlock when every pool thread is busy (this handler may itself run on one). An exception
+// from body (e.g. std::bad_alloc) must not escape on a pool thread, where it would terminate
+// the process: the first one is kept, the remaining items are skipped, and it is rethrown
+// on the caller's thread once every item is accounted for.
 class PoolParallelFor {
  public:
   explicit PoolParallelFor(ffi::ThreadPool& pool) : pool_(pool) {}
@@ -32,6 +37,8 @@ class PoolParallelFor {
     struct State {
       std::atomic<int64_t> next{0};
       std::atomic<int64_t> done{0};
+      std::atomic<bool> failed{false};
+      std::exception_ptr error;  // written once, by the thread that set `failed`
       std::mutex mu;
       std::condition_variable cv;
     };
@@ -39,7 +46,13 @@ class PoolParallelFor {
     // A helper that starts late finds next >= n and never touches `body`.
     auto work = [state, n, &body]() {
       for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-        body(i);
+        if (!state->failed.load(std::memory_order_relaxed)) {
+          try {
+            body(i);
+          } catch (...) {
+            if (!state->failed.exchange(true)) state->error = std::current_exception();
+          }
+        }
         if (state->done.fetch_add(1) + 1 == n) {
           std::lock_guard<std::mutex> lock(state->mu);
           state->cv.notify_all();
@@ -50,6 +63,7 @@ class PoolParallelFor {
     work();
     std::unique_lock<std::mutex> lock(state->mu);
     state->cv.wait(lock, [&] { return state->done.load() == n; });
+    if (state->error) std::rethrow_exception(state->error);
   }
 
  private:
@@ -84,14 +98,33 @@ ffi::Error CheckOutputDims(Dims d, const fer_jax::ConvShape& s, int64_t f, const
 #define FER_RETURN_IF_ERROR(expr)            \
   if (auto e = (expr); e.failure()) return e
 
+// Runs a kernel; no C++ exception may cross the FFI boundary (XLA would terminate), so one
+// becomes an error of the call (an out-of-memory one for std::bad_alloc).
+template <typename F>
+ffi::Error Guarded(const char* op, F&& kernel) {
+  try {
+    kernel();
+    return ffi::Error::Success();
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      std::string(op) + ": out of memory for the kernel's scratch buffers");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string(op) + ": " + e.what());
+  } catch (...) {
+    return ffi::Error::Internal(std::string(op) + ": unknown C++ exception");
+  }
+}
+
 // x (n, h, w, c), k (kh, kw, c, o) -> y (n, h - kh + 1, w - kw + 1, o)
 ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y) {
   fer_jax::ConvShape s;
   FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), k.dimensions(), "conv", &s));
   FER_RETURN_IF_ERROR(CheckOutputDims(y->dimensions(), s, 1, "conv", "the output"));
-  fer_jax::ConvForward(s, x.typed_data(), k.typed_data(), y->typed_data(), PoolParallelFor(pool));
-  return ffi::Error::Success();
+  return Guarded("conv", [&] {
+    fer_jax::ConvForward(s, x.typed_data(), k.typed_data(), y->typed_data(),
+                         PoolParallelFor(pool));
+  });
 }
 
 // x (n, h, w, c), k (kh, kw, c, o) -> pooled, code (n, oh/2, ow/2, o); oh, ow even
@@ -102,9 +135,10 @@ ffi::Error ConvPoolForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), k.dimensions(), "conv_pool", &s));
   FER_RETURN_IF_ERROR(CheckOutputDims(pooled->dimensions(), s, 2, "conv_pool", "pooled"));
   FER_RETURN_IF_ERROR(CheckOutputDims(code->dimensions(), s, 2, "conv_pool", "code"));
-  fer_jax::ConvPoolForward(s, x.typed_data(), k.typed_data(), pooled->typed_data(),
-                           code->typed_data(), PoolParallelFor(pool));
-  return ffi::Error::Success();
+  return Guarded("conv_pool", [&] {
+    fer_jax::ConvPoolForward(s, x.typed_data(), k.typed_data(), pooled->typed_data(),
+                             code->typed_data(), PoolParallelFor(pool));
+  });
 }
 
 // x (n, h, w, c), dy (n, oh, ow, o) -> dk (kh, kw, c, o)
@@ -113,9 +147,10 @@ ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   fer_jax::ConvShape s;
   FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), dk->dimensions(), "conv kernel grad", &s));
   FER_RETURN_IF_ERROR(CheckOutputDims(dy.dimensions(), s, 1, "conv kernel grad", "dy"));
-  fer_jax::ConvKernelGrad(s, x.typed_data(), dy.typed_data(), dk->typed_data(),
-                          PoolParallelFor(pool));
-  return ffi::Error::Success();
+  return Guarded("conv kernel grad", [&] {
+    fer_jax::ConvKernelGrad(s, x.typed_data(), dy.typed_data(), dk->typed_data(),
+                            PoolParallelFor(pool));
+  });
 }
 
 // x (n, h, w, c), d_pooled and code (n, oh/2, ow/2, o) -> dk (kh, kw, c, o); oh, ow even
@@ -127,9 +162,10 @@ ffi::Error ConvKernelGradPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), dk->dimensions(), op, &s));
   FER_RETURN_IF_ERROR(CheckOutputDims(d_pooled.dimensions(), s, 2, op, "d_pooled"));
   FER_RETURN_IF_ERROR(CheckOutputDims(code.dimensions(), s, 2, op, "code"));
-  fer_jax::ConvKernelGradPooled(s, x.typed_data(), d_pooled.typed_data(), code.typed_data(),
-                                dk->typed_data(), PoolParallelFor(pool));
-  return ffi::Error::Success();
+  return Guarded(op, [&] {
+    fer_jax::ConvKernelGradPooled(s, x.typed_data(), d_pooled.typed_data(), code.typed_data(),
+                                  dk->typed_data(), PoolParallelFor(pool));
+  });
 }
 
 }  // namespace
