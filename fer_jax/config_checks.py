@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import ml_collections
 
-from fer_jax.errors import ConfigError, FerJaxError
+from fer_jax import paths
+from fer_jax.errors import ConfigError
 from fer_jax.evaluate import TTA_MODES
 from fer_jax.models import get_model
 from fer_jax.parallel import PARALLEL_MODES
@@ -62,10 +60,5 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_workdir_writable(workdir: str) -> None:
-  """Fail up front, not mid-epoch, when checkpoints could not be written."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test_'):
-      pass
-  except OSError as e:
-    raise FerJaxError(f'workdir {workdir} is not writable: {e.strerror or e}') from None
+  """Fail up front, not mid-epoch, when checkpoints could not be written (local or gs://)."""
+  paths.check_writable(workdir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import checkpointing, metrics, parallel, preemption, runtime
+from fer_jax import checkpointing, metrics, parallel, paths, preemption, runtime
 from fer_jax.config_checks import check_workdir_writable, validate_config
 from fer_jax.data import pipeline
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
@@ -152,6 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   runtime.inline_cpu_dispatch()  # no-op when launch.py did it, or JAX is already running
   validate_config(config)
   check_workdir_writable(workdir)
+  paths.check_shared(workdir)  # several processes: all must see one workdir
   is_chief = jax.process_index() == 0
   mode = config.parallel
   if mode == 'pmap' and jax.process_count() > 1:
@@ -322,9 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results['tta'] = tta  # mode -> split -> the same figures with that test-time augmentation
   if is_chief:
     path = os.path.join(workdir, 'results.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=1, default=_json_default)
-    os.replace(path + '.tmp', path)
+    paths.write_json(path, results, indent=1, default=_json_default)  # local or gs://
     logging.info('wrote %s: %s accuracy %.4f, %s accuracy %.4f', path, config.data.eval_split,
                  splits[config.data.eval_split]['accuracy'], config.data.test_split,
                  splits[config.data.test_split]['accuracy'])
