@@ -45,6 +45,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
               'train.label_smoothing', 'train.checkpoint_every_steps'):
     if _get(config, key) < 0:
       raise ConfigError(f'config.{key}={_get(config, key)!r}: must not be negative')
+  for key in ('eval_every_epochs', 'eval_every_minutes'):
+    if config.train.get(key, 0) < 0:
+      raise ConfigError(f'config.train.{key}={config.train.get(key)!r}: must not be negative')
   if config.train.warmup_epochs > config.train.epochs:
     raise ConfigError('config.train.warmup_epochs is larger than config.train.epochs')
   for mode in config.train.get('final_tta', ()):
