@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 30
   c.train.batch_size = 32  # global batch
+  c.train.per_device_batch_size = 0  # > 0: global batch = this x devices, LR scaled (scaling.py)
+  c.train.lr_scaling = 'sqrt'  # with per_device_batch_size: 'sqrt' | 'linear' | 'none'
+  c.train.lr_base_batch = 32  # the batch learning_rate is given for
   c.train.optimizer = 'adamw'  # 'adamw' (decoupled weight decay) | 'sgd' (momentum, L2-style decay)
   c.train.momentum = 0.9  # sgd
   c.train.nesterov = True  # sgd

@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import checkpointing, loop_metrics, metrics, parallel, paths, preemption, runtime
+from fer_jax import (checkpointing, loop_metrics, metrics, parallel, paths, preemption, runtime,
+                     scaling)
 from fer_jax.config_checks import check_workdir_writable, validate_config
 from fer_jax.data import pipeline
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
@@ -167,6 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- Setup --------------------------------------------------------------------------------
   runtime.tune_malloc()  # no-op when launch.py already started us with tuned MALLOC_* variables
   runtime.inline_cpu_dispatch()  # no-op when launch.py did it, or JAX is already running
+  config = scaling.resolve(config, jax.device_count())  # per_device_batch_size, if set
   validate_config(config)
   check_workdir_writable(workdir)
   paths.check_shared(workdir)  # several processes: all must see one workdir

@@ -193,3 +193,27 @@ def test_two_processes_on_different_workdirs_stop_clearly(tmp_path):
     assert re.search(r'error: workdir .*host\d is not shared: process\(es\) 1 cannot read', text), \
         text[-2000:]
   assert not list((tmp_path / 'host0').glob('checkpoints/*'))  # stopped before training
+
+
+def test_cpu_runtime_tweaks_only_for_the_cpu_backend(monkeypatch):
+  """malloc re-exec and inline dispatch are XLA:CPU fixes: not applied where JAX will use an
+  accelerator (JAX_PLATFORMS, or an installed plugin), decided before JAX starts."""
+  import importlib.util
+  from fer_jax import runtime
+  from jax._src import xla_bridge
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
+  for key in ('FER_JAX_MALLOC_TUNED', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_',
+              'MALLOC_TOP_PAD_', 'FER_JAX_ASYNC_DISPATCH'):
+    monkeypatch.delenv(key, raising=False)
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
+  assert not runtime.cpu_backend_expected()
+  assert runtime.tuned_environ() is None and not runtime.inline_cpu_dispatch()
+  monkeypatch.delenv('JAX_PLATFORMS')
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: object() if name == 'jax_cuda12_plugin' else real(name, *a))
+  assert not runtime.cpu_backend_expected() and runtime.tuned_environ() is None
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert runtime.cpu_backend_expected()
+  if runtime._glibc():
+    assert runtime.tuned_environ()['MALLOC_TOP_PAD_']

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from fer_jax import loop_metrics, train
 from tests.conftest import synthetic_config
@@ -54,3 +55,21 @@ def test_eval_every_two_epochs_end_to_end(tmp_path):
   assert [r['step'] for r in windows] == [2, 4, 6, 8, 10, 12]
   assert all(np.isfinite(r['loss']) and 0 <= r['accuracy'] <= 1 for r in windows)
   assert results['steps'] == 12
+
+
+def test_accelerator_config_resolves_batch_and_lr_per_device():
+  from experiments import accelerator
+  from fer_jax import scaling
+  from fer_jax.config_checks import validate_config
+  from fer_jax.train_step import learning_rate_schedule
+  config = accelerator.get_config()
+  validate_config(config)
+  assert config.model.dtype == 'bfloat16' and config.train.warmup_steps > 0
+  resolved = scaling.resolve(config, 8)
+  assert resolved.train.batch_size == 1024 and resolved.train.per_device_batch_size == 0
+  assert np.isclose(resolved.train.learning_rate, 2e-3 * np.sqrt(1024 / 32))
+  assert config.train.batch_size == 32  # the given config is not changed
+  schedule = learning_rate_schedule(resolved.train, steps_per_epoch=28)
+  assert float(schedule(150)) == pytest.approx(resolved.train.learning_rate / 2, rel=1e-3)
+  from experiments import base
+  assert scaling.resolve(base.get_config(), 8).train.batch_size == 32  # off by default
