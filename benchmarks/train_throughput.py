@@ -52,7 +52,8 @@ def main() -> None:
   import numpy as np
   from fer_jax import native, parallel
   from fer_jax.models import layers
-  from fer_jax.train import compile_steps, make_step_context
+  from fer_jax import checkpointing
+  from fer_jax.train import compile_steps, make_step_context, sums_factory
   from fer_jax.train_step import create_train_state, make_optimizer
 
   spec = importlib.util.spec_from_file_location('cfg', args.config)
@@ -74,6 +75,10 @@ def main() -> None:
   tx = make_optimizer(config.train, steps_per_epoch=448)
   state = jax.jit(lambda: create_train_state(ctx, tx), out_shardings=parallel.replicated(mesh))()
   steps = compile_steps(ctx, config.parallel, mesh)
+  batch_spec = {'image': jax.ShapeDtypeStruct((batch_size, 48, 48, 1), np.uint8),
+                'label': jax.ShapeDtypeStruct((batch_size,), np.int32)}
+  fresh_sums = sums_factory(ctx, checkpointing.abstract_like(state), batch_spec, config.parallel,
+                            mesh)
   state = steps.prepare_state(state)
   rng = np.random.default_rng(0)
   # FER2013 images are 48x48; a larger model input is produced by the on-device resample.
@@ -82,8 +87,9 @@ def main() -> None:
 
   def run(n):
     nonlocal state
+    m = fresh_sums()
     for i in range(n):
-      state, m = steps.train(state, steps.put_batch(host[i % len(host)]))
+      state, m = steps.train(state, steps.put_batch(host[i % len(host)]), m)
     jax.block_until_ready(m)
 
   run(3)  # compile + warm up

@@ -24,6 +24,7 @@ from fer_jax import (checkpointing, loop_metrics, metrics, parallel, paths, pree
 from fer_jax.config_checks import check_workdir_writable, validate_config
 from fer_jax.data import pipeline
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
+from fer_jax.data.epoch_order import EpochBatches
 from fer_jax.data.types import Split
 from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.metric_writer import MetricWriter
@@ -206,9 +207,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   repl = parallel.replicated(mesh)
   state = jax.jit(lambda: create_train_state(ctx, tx, plateau), out_shardings=repl)()
   abstract_state = checkpointing.abstract_like(state)  # restore target: replicated on the mesh
-  train_iter = pipeline.make_train_iterator(
-      train_split, global_batch=global_batch, num_epochs=config.train.epochs, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  # Positioned by the step alone (nothing per process in the checkpoint): see epoch_order.
+  train_iter = EpochBatches(train_split, global_batch=global_batch, seed=config.seed,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
   meta = {'config': config.to_dict(), 'class_names': list(dataset.class_names),
           'pixel_mean': mean, 'pixel_std': std, 'wall_s': 0.0}
 
@@ -217,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        keep_best=config.train.keep_best)
   start_step = 0
   if manager.all_steps():
-    found = checkpointing.restore_newest_readable(manager, abstract_state, train_iter)
+    found = checkpointing.restore_newest_readable(manager, abstract_state)
     if found.step is None and not config.train.restart_if_unreadable:
       reasons = '; '.join(f'step {s}: {r}' for s, r in found.unreadable.items())
       raise FerJaxError(f'{manager.directory}: no checkpoint is readable ({reasons}); pass '
@@ -230,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.warning('no readable checkpoint: training from scratch (restart_if_unreadable)')
     else:
       start_step, state = found.step, found.state
+      train_iter.seek(start_step)
       meta['wall_s'] = found.meta.get('wall_s', 0.0)
       logging.info('resumed from step %d (epoch %.2f)', start_step, start_step / spe)
 
@@ -302,13 +305,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    config.data.eval_split, result['accuracy'], result['macro_f1'], result['loss'])
       meta['wall_s'] += time.time() - t_start
       t_start = time.time()
-      checkpointing.save(manager, step, canonical(state), train_iter, meta,
+      checkpointing.save(manager, step, canonical(state), None, meta,
                          {'accuracy': result['accuracy']})
       cadence.done()
       t_last = time.time()  # eval and save are not training time
     if preempted:
       break
   watcher.close()
+  train_iter.close()
   manager.wait_until_finished()
   if preempted:
     logging.warning('preempted: checkpoint at step %d saved in %s; run the same command again '
