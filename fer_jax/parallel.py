@@ -142,8 +142,14 @@ def check_batch_size(global_batch: int, what: str = 'config.train.batch_size') -
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's slice of a global batch -> global arrays sharded over 'data'."""
+  """This process's slice of a global batch -> global arrays sharded over 'data'.
+
+  One process: one batched `device_put` (its slice is the whole batch); measured 1.3-4x less
+  host time per step than `make_array_from_process_local_data` (benchmarks/README.md).
+  """
   sharding = batch_sharded(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
