@@ -23,7 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fer_jax.errors import ConfigError, FerJaxError
 
 DATA_AXIS = 'data'
-_FAST_PUT = os.environ.get('FER_JAX_FAST_PUT', '1') == '1'
 PARALLEL_MODES = ('jit', 'pmap')
 
 
@@ -149,7 +148,7 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   host time per step than `make_array_from_process_local_data` (benchmarks/README.md).
   """
   sharding = batch_sharded(mesh)
-  if jax.process_count() == 1 and _FAST_PUT:
+  if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
