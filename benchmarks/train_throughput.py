@@ -68,7 +68,8 @@ def main() -> None:
   import numpy as np
   from fer_jax import native, parallel
   from fer_jax.models import layers
-  from fer_jax.train import compile_steps, make_step_context
+  from fer_jax import checkpointing
+  from fer_jax.train import compile_steps, make_step_context, sums_factory
   from fer_jax.train_step import create_train_state, make_optimizer
 
   def load_config(path):
@@ -105,14 +106,19 @@ def main() -> None:
       # FER2013 images are 48x48; a larger model input is produced by the on-device resample.
       host = [{'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
                'label': rng.integers(0, 7, (batch_size,)).astype(np.int32)} for _ in range(4)]
+      batch_spec = {'image': jax.ShapeDtypeStruct((batch_size, 48, 48, 1), np.uint8),
+                    'label': jax.ShapeDtypeStruct((batch_size,), np.int32)}
+      fresh_sums = sums_factory(ctx, checkpointing.abstract_like(state), batch_spec,
+                                config.parallel, mesh)
       runs.append({'label': label or config.model.name, 'config': config, 'ctx': ctx,
                    'steps': steps, 'state': steps.prepare_state(state), 'host': host,
-                   'rates': []})
+                   'fresh_sums': fresh_sums, 'rates': []})
 
   def run(r, n):
     state, steps = r['state'], r['steps']
+    m = r['fresh_sums']()
     for i in range(n):
-      state, m = steps.train(state, steps.put_batch(r['host'][i % len(r['host'])]))
+      state, m = steps.train(state, steps.put_batch(r['host'][i % len(r['host'])]), m)
     jax.block_until_ready(m)
     r['state'] = state
 

@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 30
   c.train.batch_size = 32  # global batch
+  c.train.per_device_batch_size = 0  # > 0: global batch = this x devices, LR scaled (scaling.py)
+  c.train.lr_scaling = 'sqrt'  # with per_device_batch_size: 'sqrt' | 'linear' | 'none'
+  c.train.lr_base_batch = 32  # the batch learning_rate is given for
   c.train.optimizer = 'adamw'  # 'adamw' (decoupled weight decay) | 'sgd' (momentum, L2-style decay)
   c.train.momentum = 0.9  # sgd
   c.train.nesterov = True  # sgd
@@ -90,7 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.microbatch_size = -1  # -1: auto (cache-sized chunks on CPU), 0: whole batch, N: N/device
   c.train.max_steps = -1  # stop early at this step (smoke runs); schedules still use epochs
   c.train.log_every_steps = 50
-  c.train.checkpoint_every_steps = 0  # 0: checkpoint at the end of every epoch only
+  c.train.checkpoint_every_steps = 0  # > 0: also evaluate + checkpoint every N steps
+  c.train.eval_every_epochs = 1  # evaluate + checkpoint every N epochs (0: not by epochs)
+  c.train.eval_every_minutes = 0.0  # > 0: also every N minutes of wall time
   c.train.keep_latest = 2
   c.train.keep_best = 1
   c.train.restart_if_unreadable = False  # True: no readable checkpoint -> train from scratch

@@ -13,15 +13,17 @@ latest one.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Any, NamedTuple
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
+
+from fer_jax import paths
 
 BEST_METRIC = 'accuracy'
 UNREADABLE_DIR = 'checkpoints_unreadable'
@@ -40,7 +42,7 @@ def make_manager(workdir: str, *, keep_latest: int, keep_best: int,
       read_only=read_only,
       create=not read_only,
   )
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+  return ocp.CheckpointManager(paths.resolve(workdir) / 'checkpoints',
                                options=options,
                                item_names=('state', 'data_iter', 'meta'))
 
@@ -111,16 +113,15 @@ def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
 
 def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> str:
   """Moves the step directories out of checkpoints/ (kept for inspection); returns where to."""
-  directory = os.fspath(manager.directory)
-  dest = os.path.join(os.path.dirname(directory), UNREADABLE_DIR,
-                      time.strftime('%Y%m%d-%H%M%S'))
+  directory = epath.Path(manager.directory)
+  dest = directory.parent / UNREADABLE_DIR / time.strftime('%Y%m%d-%H%M%S')
   if jax.process_index() == 0:
-    os.makedirs(dest, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
     for step in steps:
-      path = os.path.join(directory, str(step))
-      if os.path.exists(path):
-        shutil.move(path, os.path.join(dest, str(step)))
+      path = directory / str(step)
+      if path.exists():
+        path.rename(dest / str(step))  # an object store copies and deletes
   if jax.process_count() > 1:
     ocp.multihost.sync_global_processes('fer_jax_set_aside_unreadable')
   manager.reload()
-  return dest
+  return os.fspath(dest)

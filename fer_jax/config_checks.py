@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import ml_collections
 
-from fer_jax import augment
+from fer_jax import augment, paths
 from fer_jax.data import datasets, ferplus
 from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.evaluation import TTA_MODES
@@ -48,6 +45,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
               'train.label_smoothing', 'train.checkpoint_every_steps'):
     if _get(config, key) < 0:
       raise ConfigError(f'config.{key}={_get(config, key)!r}: must not be negative')
+  for key in ('eval_every_epochs', 'eval_every_minutes'):
+    if config.train.get(key, 0) < 0:
+      raise ConfigError(f'config.train.{key}={config.train.get(key)!r}: must not be negative')
   if config.train.warmup_epochs > config.train.epochs:
     raise ConfigError('config.train.warmup_epochs is larger than config.train.epochs')
   for mode in config.train.get('final_tta', ()):
@@ -66,10 +66,5 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_workdir_writable(workdir: str) -> None:
-  """Fail up front, not mid-epoch, when checkpoints could not be written."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test_'):
-      pass
-  except OSError as e:
-    raise FerJaxError(f'workdir {workdir} is not writable: {e.strerror or e}') from None
+  """Fail up front, not mid-epoch, when checkpoints could not be written (local or gs://)."""
+  paths.check_writable(workdir)

@@ -58,14 +58,11 @@ def checkpoint_tag(trained: TrainedModel) -> str:
 
 def write_report(report: dict[str, Any], trained: TrainedModel) -> str:
   """Writes `W/eval/<split>_<checkpoint>_<tta>.json` atomically; returns its path."""
-  out_dir = os.path.join(trained.workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(
-      out_dir, f'{report["split"]}_{checkpoint_tag(trained)}_{report["test_time_augmentation"]}.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(report, f, indent=1)
-  os.replace(path + '.tmp', path)
-  return path
+  from fer_jax import paths  # pylint: disable=import-outside-toplevel
+  path = (paths.resolve(trained.workdir) / 'eval'
+          / f'{report["split"]}_{checkpoint_tag(trained)}_{report["test_time_augmentation"]}.json')
+  paths.write_json(path, report, indent=1)
+  return os.fspath(path)
 
 
 def format_summary(report: dict[str, Any]) -> str:

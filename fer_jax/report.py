@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fer_jax import paths
 from fer_jax.data.types import Dataset, Split
 
 # Split colours, fixed so every figure agrees.
@@ -37,7 +38,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str) -> str:
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)  # local or gs:// (matplotlib writes local files only)
   return path
 
 
@@ -98,11 +99,11 @@ def example_faces(split: Split, class_names: Sequence[str], path: str, *, per_cl
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """metrics.jsonl records, the last one kept per (split, step) (a resumed run repeats steps)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isfile(path):
+  path = paths.resolve(workdir) / 'metrics.jsonl'
+  if not path.is_file():
     return []
   latest: dict[tuple[str, int], dict[str, Any]] = {}
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       line = line.strip()
       if not line:
@@ -259,14 +260,13 @@ def _per_class_table(report: dict[str, Any], class_names: Sequence[str]) -> str:
 
 def _eval_files_table(workdir: str) -> str | None:
   """Every evaluation written by fer_jax.evaluate into W/eval/, e.g. with and without TTA."""
-  eval_dir = os.path.join(workdir, 'eval')
-  if not os.path.isdir(eval_dir):
+  eval_dir = paths.resolve(workdir) / 'eval'
+  if not eval_dir.is_dir():
     return None
   rows = []
-  for name in sorted(os.listdir(eval_dir)):
-    if name.endswith('.json'):
-      with open(os.path.join(eval_dir, name)) as f:
-        r = json.load(f)
+  for file in sorted(eval_dir.iterdir(), key=lambda p: p.name):
+    if file.name.endswith('.json'):
+      r = json.loads(file.read_text())
       rows.append((r['split'], f'{r["checkpoint"]} (step {r["step"]})', r['test_time_augmentation'],
                    f'{r["accuracy"]:.4f}', f'{r["macro_f1"]:.4f}', r['num_examples']))
   if not rows:
@@ -288,7 +288,7 @@ def dataset_figures(dataset: Dataset, out_dir: str, *, seed: int = 0) -> dict[st
 
 def build_dataset_report(dataset: Dataset, source: str, out_dir: str) -> str:
   """Dataset-only figures and index.md; returns the index path."""
-  os.makedirs(out_dir, exist_ok=True)
+  paths.resolve(out_dir).mkdir(parents=True, exist_ok=True)
   figs = dataset_figures(dataset, out_dir)
   counts = [(name, *np.bincount(s.labels, minlength=dataset.num_classes).tolist(), len(s))
             for name, s in dataset.splits.items()]
@@ -304,7 +304,7 @@ def build_report(trained, out_dir: str, *, split: str = 'PrivateTest', tta: str 
   """All figures for a trained workdir and its index.md; returns the index path."""
   from fer_jax import evaluation
   from fer_jax.data.datasets import load_dataset_or_path
-  os.makedirs(out_dir, exist_ok=True)
+  paths.resolve(out_dir).mkdir(parents=True, exist_ok=True)
   dataset, source = load_dataset_or_path(trained.config.data, image_size=trained.image_size,
                                          data_size=trained.data_size, data_path=data_path)
   if len(dataset.splits) == 1:
@@ -380,10 +380,9 @@ def _steps_per_epoch(records: Sequence[dict[str, Any]]) -> float | None:
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
-  if not os.path.isfile(path):
+  if not paths.resolve(path).is_file():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path)
 
 
 def _rel(path: str, out_dir: str) -> str:
@@ -392,8 +391,7 @@ def _rel(path: str, out_dir: str) -> str:
 
 def _write_index(out_dir: str, lines: Sequence[str]) -> str:
   path = os.path.join(out_dir, 'index.md')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+  paths.write_text(path, '\n'.join(lines))
   return path
 
 
@@ -431,8 +429,8 @@ def main(argv: list[str]) -> None:
   except FerJaxError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  out = os.path.dirname(index)
-  print(f'wrote {index} and {", ".join(sorted(n for n in os.listdir(out) if n.endswith(".png")))}')
+  out = paths.resolve(os.path.dirname(index))
+  print(f'wrote {index} and {", ".join(sorted(p.name for p in out.iterdir() if p.name.endswith(".png")))}')
 
 
 _CONFIG = None

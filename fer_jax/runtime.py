@@ -22,6 +22,7 @@ has the CPU client run each computation on the calling thread instead.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 
@@ -35,13 +36,36 @@ _ASYNC_OPT_OUT = 'FER_JAX_ASYNC_DISPATCH'
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+# JAX's accelerator plugins: with one installed (and JAX_PLATFORMS not 'cpu') JAX trains there.
+_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
+                        'jax_rocm7_plugin', 'libtpu')
+
+
 def _glibc() -> bool:
   return sys.platform.startswith('linux') and os.confstr('CS_GNU_LIBC_VERSION') is not None
+
+
+def cpu_backend_expected() -> bool:
+  """Whether JAX will compute on the CPU: decided before JAX starts (these tweaks must be),
+  from JAX_PLATFORMS, else from whether an accelerator plugin is installed; once JAX runs,
+  its default backend. The malloc and dispatch tweaks are for XLA:CPU only: on a GPU/TPU host
+  they would only keep host memory that the input pipeline and checkpoints could use."""
+  if 'jax' in sys.modules:  # (launch.py asks before importing JAX: keep it that way)
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    if xla_bridge.backends_are_initialized():
+      import jax  # pylint: disable=import-outside-toplevel
+      return jax.default_backend() == 'cpu'
+  platforms = [p.strip() for p in os.environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
+  if platforms:
+    return platforms[0] == 'cpu'
+  return not any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
 
 
 def tuned_environ() -> dict[str, str] | None:
   """The environment to re-execute with, or None when already tuned / not glibc / opted out."""
   if not _glibc() or _MARK in os.environ or any(k in os.environ for k in _ENV):
+    return None
+  if not cpu_backend_expected():
     return None
   return {**os.environ, **_ENV, _MARK: '1'}
 
@@ -51,9 +75,11 @@ def tune_malloc() -> bool:
 
   A no-op off glibc, when launch.py already re-executed with the MALLOC_* variables (it sets
   FER_JAX_MALLOC_TUNED=1), when the user set any MALLOC_* variable, or with
-  FER_JAX_MALLOC_TUNED=0 (opt out): the same conditions under which `tuned_environ` does nothing.
+  FER_JAX_MALLOC_TUNED=0 (opt out): the same conditions under which `tuned_environ` does nothing;
+  and when JAX will not compute on the CPU.
   """
-  if not _glibc() or _MARK in os.environ or any(k in os.environ for k in _ENV):
+  if (not _glibc() or _MARK in os.environ or any(k in os.environ for k in _ENV)
+      or not cpu_backend_expected()):
     return False
   try:
     libc = ctypes.CDLL('libc.so.6')
@@ -76,7 +102,7 @@ def inline_cpu_dispatch() -> bool:
   does so right after parsing flags. Called later it is harmless and changes nothing.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  if os.environ.get(_ASYNC_OPT_OUT) == '1':
+  if os.environ.get(_ASYNC_OPT_OUT) == '1' or not cpu_backend_expected():
     return False
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   return True

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -21,10 +20,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import checkpointing, evaluation, metrics, parallel, preemption, runtime
+from fer_jax import (checkpointing, evaluation, loop_metrics, metrics, parallel, paths,
+                     preemption, runtime, scaling)
 from fer_jax.config_checks import check_workdir_writable, validate_config
 from fer_jax.data import pipeline
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
+from fer_jax.data.epoch_order import EpochBatches
 from fer_jax.data.types import Split
 from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.metric_writer import MetricWriter
@@ -46,9 +47,9 @@ def evaluate(compiled: evaluation.CompiledEval, variables: Any, split: Split, *,
   return {k: report[k] for k in _EVAL_FIGURES}
 
 
-def _metrics_to_host(window: list[dict[str, jax.Array]], mode: str) -> list[dict[str, np.ndarray]]:
-  host = [parallel.to_host(m) for m in window]
-  return [parallel.unreplicate_from_pmap(m) for m in host] if mode == 'pmap' else host
+def _sums_to_host(acc: Any, mode: str) -> dict[str, Any]:
+  host = loop_metrics.to_host(acc)  # one transfer for the whole log window
+  return parallel.unreplicate_from_pmap(host) if mode == 'pmap' else host
 
 
 @jax.jit
@@ -56,17 +57,16 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _raise_if_diverged(host_window: list[dict[str, np.ndarray]], last_step: int,
+def _raise_if_diverged(host_sums: dict[str, Any], last_step: int,
                        manager: Any, params: Any = None) -> None:
   """Stops at the first step whose loss (or, before a save, whose parameters) is not finite.
 
   Checked on every log window and before every checkpoint, so nothing from after the
   divergence is saved; the last good checkpoint finishes writing before the error.
   """
-  first_step = last_step - len(host_window) + 1
-  bad = [i for i, m in enumerate(host_window) if not np.isfinite(m['loss'])]
-  if bad:
-    problem = f'loss became {float(host_window[bad[0]]["loss"])} at step {first_step + bad[0]}'
+  if int(host_sums['first_bad_step']) >= 0:
+    problem = (f'loss became {float(host_sums["first_bad_loss"])} at step '
+               f'{int(host_sums["first_bad_step"])}')
   elif params is not None and not bool(_all_finite(params)):
     problem = f'the parameters became non-finite at step {last_step}'
   else:
@@ -80,7 +80,7 @@ def _raise_if_diverged(host_window: list[dict[str, np.ndarray]], last_step: int,
 
 class Steps(NamedTuple):
   """The compiled steps for one parallel mode, and how to feed them."""
-  train: Callable  # (state, batch) -> (state, metrics)
+  train: Callable  # (state, batch, metric sums) -> (state, metric sums), see loop_metrics
   eval: evaluation.CompiledEval  # (variables, host batch) -> host sums
   put_batch: Callable  # host batch -> device batch
   prepare_state: Callable  # canonical (mesh-replicated) state -> the step's layout
@@ -100,20 +100,39 @@ def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps
     axis = parallel.DATA_AXIS
     ctx = dataclasses.replace(ctx, model=for_pmap(ctx.model, axis))  # BatchNorm over all devices
     return Steps(
-        train=jax.pmap(functools.partial(train_step, ctx=ctx, axis_name=axis), axis_name=axis,
-                       donate_argnums=0),
+        train=jax.pmap(functools.partial(_step_and_sum, ctx=ctx, axis_name=axis), axis_name=axis,
+                       donate_argnums=(0, 2)),
         eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
         put_batch=parallel.to_pmap,
         prepare_state=parallel.replicate_for_pmap,
         canonical=parallel.unreplicate_from_pmap)
   repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return Steps(
-      train=jax.jit(functools.partial(train_step, ctx=ctx), in_shardings=(repl, data),
-                    out_shardings=(repl, repl), donate_argnums=0),
+      train=jax.jit(functools.partial(_step_and_sum, ctx=ctx), in_shardings=(repl, data, repl),
+                    out_shardings=(repl, repl), donate_argnums=(0, 2)),
       eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
       put_batch=functools.partial(parallel.to_global, mesh=mesh),
       prepare_state=lambda s: s,
       canonical=lambda s: s)
+
+
+def _step_and_sum(state: Any, batch: Any, sums: Any, ctx: StepContext,
+                  axis_name: str | None = None) -> tuple[Any, Any]:
+  """One train step whose metrics are added to the device-side window sums (loop_metrics)."""
+  state, step_metrics = train_step(state, batch, ctx, axis_name)
+  return state, loop_metrics.accumulate(sums, step_metrics, state.step)
+
+
+def sums_factory(ctx: StepContext, state: Any, batch: Any, mode: str,
+                 mesh: jax.sharding.Mesh) -> Callable[[], Any]:
+  """A function that returns zeroed window sums in the train step's layout (replicated over the
+  mesh; stacked per device for pmap). The metric shapes are traced once, here."""
+  shapes = jax.eval_shape(functools.partial(train_step, ctx=ctx), state, batch)[1]
+  if mode == 'pmap':
+    host = parallel.to_host(loop_metrics.zeros_like_metrics(shapes))
+    return lambda: parallel.replicate_for_pmap(host)
+  return jax.jit(lambda: loop_metrics.zeros_like_metrics(shapes),
+                 out_shardings=parallel.replicated(mesh))
 
 
 def make_step_context(config: ml_collections.ConfigDict, *, num_classes: int, weights: np.ndarray,
@@ -145,8 +164,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---- Setup --------------------------------------------------------------------------------
   runtime.tune_malloc()  # no-op when launch.py already started us with tuned MALLOC_* variables
   runtime.inline_cpu_dispatch()  # takes effect only if JAX has not started yet (launch.py: first)
+  config = scaling.resolve(config, jax.device_count())  # per_device_batch_size, if set
   validate_config(config)
   check_workdir_writable(workdir)
+  paths.check_shared(workdir)  # several processes: all must see one workdir
   is_chief = jax.process_index() == 0
   mode = config.parallel
   if mode == 'pmap' and jax.process_count() > 1:
@@ -181,8 +202,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   repl = parallel.replicated(mesh)
   state = jax.jit(lambda: create_train_state(ctx, tx, plateau), out_shardings=repl)()
   abstract_state = checkpointing.abstract_like(state)  # restore target: replicated on the mesh
-  train_iter = cleanup.enter_context(contextlib.closing(pipeline.make_train_iterator(
-      train_split, global_batch=global_batch, num_epochs=config.train.epochs, seed=config.seed,
+  # Positioned by the step alone (nothing per process in the checkpoint): see epoch_order.
+  train_iter = cleanup.enter_context(contextlib.closing(EpochBatches(
+      train_split, global_batch=global_batch, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())))
   meta = {'config': config.to_dict(), 'class_names': list(dataset.class_names),
           'pixel_mean': mean, 'pixel_std': std, 'wall_s': 0.0}
@@ -192,7 +214,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       workdir, keep_latest=config.train.keep_latest, keep_best=config.train.keep_best)))
   start_step = 0
   if manager.all_steps():
-    found = checkpointing.restore_newest_readable(manager, abstract_state, train_iter)
+    found = checkpointing.restore_newest_readable(manager, abstract_state)
     if found.step is None and not config.train.restart_if_unreadable:
       reasons = '; '.join(f'step {s}: {r}' for s, r in found.unreadable.items())
       raise FerJaxError(f'{manager.directory}: no checkpoint is readable ({reasons}); pass '
@@ -205,10 +227,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.warning('no readable checkpoint: training from scratch (restart_if_unreadable)')
     else:
       start_step, state = found.step, found.state
+      train_iter.seek(start_step)
       meta['wall_s'] = found.meta.get('wall_s', 0.0)
       logging.info('resumed from step %d (epoch %.2f)', start_step, start_step / spe)
 
   # ---- Compile ------------------------------------------------------------------------------
+  batch_spec = {'image': jax.ShapeDtypeStruct((global_batch, *train_split.images.shape[1:]), np.uint8),
+                'label': jax.ShapeDtypeStruct((global_batch,), np.int32)}
+  if train_split.soft_labels is not None:
+    batch_spec['soft_label'] = jax.ShapeDtypeStruct(
+        (global_batch, *train_split.soft_labels.shape[1:]), np.float32)
+  fresh_sums = sums_factory(ctx, checkpointing.abstract_like(state), batch_spec, mode, mesh)
   steps = compile_steps(ctx, mode, mesh)
   train_fn, eval_fn, put_batch, canonical = steps.train, steps.eval, steps.put_batch, steps.canonical
   state = steps.prepare_state(state)
@@ -216,9 +245,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ---- Train loop ---------------------------------------------------------------------------
   writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_chief)))
+  cadence = loop_metrics.Cadence(config.train, spe)
   t_start = time.time()
   timed_images, timed_s = 0, 0.0
-  window = []
+  sums, window = fresh_sums(), 0  # device-side metric sums over the log window, its length
   epoch_sums: dict[str, float] = {}
   epoch_count = 0
   step = start_step
@@ -228,50 +258,52 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   preempted = False
   while step < stop_step:
     batch = put_batch(next(train_iter))
-    state, step_metrics = train_fn(state, batch)
+    state, sums = train_fn(state, batch, sums)
     step += 1
-    window.append(step_metrics)
+    window += 1
     preempted = watcher.should_stop(step)  # the same answer on every process
-    if (step % config.train.log_every_steps == 0 or step == stop_step or step % spe == 0
-        or preempted):
-      host = _metrics_to_host(window, mode)
+    window_end = (step % config.train.log_every_steps == 0 or step == stop_step
+                  or step % spe == 0 or preempted)
+    if window_end:
+      host = _sums_to_host(sums, mode)
       now = time.time()
       # The first window of a run includes compilation: leave it out of the throughput.
-      if step - len(window) > start_step:
-        timed_images += len(window) * global_batch
+      if step - window > start_step:
+        timed_images += window * global_batch
         timed_s += now - t_last
-      ips = len(window) * global_batch / max(now - t_last, 1e-9)
+      ips = window * global_batch / max(now - t_last, 1e-9)
       _raise_if_diverged(host, step, manager)
-      means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      means = loop_metrics.means(host)
       for k, v in means.items():
-        epoch_sums[k] = epoch_sums.get(k, 0.0) + v * len(window)
-      epoch_count += len(window)
+        epoch_sums[k] = epoch_sums.get(k, 0.0) + v * window
+      epoch_count += window
       logging.info('step %d/%d  epoch %.2f  loss %.4f  acc %.3f  %.0f img/s', step, total_steps,
                    step / spe, means['loss'], means['accuracy'], ips)
       writer.write(step, {**means, 'images_per_s': ips}, 'train_steps')
-      window, t_last = [], time.time()
+      sums, window, t_last = fresh_sums(), 0, time.time()
     epoch_end = step % spe == 0
-    periodic = config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0
-    if epoch_end or periodic or step == stop_step or preempted:
-      _raise_if_diverged(_metrics_to_host(window, mode), step, manager, params=state.params)
+    if epoch_end and epoch_count:
+      train_means = {k: v / epoch_count for k, v in epoch_sums.items()}
+      writer.write(step, {'epoch': step // spe, **train_means}, 'train')
+      epoch_sums, epoch_count = {}, 0
+    if cadence.due(step, window_end=window_end) or step == stop_step or preempted:
+      _raise_if_diverged(_sums_to_host(sums, mode), step, manager, params=state.params)
       result = run_eval(eval_variables(state), eval_split)
       if plateau is not None and epoch_end:
-        # Once per epoch (never at a mid-epoch stop or preemption, so a resumed run updates it
-        # at the same steps): the patience counts epochs. The state is checkpointed below.
+        # At epoch ends only (never at a mid-epoch stop or preemption, so a resumed run updates
+        # it at the same steps): the patience counts evaluations (epochs with
+        # eval_every_epochs=1). The state is checkpointed below.
         new_plateau = update_plateau(plateau, canonical(state).plateau, result['accuracy'])
         state = state.replace(plateau=steps.prepare_state(new_plateau))
         result['learning_rate_scale'] = float(parallel.to_host(new_plateau.scale))
-      if epoch_end and epoch_count:
-        train_means = {k: v / epoch_count for k, v in epoch_sums.items()}
-        writer.write(step, {'epoch': step // spe, **train_means}, 'train')
-        epoch_sums, epoch_count = {}, 0
       writer.write(step, {'epoch': step / spe, **result}, config.data.eval_split)
       logging.info('step %d  %s: accuracy %.4f  macro-F1 %.4f  loss %.4f', step,
                    config.data.eval_split, result['accuracy'], result['macro_f1'], result['loss'])
       meta['wall_s'] += time.time() - t_start
       t_start = time.time()
-      checkpointing.save(manager, step, canonical(state), train_iter, meta,
+      checkpointing.save(manager, step, canonical(state), None, meta,
                          {'accuracy': result['accuracy']})
+      cadence.done()
       t_last = time.time()  # eval and save are not training time
     if preempted:
       break
@@ -320,9 +352,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results['tta'] = tta  # mode -> split -> the same figures with that test-time augmentation
   if is_chief:
     path = os.path.join(workdir, 'results.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=1, default=_json_default)
-    os.replace(path + '.tmp', path)
+    paths.write_json(path, results, indent=1, default=_json_default)  # local or gs://
     logging.info('wrote %s: %s accuracy %.4f, %s accuracy %.4f', path, config.data.eval_split,
                  splits[config.data.eval_split]['accuracy'], config.data.test_split,
                  splits[config.data.test_split]['accuracy'])

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fer_jax import checkpointing, logs
+from fer_jax import checkpointing, logs, paths
 from fer_jax.errors import FerJaxError
 from fer_jax.models import get_model
 
@@ -104,9 +104,10 @@ def load(workdir: str, checkpoint: str | int = 'best', *,
   Raises:
     FerJaxError: a missing workdir, no checkpoints, or an unknown step, as one line.
   """
-  workdir = os.path.abspath(os.fspath(workdir))
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    what = 'has no checkpoints/ directory' if os.path.isdir(workdir) else 'not found'
+  root = paths.resolve(workdir)  # local or an object store (gs://)
+  workdir = os.fspath(root)
+  if not (root / 'checkpoints').is_dir():
+    what = 'has no checkpoints/ directory' if root.is_dir() else 'not found'
     raise FerJaxError(f'workdir {workdir}: {what}')
   with logs.quiet_read_only_notices():
     manager = checkpointing.make_manager(workdir, keep_latest=1, keep_best=1, read_only=True)

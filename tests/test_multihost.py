@@ -200,3 +200,30 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     _kill_all(procs)
   assert f'resumed from step {stopped} ' in second[0]
   assert json.loads((run / 'results.json').read_text())['steps'] == 48
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * RUN_TIMEOUT_S + 60)
+def test_resume_with_another_process_count_continues_the_same_run(tmp_path):
+  """1 process x 4 devices trains to step 6; 2 processes x 2 devices resume it to step 12 and
+  end where a straight 1 x 4 run does (the data position is the step, not per-process state)."""
+  procs = []
+  try:
+    straight = _start(tmp_path / 'straight', ['--config.train.epochs=1'], devices=4,
+                      log=tmp_path / 'straight.log', procs=procs)
+    _wait_ok(straight, tmp_path / 'straight.log')
+    first = _start(tmp_path / 'run', ['--config.train.epochs=1', '--config.train.max_steps=6'],
+                   devices=4, log=tmp_path / 'first.log', procs=procs)
+    _wait_ok(first, tmp_path / 'first.log')
+    port = _free_port()
+    pair = [_start(tmp_path / 'run', ['--config.train.epochs=1'], devices=2,
+                   log=tmp_path / f'resume{i}.log', procs=procs, process_id=i, num_processes=2,
+                   port=port) for i in range(2)]
+    logs = [_wait_ok(p, tmp_path / f'resume{i}.log') for i, p in enumerate(pair)]
+  finally:
+    _kill_all(procs)
+  assert all('resumed from step 6' in log for log in logs)
+  step_a, params_a = final_params(tmp_path / 'straight')
+  step_b, params_b = final_params(tmp_path / 'run')
+  assert step_a == step_b == 12
+  assert _max_abs_diff(params_a, params_b) < 1e-5

@@ -45,11 +45,11 @@ def _lowering(model_cfg: Any) -> str:
   name = model_cfg.get('lowering', 'auto')
   if name not in layers.LOWERINGS:
     raise ConfigError(f'config.model.lowering={name!r}: expected one of {list(layers.LOWERINGS)}')
-  if name in ('auto', 'native') and jax.default_backend() == 'cpu':
+  if name in ('auto', 'native') and layers.backend() == 'cpu':
     # Build (once per machine) and load the C++ kernels here, at model construction, rather
     # than while the first step is being traced.
     native.available()
-  if name == 'native' and not native.available():
+  if name == 'native' and layers.backend() == 'cpu' and not native.available():
     raise ConfigError(f"config.model.lowering='native' needs the C++ conv kernels, which are not "
                       f"available here: {native.unavailable_reason()} (use 'auto' or 'dot')")
   return name

@@ -27,6 +27,7 @@ import functools
 import math
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,15 +38,32 @@ from fer_jax import native
 LOWERINGS: tuple[str, ...] = ('auto', 'xla', 'dot', 'native')
 
 
+def backend() -> str:
+  """The backend the lowerings are resolved for (a function, so tests can force a non-CPU one)."""
+  return jax.default_backend()
+
+
+_NOTICED: set[str] = set()
+
+
 def resolve_lowering(lowering: str) -> str:
   """Maps 'auto' to 'native' on the CPU backend ('dot' where the C++ kernels cannot be built)
-  and to 'xla' elsewhere."""
+  and to 'xla' elsewhere. 'native' and 'dot' are CPU lowerings (the C++ kernels are XLA:CPU
+  FFI targets): on another backend, e.g. a CPU-trained checkpoint evaluated on a GPU, they
+  resolve to 'xla' with a one-line notice; the parameters are the same."""
   if lowering not in LOWERINGS:
     raise ValueError(f'unknown lowering {lowering!r}; expected one of {LOWERINGS}')
+  name = backend()
   if lowering == 'auto':
-    if jax.default_backend() != 'cpu':
+    if name != 'cpu':
       return 'xla'
     return 'native' if native.available() else 'dot'
+  if lowering in ('native', 'dot') and name != 'cpu':
+    if lowering not in _NOTICED:
+      _NOTICED.add(lowering)
+      logging.warning("lowering=%r is a CPU lowering: using XLA's convolution on %s", lowering,
+                      name)
+    return 'xla'
   return lowering
 
 
