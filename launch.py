@@ -11,10 +11,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/base.py', 'Experiment config file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', 'experiments/base.py', 'Experiment config file.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and results.json go.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 (multi-host).')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', '', 'host:port of process 0 (multi-host).'
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Number of processes (multi-host).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (multi-host).')
 
@@ -23,13 +26,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from fer_jax import logs
+
   logs.quiet_library_logs()  # orbax's and grain's INFO records only with --verbosity=1
   from fer_jax import parallel, runtime, train  # after flag parsing: jax reads XLA_FLAGS at import
   from fer_jax.errors import FerJaxError
+
   runtime.inline_cpu_dispatch()  # before JAX starts its CPU client
   workdir = _WORKDIR.value or f'runs/{_config_name()}'
   try:
-    parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    parallel.maybe_initialize_distributed(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
     train.train_and_evaluate(_CONFIG.value, workdir)
   except FerJaxError as e:
     if logging.get_verbosity() > logging.INFO:  # --verbosity=1 or more: show the traceback
@@ -56,6 +63,7 @@ def _config_name() -> str:
 
 if __name__ == '__main__':
   from fer_jax import runtime
+
   tuned = runtime.tuned_environ()
   if tuned is not None:  # glibc reads its malloc settings at start-up: run again with them
     os.execve(sys.executable, [sys.executable] + sys.argv, tuned)

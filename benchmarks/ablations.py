@@ -22,21 +22,36 @@ from compare_keras import parse_rows, run_one  # noqa: E402  (same folder)
 
 # name: (what it is, extra train_throughput.py args, extra environment)
 VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
-    'default': ('fer_jax as shipped (native kernels, inline dispatch, chunks)', [], {}),
-    'avx2': ('C++ kernels built for AVX2 (-march=haswell) instead of this CPU',
-             [], {'FER_JAX_NATIVE_MARCH': 'haswell'}),
-    'portable': ('C++ kernels built without SIMD intrinsics (-march=x86-64)',
-                 [], {'FER_JAX_NATIVE_MARCH': 'x86-64'}),
-    'dot': ("lowering='dot': im2col + XLA matmul, no C++ kernels", ['--lowering', 'dot'], {}),
-    'async': ("JAX's asynchronous CPU dispatch", ['--async-dispatch'], {}),
-    'no_malloc': ("glibc's default malloc settings", ['--no-malloc-tuning'], {}),
-    'whole_batch': ('no gradient chunks (microbatch 0)', ['--microbatch', '0'], {}),
-    'bf16': ('bfloat16 compute (im2col convs; the C++ kernels are float32)',
-             ['--dtype', 'bfloat16'], {}),
-    'devices2': ('2 simulated CPU devices, one per core (jit over a 2-device mesh)',
-                 ['--devices', '2'], {}),
-    'plain': ('plain JAX: lax.conv + nn.max_pool, whole batch', ['--lowering', 'xla',
-                                                                  '--microbatch', '0'], {}),
+  'default': ('fer_jax as shipped (native kernels, inline dispatch, chunks)', [], {}),
+  'avx2': (
+    'C++ kernels built for AVX2 (-march=haswell) instead of this CPU',
+    [],
+    {'FER_JAX_NATIVE_MARCH': 'haswell'},
+  ),
+  'portable': (
+    'C++ kernels built without SIMD intrinsics (-march=x86-64)',
+    [],
+    {'FER_JAX_NATIVE_MARCH': 'x86-64'},
+  ),
+  'dot': ("lowering='dot': im2col + XLA matmul, no C++ kernels", ['--lowering', 'dot'], {}),
+  'async': ("JAX's asynchronous CPU dispatch", ['--async-dispatch'], {}),
+  'no_malloc': ("glibc's default malloc settings", ['--no-malloc-tuning'], {}),
+  'whole_batch': ('no gradient chunks (microbatch 0)', ['--microbatch', '0'], {}),
+  'bf16': (
+    'bfloat16 compute (im2col convs; the C++ kernels are float32)',
+    ['--dtype', 'bfloat16'],
+    {},
+  ),
+  'devices2': (
+    '2 simulated CPU devices, one per core (jit over a 2-device mesh)',
+    ['--devices', '2'],
+    {},
+  ),
+  'plain': (
+    'plain JAX: lax.conv + nn.max_pool, whole batch',
+    ['--lowering', 'xla', '--microbatch', '0'],
+    {},
+  ),
 }
 
 
@@ -49,8 +64,9 @@ def main() -> None:
   p.add_argument('--steps-per-window', type=int, default=10)
   args = p.parse_args()
   rows = parse_rows(args.rows)
-  names = ['default'] + [n for n in (args.only.split(',') if args.only else VARIANTS)
-                         if n and n != 'default']
+  names = ['default'] + [
+    n for n in (args.only.split(',') if args.only else VARIANTS) if n and n != 'default'
+  ]
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
     raise SystemExit(f'--only: unknown variants {unknown}; known: {sorted(VARIANTS)}')
@@ -60,11 +76,20 @@ def main() -> None:
     for i, (size, batch) in enumerate(rows):
       k = (r + i) % len(names)
       order = names[k:] + names[:k]
-      for name in (order if r % 2 == 0 else order[::-1]):
+      for name in order if r % 2 == 0 else order[::-1]:
         _, extra, env = VARIANTS[name]
-        cmd = [sys.executable, 'benchmarks/train_throughput.py', '--size', str(size), '--batch',
-               str(batch), '--windows', str(args.windows), '--steps-per-window',
-               str(args.steps_per_window)] + extra
+        cmd = [
+          sys.executable,
+          'benchmarks/train_throughput.py',
+          '--size',
+          str(size),
+          '--batch',
+          str(batch),
+          '--windows',
+          str(args.windows),
+          '--steps-per-window',
+          str(args.steps_per_window),
+        ] + extra
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
         try:
@@ -79,8 +104,11 @@ def main() -> None:
         runs.append(record)
 
   def median(name, size, batch):
-    rates = [x['result']['images_per_s'] for x in runs
-             if x['framework'] == name and (x['size'], x['batch']) == (size, batch) and 'result' in x]
+    rates = [
+      x['result']['images_per_s']
+      for x in runs
+      if x['framework'] == name and (x['size'], x['batch']) == (size, batch) and 'result' in x
+    ]
     return statistics.median(rates) if rates else None
 
   print()
@@ -92,13 +120,29 @@ def main() -> None:
     for size, batch in rows:
       rate, base = median(name, size, batch), median('default', size, batch)
       rel = rate / base if rate and base else None
-      summary.append({'variant': name, 'size': size, 'batch': batch, 'images_per_s': rate,
-                      'relative_to_default': None if rel is None else round(rel, 3)})
+      summary.append(
+        {
+          'variant': name,
+          'size': size,
+          'batch': batch,
+          'images_per_s': rate,
+          'relative_to_default': None if rel is None else round(rel, 3),
+        }
+      )
       cells.append('-' if rate is None else f'{rate:.0f} ({rel:.2f})' if rel else f'{rate:.0f}')
     print(f'| {name}: {VARIANTS[name][0]} | ' + ' | '.join(cells) + ' |')
-  print(json.dumps({'summary': summary, 'rounds': args.rounds, 'windows': args.windows,
-                    'steps_per_window': args.steps_per_window, 'cpu_count': os.cpu_count(),
-                    'runs': runs}))
+  print(
+    json.dumps(
+      {
+        'summary': summary,
+        'rounds': args.rounds,
+        'windows': args.windows,
+        'steps_per_window': args.steps_per_window,
+        'cpu_count': os.cpu_count(),
+        'runs': runs,
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -10,9 +10,10 @@ whole batch under one jax.jit, XLA's own gradients).
 
 Machines drift (thermal state, neighbours), so runs alternate: the order of the runs rotates
 from row to row and from round to round, so each side runs first, in the middle and last
-equally often. All sides get the same size, batch, window settings and augmentation switch. The Keras Python is --keras-python, else
-$FER_JAX_KERAS_PYTHON, else .venv-keras/bin/python in the repo root, else venv-keras/bin/python
-next to the repo; without a Python that imports tensorflow the table has fer_jax only.
+equally often. All sides get the same size, batch, window settings and augmentation switch.
+The Keras Python is --keras-python, else $FER_JAX_KERAS_PYTHON, else .venv-keras/bin/python
+in the repo root, else venv-keras/bin/python next to the repo; without a Python that imports
+tensorflow the table has fer_jax only.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def default_keras_python() -> str:
   """$FER_JAX_KERAS_PYTHON, else the first existing candidate, else the repo-local path."""
   if env := os.environ.get('FER_JAX_KERAS_PYTHON'):
     return env
-  candidates = [os.path.join(REPO, '.venv-keras', 'bin', 'python'),
-                os.path.join(os.path.dirname(REPO), 'venv-keras', 'bin', 'python')]
+  candidates = [
+    os.path.join(REPO, '.venv-keras', 'bin', 'python'),
+    os.path.join(os.path.dirname(REPO), 'venv-keras', 'bin', 'python'),
+  ]
   return next((c for c in candidates if os.path.exists(c)), candidates[0])
 
 
@@ -57,9 +60,13 @@ def keras_version(python: str) -> tuple[str | None, str]:
   if not os.path.exists(python):
     return None, f'{python} does not exist'
   try:
-    out = subprocess.run([python, '-c', 'import tensorflow as tf; print(tf.__version__)'],
-                         capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+    out = subprocess.run(
+      [python, '-c', 'import tensorflow as tf; print(tf.__version__)'],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+    )
   except (OSError, subprocess.TimeoutExpired) as e:
     return None, f'{python}: {e}'
   if out.returncode:
@@ -82,16 +89,24 @@ def last_json(stdout: str) -> dict | None:
 def run_one(framework: str, cmd: list[str]) -> dict:
   """Runs one benchmark subprocess; returns its JSON (or an error) plus bookkeeping."""
   load = os.getloadavg()[0]
-  print(f'[{time.strftime("%H:%M:%S")}] {framework}: {shlex.join(cmd)} (load {load:.2f})',
-        file=sys.stderr, flush=True)
+  print(
+    f'[{time.strftime("%H:%M:%S")}] {framework}: {shlex.join(cmd)} (load {load:.2f})',
+    file=sys.stderr,
+    flush=True,
+  )
   t = time.perf_counter()
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=RUN_TIMEOUT_S)
     rc, stdout, stderr = out.returncode, out.stdout, out.stderr
   except subprocess.TimeoutExpired:
     rc, stdout, stderr = -1, '', f'timed out after {RUN_TIMEOUT_S} s'
-  record = {'framework': framework, 'cmd': cmd, 'rc': rc, 'load_before': round(load, 2),
-            'wall_s': round(time.perf_counter() - t, 1)}
+  record = {
+    'framework': framework,
+    'cmd': cmd,
+    'rc': rc,
+    'load_before': round(load, 2),
+    'wall_s': round(time.perf_counter() - t, 1),
+  }
   result = last_json(stdout) if rc == 0 else None
   if result is None or 'images_per_s' not in result:
     record['error'] = '\n'.join((stderr or stdout).strip().splitlines()[-5:]) or f'rc={rc}'
@@ -122,33 +137,55 @@ def main() -> None:
   p.add_argument('--keras-python', default=default_keras_python())
   p.add_argument('--extra-jax-args', default='', help='e.g. "--lowering xla"')
   p.add_argument('--extra-keras-args', default='', help='e.g. "--onednn on"')
-  p.add_argument('--no-plain', action='store_true',
-                 help='skip the plain-JAX column (fer_jax with --lowering xla --microbatch 0)')
+  p.add_argument(
+    '--no-plain',
+    action='store_true',
+    help='skip the plain-JAX column (fer_jax with --lowering xla --microbatch 0)',
+  )
   args = p.parse_args()
   rows = parse_rows(args.rows)
 
   tf_version, why = keras_version(args.keras_python)
   if tf_version is None:
-    print(f'Keras skipped: {why}. Create the venv with: python3 -m venv .venv-keras && '
-          '.venv-keras/bin/pip install tensorflow-cpu (or pass --keras-python)', file=sys.stderr)
+    print(
+      f'Keras skipped: {why}. Create the venv with: python3 -m venv .venv-keras && '
+      '.venv-keras/bin/pip install tensorflow-cpu (or pass --keras-python)',
+      file=sys.stderr,
+    )
   common = ['--windows', str(args.windows), '--steps-per-window', str(args.steps_per_window)]
   common += ['--no-augment'] if args.no_augment else []
 
   def command(framework: str, size: int, batch: int) -> list[str]:
     if framework == 'keras':
-      return ([args.keras_python, 'benchmarks/peer_keras.py', '--size', str(size),
-               '--batch', str(batch)] + common + shlex.split(args.extra_keras_args))
+      return (
+        [args.keras_python, 'benchmarks/peer_keras.py', '--size', str(size), '--batch', str(batch)]
+        + common
+        + shlex.split(args.extra_keras_args)
+      )
     plain = ['--lowering', 'xla', '--microbatch', '0'] if framework == 'plain_jax' else []
-    return ([args.jax_python, 'benchmarks/train_throughput.py', '--size', str(size),
-             '--batch', str(batch)] + common + shlex.split(args.extra_jax_args) + plain)
+    return (
+      [
+        args.jax_python,
+        'benchmarks/train_throughput.py',
+        '--size',
+        str(size),
+        '--batch',
+        str(batch),
+      ]
+      + common
+      + shlex.split(args.extra_jax_args)
+      + plain
+    )
 
-  frameworks = ['fer_jax'] + (['keras'] if tf_version else []) + ([] if args.no_plain else ['plain_jax'])
+  frameworks = (
+    ['fer_jax'] + (['keras'] if tf_version else []) + ([] if args.no_plain else ['plain_jax'])
+  )
   runs: list[dict] = []
   for r in range(args.rounds):
     for i, (size, batch) in enumerate(rows):
       k = (r + i) % len(frameworks)
       order = frameworks[k:] + frameworks[:k]
-      for framework in (order if r % 2 == 0 else order[::-1]):
+      for framework in order if r % 2 == 0 else order[::-1]:
         record = run_one(framework, command(framework, size, batch))
         record.update(round=r, size=size, batch=batch)
         runs.append(record)
@@ -156,7 +193,7 @@ def main() -> None:
   print()
   columns = ([('keras', 'Keras img/s')] if tf_version else []) + [('fer_jax', 'fer_jax img/s')]
   columns += [] if args.no_plain else [('plain_jax', 'plain JAX (lax.conv + nn.max_pool) img/s')]
-  ratios = ([('keras', 'fer_jax / Keras')] if tf_version else [])
+  ratios = [('keras', 'fer_jax / Keras')] if tf_version else []
   ratios += [] if args.no_plain else [('plain_jax', 'fer_jax / plain JAX')]
   titles = ['row (size, batch)'] + [t for _, t in columns] + [t for _, t in ratios]
   print('| ' + ' | '.join(titles) + ' |')
@@ -165,21 +202,41 @@ def main() -> None:
   for size, batch in rows:
     mine = [x for x in runs if (x['size'], x['batch']) == (size, batch)]
     rate = {f: _median([x for x in mine if x['framework'] == f]) for f in frameworks}
-    ratio = {f: (rate['fer_jax'] / rate[f] if rate['fer_jax'] and rate[f] else None)
-             for f, _ in ratios}
-    summary.append({'size': size, 'batch': batch, 'keras_images_per_s': rate.get('keras'),
-                    'fer_jax_images_per_s': rate['fer_jax'],
-                    'plain_jax_images_per_s': rate.get('plain_jax'),
-                    'ratio': None if ratio.get('keras') is None else round(ratio['keras'], 3),
-                    'ratio_vs_plain_jax': (None if ratio.get('plain_jax') is None
-                                           else round(ratio['plain_jax'], 3))})
+    ratio = {
+      f: (rate['fer_jax'] / rate[f] if rate['fer_jax'] and rate[f] else None) for f, _ in ratios
+    }
+    summary.append(
+      {
+        'size': size,
+        'batch': batch,
+        'keras_images_per_s': rate.get('keras'),
+        'fer_jax_images_per_s': rate['fer_jax'],
+        'plain_jax_images_per_s': rate.get('plain_jax'),
+        'ratio': None if ratio.get('keras') is None else round(ratio['keras'], 3),
+        'ratio_vs_plain_jax': (
+          None if ratio.get('plain_jax') is None else round(ratio['plain_jax'], 3)
+        ),
+      }
+    )
     cells = [f'{size}x{size}, b{batch}'] + [_fmt(rate[f]) for f, _ in columns]
     cells += ['-' if ratio[f] is None else f'{ratio[f]:.2f}' for f, _ in ratios]
     print('| ' + ' | '.join(cells) + ' |')
-  print(json.dumps({'summary': summary, 'rounds': args.rounds, 'augment': not args.no_augment,
-                    'windows': args.windows, 'steps_per_window': args.steps_per_window,
-                    'keras_python': args.keras_python, 'tf': tf_version,
-                    'keras_skipped': why or None, 'cpu_count': os.cpu_count(), 'runs': runs}))
+  print(
+    json.dumps(
+      {
+        'summary': summary,
+        'rounds': args.rounds,
+        'augment': not args.no_augment,
+        'windows': args.windows,
+        'steps_per_window': args.steps_per_window,
+        'keras_python': args.keras_python,
+        'tf': tf_version,
+        'keras_skipped': why or None,
+        'cpu_count': os.cpu_count(),
+        'runs': runs,
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

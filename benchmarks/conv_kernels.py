@@ -23,16 +23,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 # name: (op, x shape NHWC, kernel HWIO). 'f': forward conv; 'dx': input gradient (a forward
 # conv of the padded output gradient, so it is timed as one); 'dk': kernel gradient.
 SHAPES = {
-    'c1f48': ('f', (32, 48, 48, 1), (3, 3, 1, 32)),
-    'c1dk48': ('dk', (32, 48, 48, 1), (3, 3, 1, 32)),
-    'c2f48': ('f', (32, 22, 22, 32), (3, 3, 32, 64)),
-    'c2dx48': ('f', (32, 24, 24, 64), (3, 3, 64, 32)),
-    'c2dk48': ('dk', (32, 22, 22, 32), (3, 3, 32, 64)),
-    'c1f150': ('f', (16, 150, 150, 1), (3, 3, 1, 32)),
-    'c1dk150': ('dk', (16, 150, 150, 1), (3, 3, 1, 32)),
-    'c2f150': ('f', (16, 74, 74, 32), (3, 3, 32, 64)),
-    'c2dx150': ('f', (16, 76, 76, 64), (3, 3, 64, 32)),
-    'c2dk150': ('dk', (16, 74, 74, 32), (3, 3, 32, 64)),
+  'c1f48': ('f', (32, 48, 48, 1), (3, 3, 1, 32)),
+  'c1dk48': ('dk', (32, 48, 48, 1), (3, 3, 1, 32)),
+  'c2f48': ('f', (32, 22, 22, 32), (3, 3, 32, 64)),
+  'c2dx48': ('f', (32, 24, 24, 64), (3, 3, 64, 32)),
+  'c2dk48': ('dk', (32, 22, 22, 32), (3, 3, 32, 64)),
+  'c1f150': ('f', (16, 150, 150, 1), (3, 3, 1, 32)),
+  'c1dk150': ('dk', (16, 150, 150, 1), (3, 3, 1, 32)),
+  'c2f150': ('f', (16, 74, 74, 32), (3, 3, 32, 64)),
+  'c2dx150': ('f', (16, 76, 76, 64), (3, 3, 64, 32)),
+  'c2dk150': ('dk', (16, 74, 74, 32), (3, 3, 32, 64)),
 }
 
 
@@ -45,13 +45,17 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from fer_jax import native
   from fer_jax.models.layers import im2col_patches
 
   native.ensure_loaded()
   names = args.only.split(',') if args.only else list(SHAPES)
   rows = []
-  print('| row | x shape | kernel | native ms | native GFLOP/s | im2col+dot ms | im2col+dot GFLOP/s | speed-up |')
+  print(
+    '| row | x shape | kernel | native ms | native GFLOP/s | im2col+dot ms '
+    '| im2col+dot GFLOP/s | speed-up |'
+  )
   print('|---|---|---|---|---|---|---|---|')
   for name in names:
     op, x_shape, k_shape = SHAPES[name]
@@ -64,15 +68,23 @@ def main() -> None:
     if op == 'f':
       other = jax.random.normal(kk, k_shape)
       fast = jax.jit(native.conv)
-      base = jax.jit(lambda x, k: jnp.dot(im2col_patches(x, kh, kw).reshape(-1, kh * kw * c),
-                                          k.reshape(-1, o)))
+      base = jax.jit(
+        lambda x, k: jnp.dot(im2col_patches(x, kh, kw).reshape(-1, kh * kw * c), k.reshape(-1, o))
+      )
     else:
       other = jax.random.normal(kk, (n, oh, ow, o))
       fast = jax.jit(lambda x, dy: native.conv_kernel_grad(x, dy, (kh, kw)))
-      base = jax.jit(lambda x, dy: jnp.dot(im2col_patches(x, kh, kw).reshape(-1, kh * kw * c).T,
-                                           dy.reshape(-1, o)))
-    np.testing.assert_allclose(np.asarray(fast(x, other)).reshape(-1),
-                               np.asarray(base(x, other)).reshape(-1), rtol=1e-3, atol=1e-2)
+      base = jax.jit(
+        lambda x, dy: jnp.dot(
+          im2col_patches(x, kh, kw).reshape(-1, kh * kw * c).T, dy.reshape(-1, o)
+        )
+      )
+    np.testing.assert_allclose(
+      np.asarray(fast(x, other)).reshape(-1),
+      np.asarray(base(x, other)).reshape(-1),
+      rtol=1e-3,
+      atol=1e-2,
+    )
     times = {'native': [], 'xla': []}
     for _ in range(args.reps):
       for side, fn in (('native', fast), ('xla', base)):
@@ -82,12 +94,25 @@ def main() -> None:
           if j:
             times[side].append(time.perf_counter() - t)
     t_n, t_x = float(np.median(times['native'])), float(np.median(times['xla']))
-    rows.append(dict(row=name, op=op, x=x_shape, kernel=k_shape, native_ms=round(t_n * 1e3, 3),
-                     xla_ms=round(t_x * 1e3, 3), native_gflops=round(flops / t_n / 1e9, 1),
-                     xla_gflops=round(flops / t_x / 1e9, 1), speedup=round(t_x / t_n, 2)))
+    rows.append(
+      dict(
+        row=name,
+        op=op,
+        x=x_shape,
+        kernel=k_shape,
+        native_ms=round(t_n * 1e3, 3),
+        xla_ms=round(t_x * 1e3, 3),
+        native_gflops=round(flops / t_n / 1e9, 1),
+        xla_gflops=round(flops / t_x / 1e9, 1),
+        speedup=round(t_x / t_n, 2),
+      )
+    )
     r = rows[-1]
-    print(f"| {name} | {x_shape} | {k_shape} | {r['native_ms']} | {r['native_gflops']} | "
-          f"{r['xla_ms']} | {r['xla_gflops']} | {r['speedup']}x |", flush=True)
+    print(
+      f'| {name} | {x_shape} | {k_shape} | {r["native_ms"]} | {r["native_gflops"]} | '
+      f'{r["xla_ms"]} | {r["xla_gflops"]} | {r["speedup"]}x |',
+      flush=True,
+    )
   print(json.dumps({'rows': rows, 'jax': jax.__version__, 'cpu_count': os.cpu_count()}))
 
 

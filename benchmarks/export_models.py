@@ -28,8 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _one_step_workdir(config_path: str, root: str) -> str:
   import importlib.util
+
   from experiments import synthetic
   from fer_jax import train
+
   spec = importlib.util.spec_from_file_location('experiment', config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -58,28 +60,32 @@ def _median_ms(fn, calls: int) -> float:
 def measure(workdir: str, out_dir: str, calls: int) -> dict:
   import jax
   import onnxruntime as ort
+
   from fer_jax import evaluation, export, models
+
   trained = export.load_trained(workdir)
   name = str(trained.config.model.name)
   onnx_path = os.path.join(out_dir, f'{name}.onnx')
   hlo_path = os.path.join(out_dir, f'{name}.stablehlo')
   export.to_onnx(trained, onnx_path)
   export.to_stablehlo(trained, hlo_path)
-  face = np.random.default_rng(0).integers(0, 256, (1, trained.data_size, trained.data_size, 1),
-                                           dtype=np.uint8)
+  face = np.random.default_rng(0).integers(
+    0, 256, (1, trained.data_size, trained.data_size, 1), dtype=np.uint8
+  )
   fn = jax.jit(evaluation.probabilities_fn(trained))
   with open(hlo_path, 'rb') as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   hlo_fn = jax.jit(exported.call)
   session = ort.InferenceSession(onnx_path, providers=['CPUExecutionProvider'])
   return {
-      'model': name, 'params': models.count_params(trained.params),
-      'input': f'{trained.data_size}->{trained.image_size}',
-      'onnx_mb': round(os.path.getsize(onnx_path) / 1e6, 2),
-      'stablehlo_mb': round(os.path.getsize(hlo_path) / 1e6, 2),
-      'jax_ms': _median_ms(lambda: np.asarray(fn(trained.variables, face)), calls),
-      'stablehlo_ms': _median_ms(lambda: np.asarray(hlo_fn(face)), calls),
-      'onnxruntime_ms': _median_ms(lambda: session.run(None, {'images': face}), calls),
+    'model': name,
+    'params': models.count_params(trained.params),
+    'input': f'{trained.data_size}->{trained.image_size}',
+    'onnx_mb': round(os.path.getsize(onnx_path) / 1e6, 2),
+    'stablehlo_mb': round(os.path.getsize(hlo_path) / 1e6, 2),
+    'jax_ms': _median_ms(lambda: np.asarray(fn(trained.variables, face)), calls),
+    'stablehlo_ms': _median_ms(lambda: np.asarray(hlo_fn(face)), calls),
+    'onnxruntime_ms': _median_ms(lambda: session.run(None, {'images': face}), calls),
   }
 
 
@@ -98,12 +104,15 @@ def main() -> None:
       row = measure(workdir, tmp, args.calls)
       rows.append(row)
       print(json.dumps(row), flush=True)
-  print('\n| model | params | input | ONNX MB | StableHLO MB | JAX ms | StableHLO ms | '
-        'onnxruntime ms |')
+  print(
+    '\n| model | params | input | ONNX MB | StableHLO MB | JAX ms | StableHLO ms | onnxruntime ms |'
+  )
   print('|---|---:|---|---:|---:|---:|---:|---:|')
   for r in rows:
-    print(f'| {r["model"]} | {r["params"]:,} | {r["input"]} | {r["onnx_mb"]} | '
-          f'{r["stablehlo_mb"]} | {r["jax_ms"]} | {r["stablehlo_ms"]} | {r["onnxruntime_ms"]} |')
+    print(
+      f'| {r["model"]} | {r["params"]:,} | {r["input"]} | {r["onnx_mb"]} | '
+      f'{r["stablehlo_mb"]} | {r["jax_ms"]} | {r["stablehlo_ms"]} | {r["onnxruntime_ms"]} |'
+    )
 
 
 if __name__ == '__main__':

@@ -23,8 +23,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', default='experiments/cpu_budget.py')
-  p.add_argument('--lowering', nargs='+', default=['native', 'xla'],
-                 choices=('auto', 'xla', 'dot', 'native', 'native_no_bn'))
+  p.add_argument(
+    '--lowering',
+    nargs='+',
+    default=['native', 'xla'],
+    choices=('auto', 'xla', 'dot', 'native', 'native_no_bn'),
+  )
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--width', type=float, default=None, help='override config.model.width')
   p.add_argument('--calls', type=int, default=6)
@@ -32,7 +36,9 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   import optax
+
   from fer_jax import models, runtime
+
   runtime.inline_cpu_dispatch()  # as launch.py does
   spec = importlib.util.spec_from_file_location('cfg', args.config)
   module = importlib.util.module_from_spec(spec)
@@ -44,6 +50,7 @@ def main() -> None:
   x = jax.random.normal(jax.random.key(1), (b, size, size, 1))
   y = jnp.zeros((b,), jnp.int32)
   import flax.linen as nn
+
   batch_norm = nn.BatchNorm
 
   class NoBatchNorm(nn.Module):
@@ -69,10 +76,17 @@ def main() -> None:
     @jax.jit
     def grads(params, x):
       def loss(p):
-        out = model.apply({'params': p, **others}, x, train=True, mutable=list(others),
-                          rngs={'dropout': jax.random.key(0)}, **extra)
+        out = model.apply(
+          {'params': p, **others},
+          x,
+          train=True,
+          mutable=list(others),
+          rngs={'dropout': jax.random.key(0)},
+          **extra,
+        )
         logits = out[0] if isinstance(out, tuple) else out
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
       return jax.grad(loss)(params)
 
     jax.block_until_ready(grads(variables['params'], x))  # compiles, with this lowering's patch
@@ -85,11 +99,21 @@ def main() -> None:
       times.append(time.perf_counter() - t)
   for lowering, (_, _, times) in fns.items():
     rates = [round(b / t, 1) for t in times]
-    print(json.dumps({'model': model_cfg.name, 'width': model_cfg.get('width'), 'size': size,
-                      'batch': b, 'lowering': lowering,
-                      'images_per_s': round(b / sorted(times)[len(times) // 2], 1),
-                      'calls': rates, 'backend': jax.default_backend(),
-                      'jax': jax.__version__}))
+    print(
+      json.dumps(
+        {
+          'model': model_cfg.name,
+          'width': model_cfg.get('width'),
+          'size': size,
+          'batch': b,
+          'lowering': lowering,
+          'images_per_s': round(b / sorted(times)[len(times) // 2], 1),
+          'calls': rates,
+          'backend': jax.default_backend(),
+          'jax': jax.__version__,
+        }
+      )
+    )
 
 
 if __name__ == '__main__':

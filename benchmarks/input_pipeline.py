@@ -42,6 +42,7 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
 def loader_rate(split, batch: int, num_batches: int, warmup: int = 10) -> float:
   """Images/s of pipeline.make_train_iterator alone (shuffle, batch, gather on the host)."""
   from fer_jax.data import pipeline
+
   per_epoch = pipeline.steps_per_epoch(len(split), batch)
   epochs = (warmup + num_batches) // per_epoch + 1
   it = pipeline.make_train_iterator(split, global_batch=batch, num_epochs=epochs, seed=0)
@@ -59,8 +60,14 @@ def train_rate(args: argparse.Namespace) -> tuple[float, dict | None]:
   """The train step's images/s: given, or measured by train_throughput.py in a subprocess."""
   if args.train_images_per_s:
     return args.train_images_per_s, None
-  cmd = [sys.executable, os.path.join(REPO, 'benchmarks', 'train_throughput.py'),
-         '--size', '48', '--batch', '64'] + shlex.split(args.train_args)
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, 'benchmarks', 'train_throughput.py'),
+    '--size',
+    '48',
+    '--batch',
+    '64',
+  ] + shlex.split(args.train_args)
   _log(f'(d) train step: {shlex.join(cmd)}')
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
   if out.returncode:
@@ -71,13 +78,20 @@ def train_rate(args: argparse.Namespace) -> tuple[float, dict | None]:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--csv', default=os.path.join(REPO, '..', 'shared', 'data', 'fer2013.csv.gz'),
-                 help='FER2013 CSV (.csv or .csv.gz); synthetic faces are generated if absent')
+  p.add_argument(
+    '--csv',
+    default=os.path.join(REPO, '..', 'shared', 'data', 'fer2013.csv.gz'),
+    help='FER2013 CSV (.csv or .csv.gz); synthetic faces are generated if absent',
+  )
   p.add_argument('--repeats', type=int, default=3, help='timed parses and cached loads')
   p.add_argument('--batches', type=int, default=3000, help='loader batches timed per batch size')
   p.add_argument('--loader-batch', default='64,256', help='loader batch sizes')
-  p.add_argument('--train-images-per-s', type=float, default=0.0,
-                 help='skip the train-step subprocess and compare with this figure')
+  p.add_argument(
+    '--train-images-per-s',
+    type=float,
+    default=0.0,
+    help='skip the train-step subprocess and compare with this figure',
+  )
   p.add_argument('--train-args', default='', help='extra args for train_throughput.py')
   args = p.parse_args()
   if args.repeats < 1 or args.batches < 1:
@@ -88,10 +102,14 @@ def main() -> None:
   csv, synthetic = os.path.abspath(args.csv), False
   if not os.path.exists(csv):
     from fer_jax.data import synthetic as synth
-    _log(f'{csv} not found: using synthetic FER2013-layout faces (6000 train / 1000 per test '
-         f'split) cached in {cache.default_cache_dir()}; figures are for that smaller file')
-    csv = synth.ensure_synthetic_csv(cache.default_cache_dir(), num_train=6000, num_test=1000,
-                                     seed=0)
+
+    _log(
+      f'{csv} not found: using synthetic FER2013-layout faces (6000 train / 1000 per test '
+      f'split) cached in {cache.default_cache_dir()}; figures are for that smaller file'
+    )
+    csv = synth.ensure_synthetic_csv(
+      cache.default_cache_dir(), num_train=6000, num_test=1000, seed=0
+    )
     synthetic = True
 
   _log(f'(a) cold parse of {csv} (no cache), {args.repeats}x ...')
@@ -102,8 +120,9 @@ def main() -> None:
     t = time.perf_counter()
     fer2013_csv.load_fer2013_csv(csv, cache_dir=cache_dir)
     build_s = time.perf_counter() - t
-    cached_s, cached_all = timed(lambda: fer2013_csv.load_fer2013_csv(csv, cache_dir=cache_dir),
-                                 args.repeats)
+    cached_s, cached_all = timed(
+      lambda: fer2013_csv.load_fer2013_csv(csv, cache_dir=cache_dir), args.repeats
+    )
     ds = fer2013_csv.load_fer2013_csv(csv, cache_dir=cache_dir)
   rows = sum(len(s) for s in ds.splits.values())
   train = ds['Training']
@@ -118,25 +137,40 @@ def main() -> None:
   ratio = ref / step_rate
   _log('')
   _log(f'rows: {rows:,} ({"synthetic" if synthetic else csv})')
-  _log(f'(a) cold CSV parse        {parse_s:8.3f} s  (median of {args.repeats}; '
-       f'{rows / parse_s:,.0f} rows/s)')
+  _log(
+    f'(a) cold CSV parse        {parse_s:8.3f} s  (median of {args.repeats}; '
+    f'{rows / parse_s:,.0f} rows/s)'
+  )
   _log(f'(b) first load + cache    {build_s:8.3f} s')
   _log(f'    cached load           {cached_s:8.3f} s  (median of {args.repeats})')
   for batch, rate in loader.items():
     _log(f'(c) loader batch {batch:<4}     {rate:10,.0f} img/s')
   _log(f'(d) train step 48x64      {step_rate:10,.0f} img/s')
-  _log(f'    loader/train          {ratio:10.1f}x  '
-       f'({"OK: >= 10x" if ratio >= 10 else "TOO SLOW: < 10x"})')
-  print(json.dumps({
-      'csv': csv, 'synthetic': synthetic, 'rows': rows, 'train_rows': len(train),
-      'parse_s': round(parse_s, 4), 'parse_s_all': [round(v, 4) for v in parse_all],
-      'cache_build_s': round(build_s, 4),
-      'cached_load_s': round(cached_s, 4), 'cached_load_s_all': [round(v, 4) for v in cached_all],
-      'loader_images_per_s': {str(b): round(r, 1) for b, r in loader.items()},
-      'loader_batches': args.batches,
-      'train_images_per_s': step_rate, 'train_result': step_result,
-      'loader_over_train': round(ratio, 2), 'loader_at_least_10x': ratio >= 10,
-  }))
+  _log(
+    f'    loader/train          {ratio:10.1f}x  '
+    f'({"OK: >= 10x" if ratio >= 10 else "TOO SLOW: < 10x"})'
+  )
+  print(
+    json.dumps(
+      {
+        'csv': csv,
+        'synthetic': synthetic,
+        'rows': rows,
+        'train_rows': len(train),
+        'parse_s': round(parse_s, 4),
+        'parse_s_all': [round(v, 4) for v in parse_all],
+        'cache_build_s': round(build_s, 4),
+        'cached_load_s': round(cached_s, 4),
+        'cached_load_s_all': [round(v, 4) for v in cached_all],
+        'loader_images_per_s': {str(b): round(r, 1) for b, r in loader.items()},
+        'loader_batches': args.batches,
+        'train_images_per_s': step_rate,
+        'train_result': step_result,
+        'loader_over_train': round(ratio, 2),
+        'loader_at_least_10x': ratio >= 10,
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

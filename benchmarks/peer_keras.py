@@ -41,9 +41,9 @@ L2 = 1e-4
 # glibc settings that fer_jax's runtime.py applies at start-up (copied: this file is
 # standalone); off by default here, since Keras users run with glibc's defaults.
 MALLOC_ENV = {
-    'MALLOC_MMAP_THRESHOLD_': str(1 << 32),
-    'MALLOC_TRIM_THRESHOLD_': str(1 << 32),
-    'MALLOC_TOP_PAD_': str(512 << 20),
+  'MALLOC_MMAP_THRESHOLD_': str(1 << 32),
+  'MALLOC_TRIM_THRESHOLD_': str(1 << 32),
+  'MALLOC_TOP_PAD_': str(512 << 20),
 }
 
 
@@ -57,12 +57,23 @@ def _parse_args() -> argparse.Namespace:
   p.add_argument('--warmup-steps', type=int, default=3, help='untimed steps first (tracing)')
   p.add_argument('--intra-op', type=int, default=0, help='TF intra-op threads (0: TF default)')
   p.add_argument('--inter-op', type=int, default=0, help='TF inter-op threads (0: TF default)')
-  p.add_argument('--onednn', default='default', choices=('default', 'on', 'off'),
-                 help='sets TF_ENABLE_ONEDNN_OPTS before importing TF (default: leave as is)')
-  p.add_argument('--malloc-tuned', action='store_true',
-                 help="re-run with fer_jax's glibc MALLOC_* settings (a like-for-like check)")
-  p.add_argument('--jit-compile', default='auto', choices=('auto', 'true', 'false'),
-                 help="model.compile(jit_compile=...); Keras' 'auto' means no XLA on CPU")
+  p.add_argument(
+    '--onednn',
+    default='default',
+    choices=('default', 'on', 'off'),
+    help='sets TF_ENABLE_ONEDNN_OPTS before importing TF (default: leave as is)',
+  )
+  p.add_argument(
+    '--malloc-tuned',
+    action='store_true',
+    help="re-run with fer_jax's glibc MALLOC_* settings (a like-for-like check)",
+  )
+  p.add_argument(
+    '--jit-compile',
+    default='auto',
+    choices=('auto', 'true', 'false'),
+    help="model.compile(jit_compile=...); Keras' 'auto' means no XLA on CPU",
+  )
   return p.parse_args()
 
 
@@ -70,6 +81,7 @@ def _onednn_enabled() -> bool | None:
   """Whether TF's oneDNN ops are on (TF decides per CPU when TF_ENABLE_ONEDNN_OPTS is unset)."""
   try:
     from tensorflow.python.util import _pywrap_util_port  # private; absent in some builds
+
     return bool(_pywrap_util_port.IsMklEnabled())
   except (ImportError, AttributeError):
     return None
@@ -102,8 +114,9 @@ def build_model(size: int, augment: bool, seed: int = 0):
   x = layers.MaxPooling2D(2, name='pool2')(x)
   x = layers.Dropout(p2, seed=seed + 1, name='drop2')(x)
   x = layers.Flatten(name='flatten')(x)
-  x = layers.Dense(128, activation='relu', kernel_regularizer=keras.regularizers.l2(L2),
-                   name='dense1')(x)
+  x = layers.Dense(
+    128, activation='relu', kernel_regularizer=keras.regularizers.l2(L2), name='dense1'
+  )(x)
   x = layers.Dropout(p3, seed=seed + 2, name='drop3')(x)
   logits = layers.Dense(NUM_CLASSES, name='logits')(x)
   return keras.Model(inputs, logits, name='seed_cnn')
@@ -124,10 +137,10 @@ class WindowTimer:
 
   def callback(self):
     import keras
+
     timer = self
 
     class _Callback(keras.callbacks.Callback):
-
       def on_train_batch_begin(self, batch, logs=None):
         if batch == timer.warmup:
           timer._start = time.perf_counter()
@@ -157,9 +170,9 @@ def main() -> None:
   if args.onednn != 'default':
     os.environ['TF_ENABLE_ONEDNN_OPTS'] = '1' if args.onednn == 'on' else '0'
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  import keras
   import numpy as np
   import tensorflow as tf
-  import keras
 
   if args.intra_op:
     tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
@@ -177,9 +190,12 @@ def main() -> None:
   optimizer = keras.optimizers.AdamW(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
   optimizer.exclude_from_weight_decay(var_names=['bias'])
   jit = {'auto': 'auto', 'true': True, 'false': False}[args.jit_compile]
-  model.compile(optimizer=optimizer,
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=['accuracy'], jit_compile=jit)
+  model.compile(
+    optimizer=optimizer,
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=['accuracy'],
+    jit_compile=jit,
+  )
 
   # One epoch just long enough for warm-up plus the windows, so no epoch boundary is timed.
   steps = args.warmup_steps + args.windows * args.steps_per_window
@@ -187,26 +203,31 @@ def main() -> None:
   x = rng.integers(0, 256, (steps * args.batch, 48, 48, 1), dtype=np.uint8)
   y = rng.integers(0, NUM_CLASSES, (steps * args.batch,)).astype(np.int32)
   timer = WindowTimer(args.warmup_steps, args.windows, args.steps_per_window, args.batch)
-  model.fit(x, y, batch_size=args.batch, epochs=1, shuffle=True, verbose=0,
-            callbacks=[timer.callback()])
+  model.fit(
+    x, y, batch_size=args.batch, epochs=1, shuffle=True, verbose=0, callbacks=[timer.callback()]
+  )
   if len(timer.rates) != args.windows:
     raise SystemExit(f'timed {len(timer.rates)} of {args.windows} windows')
 
   result = {
-      'images_per_s': round(float(np.median(timer.rates)), 1),
-      'size': args.size, 'batch': args.batch, 'framework': 'keras', 'augment': augment,
-      'windows': [round(r, 1) for r in timer.rates],
-      'trainable_params': trainable,
-      'tf': tf.__version__, 'keras': keras.__version__,
-      'jit_compile': bool(model.jit_compile),
-      'onednn_enabled': _onednn_enabled(),
-      'TF_ENABLE_ONEDNN_OPTS': os.environ.get('TF_ENABLE_ONEDNN_OPTS'),
-      'malloc_tuned': all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
-      'intra_op_threads': tf.config.threading.get_intra_op_parallelism_threads(),
-      'inter_op_threads': tf.config.threading.get_inter_op_parallelism_threads(),
-      'threads_note': '0 means TF default (sized to the machine)',
-      'cpu_count': os.cpu_count(),
-      'python': platform.python_version(),
+    'images_per_s': round(float(np.median(timer.rates)), 1),
+    'size': args.size,
+    'batch': args.batch,
+    'framework': 'keras',
+    'augment': augment,
+    'windows': [round(r, 1) for r in timer.rates],
+    'trainable_params': trainable,
+    'tf': tf.__version__,
+    'keras': keras.__version__,
+    'jit_compile': bool(model.jit_compile),
+    'onednn_enabled': _onednn_enabled(),
+    'TF_ENABLE_ONEDNN_OPTS': os.environ.get('TF_ENABLE_ONEDNN_OPTS'),
+    'malloc_tuned': all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
+    'intra_op_threads': tf.config.threading.get_intra_op_parallelism_threads(),
+    'inter_op_threads': tf.config.threading.get_inter_op_parallelism_threads(),
+    'threads_note': '0 means TF default (sized to the machine)',
+    'cpu_count': os.cpu_count(),
+    'python': platform.python_version(),
   }
   print(json.dumps(result))
 

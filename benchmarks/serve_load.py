@@ -37,10 +37,22 @@ def _free_port() -> int:
 def start_server(source: list[str], batching: bool, detector: str) -> tuple[subprocess.Popen, str]:
   port = _free_port()
   server = subprocess.Popen(
-      [sys.executable, '-m', 'fer_jax.serve', *source, f'--port={port}', '--log_level=warning',
-       f'--detector={detector}',
-       '--noaccess_log', '--batching' if batching else '--nobatching'],
-      cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO}, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      '-m',
+      'fer_jax.serve',
+      *source,
+      f'--port={port}',
+      '--log_level=warning',
+      f'--detector={detector}',
+      '--noaccess_log',
+      '--batching' if batching else '--nobatching',
+    ],
+    cwd=REPO,
+    env={**os.environ, 'PYTHONPATH': REPO},
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   base = f'http://127.0.0.1:{port}'
   deadline = time.time() + 300
   while time.time() < deadline:
@@ -83,16 +95,21 @@ async def load(base: str, image: bytes, clients: int, seconds: float) -> dict:
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - start
   ms = np.asarray(latencies) * 1000
-  return {'clients': clients, 'requests': len(latencies), 'errors': errors,
-          'p50_ms': round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
-          'p99_ms': round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
-          'requests_per_s': round(len(latencies) / wall, 1)}
+  return {
+    'clients': clients,
+    'requests': len(latencies),
+    'errors': errors,
+    'p50_ms': round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+    'p99_ms': round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
+    'requests_per_s': round(len(latencies) / wall, 1),
+  }
 
 
 def _default_image(detector: str) -> bytes:
   """skimage's astronaut (512x512); with --detector none her face alone, 48x48 grayscale."""
   from PIL import Image
   from skimage import data
+
   image = Image.fromarray(data.astronaut())
   if detector == 'none':
     image = image.crop((167, 56, 286, 175)).convert('L').resize((48, 48), Image.BILINEAR)
@@ -109,10 +126,17 @@ def main() -> None:
   p.add_argument('--clients', type=int, nargs='+', default=[1, 8, 32])
   p.add_argument('--seconds', type=float, default=10.0, help='per row')
   p.add_argument('--batching', nargs='+', choices=['on', 'off'], default=['on', 'off'])
-  p.add_argument('--detector', choices=['haar', 'none'], default='haar',
-                 help="the server's: 'none' for clients that send face crops")
-  p.add_argument('--image', help='a JPEG with one face (default: skimage astronaut, 512x512, '
-                 'or her 48x48 face with --detector none)')
+  p.add_argument(
+    '--detector',
+    choices=['haar', 'none'],
+    default='haar',
+    help="the server's: 'none' for clients that send face crops",
+  )
+  p.add_argument(
+    '--image',
+    help='a JPEG with one face (default: skimage astronaut, 512x512, '
+    'or her 48x48 face with --detector none)',
+  )
   args = p.parse_args()
   image = open(args.image, 'rb').read() if args.image else _default_image(args.detector)
   source = [f'--model={args.model}'] if args.model else [f'--workdir={args.workdir}']
@@ -126,7 +150,8 @@ def main() -> None:
         row = {'batching': setting, **asyncio.run(load(base, image, clients, args.seconds))}
         if before is not None:  # the warm-up requests and the timed ones, one face each
           row['faces_per_model_call'] = round(
-              (row['requests'] + row['errors'] + clients) / max(1, calls() - before), 2)
+            (row['requests'] + row['errors'] + clients) / max(1, calls() - before), 2
+          )
         rows.append(row)
         print(json.dumps(row), flush=True)
     finally:
@@ -135,8 +160,10 @@ def main() -> None:
   print('\n| batching | clients | p50 ms | p99 ms | req/s | errors | faces/model call |')
   print('|---|---:|---:|---:|---:|---:|---:|')
   for r in rows:
-    print(f'| {r["batching"]} | {r["clients"]} | {r["p50_ms"]} | {r["p99_ms"]} | '
-          f'{r["requests_per_s"]} | {r["errors"]} | {r.get("faces_per_model_call", 1)} |')
+    print(
+      f'| {r["batching"]} | {r["clients"]} | {r["p50_ms"]} | {r["p99_ms"]} | '
+      f'{r["requests_per_s"]} | {r["errors"]} | {r.get("faces_per_model_call", 1)} |'
+    )
 
 
 if __name__ == '__main__':

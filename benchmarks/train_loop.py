@@ -31,9 +31,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 ROWS = [  # (model, devices, global batch)
-    ('trivial', 1, 32), ('trivial', 1, 512), ('trivial', 1, 4096),
-    ('trivial', 8, 32), ('trivial', 8, 512), ('trivial', 8, 4096),
-    ('seed_cnn', 8, 512),
+  ('trivial', 1, 32),
+  ('trivial', 1, 512),
+  ('trivial', 1, 4096),
+  ('trivial', 8, 32),
+  ('trivial', 8, 512),
+  ('trivial', 8, 4096),
+  ('seed_cnn', 8, 512),
 ]
 QUICK = [('trivial', 1, 32), ('trivial', 8, 512)]
 
@@ -42,6 +46,7 @@ def _register_trivial() -> None:
   """A one-layer model: the step costs almost nothing, so the loop's own cost shows."""
   import flax.linen as nn
   import jax.numpy as jnp
+
   from fer_jax import models
 
   class Trivial(nn.Module):
@@ -56,6 +61,7 @@ def _register_trivial() -> None:
 
 def _config(model: str, batch: int, steps: int):
   from experiments import synthetic
+
   c = synthetic.get_config()
   # A fixed 16384 faces (rendered once, then cached): at batch 4096 an epoch is 4 steps.
   c.data.synthetic_train = 16384
@@ -79,8 +85,10 @@ def one_row(model: str, batch: int, steps: int) -> dict:
   import jax
   import numpy as np
   from absl import logging
+
   from fer_jax import checkpointing, parallel, runtime, train
   from fer_jax.train_step import create_train_state, make_optimizer
+
   logging.set_verbosity(logging.WARNING)
   runtime.inline_cpu_dispatch()
   if model == 'trivial':
@@ -94,18 +102,29 @@ def one_row(model: str, batch: int, steps: int) -> dict:
 
   # The bare step: the same compiled step, batches already on the device.
   mesh = parallel.make_mesh()
-  ctx = train.make_step_context(config, num_classes=7, weights=np.ones(7, np.float32), mean=0.5,
-                                std=0.25)
-  state = jax.jit(lambda: create_train_state(ctx, make_optimizer(config.train, steps)),
-                  out_shardings=parallel.replicated(mesh))()
-  spec = {'image': jax.ShapeDtypeStruct((batch, 48, 48, 1), np.uint8),
-          'label': jax.ShapeDtypeStruct((batch,), np.int32)}
+  ctx = train.make_step_context(
+    config, num_classes=7, weights=np.ones(7, np.float32), mean=0.5, std=0.25
+  )
+  state = jax.jit(
+    lambda: create_train_state(ctx, make_optimizer(config.train, steps)),
+    out_shardings=parallel.replicated(mesh),
+  )()
+  spec = {
+    'image': jax.ShapeDtypeStruct((batch, 48, 48, 1), np.uint8),
+    'label': jax.ShapeDtypeStruct((batch,), np.int32),
+  }
   fresh = train.sums_factory(ctx, checkpointing.abstract_like(state), spec, 'jit', mesh)
   compiled = train.compile_steps(ctx, 'jit', mesh)
   rng = np.random.default_rng(0)
-  batches = [compiled.put_batch({'image': rng.integers(0, 256, (batch, 48, 48, 1), np.uint8),
-                                 'label': rng.integers(0, 7, batch).astype(np.int32)})
-             for _ in range(4)]
+  batches = [
+    compiled.put_batch(
+      {
+        'image': rng.integers(0, 256, (batch, 48, 48, 1), np.uint8),
+        'label': rng.integers(0, 7, batch).astype(np.int32),
+      }
+    )
+    for _ in range(4)
+  ]
   sums = fresh()
   for i in range(3):
     state, sums = compiled.train(state, batches[i % 4], sums)
@@ -117,12 +136,18 @@ def one_row(model: str, batch: int, steps: int) -> dict:
   jax.block_until_ready(sums)
   step_s = (time.perf_counter() - t) / n
   loop_s = batch / loop_ips
-  return {'model': model, 'devices': jax.device_count(), 'batch': batch,
-          'loop_images_per_s': round(loop_ips, 1), 'step_images_per_s': round(batch / step_s, 1),
-          'loop_vs_step': round(step_s / loop_s, 3),
-          'host_us_per_step': round((loop_s - step_s) * 1e6, 1),
-          'host_goal_us': round(100 + 0.2 * batch, 1), 'steps': steps,
-          'run_wall_s': round(wall, 1)}
+  return {
+    'model': model,
+    'devices': jax.device_count(),
+    'batch': batch,
+    'loop_images_per_s': round(loop_ips, 1),
+    'step_images_per_s': round(batch / step_s, 1),
+    'loop_vs_step': round(step_s / loop_s, 3),
+    'host_us_per_step': round((loop_s - step_s) * 1e6, 1),
+    'host_goal_us': round(100 + 0.2 * batch, 1),
+    'steps': steps,
+    'run_wall_s': round(wall, 1),
+  }
 
 
 def main() -> None:
@@ -137,22 +162,32 @@ def main() -> None:
     return
   rows, steps = (QUICK, 60) if args.quick else (ROWS, args.steps)
   from fer_jax import runtime
+
   env = dict(os.environ, **(runtime.tuned_environ() or {}), JAX_PLATFORMS='cpu')
-  print(f'{"model":9} {"dev":>3} {"batch":>5} {"loop img/s":>11} {"step img/s":>11} '
-        f'{"loop/step":>9} {"host us":>8} {"goal us":>8}')
+  print(
+    f'{"model":9} {"dev":>3} {"batch":>5} {"loop img/s":>11} {"step img/s":>11} '
+    f'{"loop/step":>9} {"host us":>8} {"goal us":>8}'
+  )
   for model, devices, batch in rows:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-    out = subprocess.run([sys.executable, __file__, '--row', f'{model},{devices},{batch}',
-                          '--steps', str(steps)], env=env, capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+      [sys.executable, __file__, '--row', f'{model},{devices},{batch}', '--steps', str(steps)],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=False,
+    )
     if out.returncode:
       last = [l for l in out.stderr.splitlines() if l.strip() and not l.startswith('    @')]
       print(f'{model:9} {devices:>3} {batch:>5}  failed: {(last or ["?"])[-1][:150]}', flush=True)
       continue
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f'{model:9} {devices:>3} {batch:>5} {r["loop_images_per_s"]:>11.0f} '
-          f'{r["step_images_per_s"]:>11.0f} {r["loop_vs_step"]:>9.3f} '
-          f'{r["host_us_per_step"]:>8.0f} {r["host_goal_us"]:>8.0f}', flush=True)
+    print(
+      f'{model:9} {devices:>3} {batch:>5} {r["loop_images_per_s"]:>11.0f} '
+      f'{r["step_images_per_s"]:>11.0f} {r["loop_vs_step"]:>9.3f} '
+      f'{r["host_us_per_step"]:>8.0f} {r["host_goal_us"]:>8.0f}',
+      flush=True,
+    )
     print(json.dumps(r), file=sys.stderr, flush=True)
 
 

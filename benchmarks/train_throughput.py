@@ -21,54 +21,82 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 # The zoo's models and the experiment config each is benchmarked with.
 MODEL_CONFIGS = {
-    'seed_cnn': 'experiments/base.py',
-    'vgg_fer': 'experiments/vgg_fer2013.py',
-    'resnet18': 'experiments/resnet18_fer2013.py',
-    'vgg_fer_compact': 'experiments/cpu_budget.py',  # width 0.5, one Dense-256
+  'seed_cnn': 'experiments/base.py',
+  'vgg_fer': 'experiments/vgg_fer2013.py',
+  'resnet18': 'experiments/resnet18_fer2013.py',
+  'vgg_fer_compact': 'experiments/cpu_budget.py',  # width 0.5, one Dense-256
 }
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', default='experiments/base.py')
-  p.add_argument('--model', nargs='+', choices=sorted(MODEL_CONFIGS), default=None,
-                 help='zoo models to time, each with its experiment config (overrides --config)')
-  p.add_argument('--width', type=float, default=None,
-                 help="override config.model.width (vgg_fer: a multiplier; resnet18: channels)")
+  p.add_argument(
+    '--model',
+    nargs='+',
+    choices=sorted(MODEL_CONFIGS),
+    default=None,
+    help='zoo models to time, each with its experiment config (overrides --config)',
+  )
+  p.add_argument(
+    '--width',
+    type=float,
+    default=None,
+    help='override config.model.width (vgg_fer: a multiplier; resnet18: channels)',
+  )
   p.add_argument('--size', type=int, default=None, help='model input size (default: config)')
   p.add_argument('--batch', type=int, default=None, help='global batch (default: config)')
   p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'))
-  p.add_argument('--lowering', nargs='+', default=None, choices=('auto', 'xla', 'dot', 'native'),
-                 help='one or more lowerings, timed in alternation (default: the config\'s)')
+  p.add_argument(
+    '--lowering',
+    nargs='+',
+    default=None,
+    choices=('auto', 'xla', 'dot', 'native'),
+    help="one or more lowerings, timed in alternation (default: the config's)",
+  )
   p.add_argument('--parallel', default=None, choices=('jit', 'pmap'))
   p.add_argument('--devices', type=int, default=0, help='simulate N CPU devices (0: as found)')
   p.add_argument('--no-augment', action='store_true')
-  p.add_argument('--microbatch', type=int, default=None,
-                 help='examples per gradient chunk (-1: auto, 0: whole batch; default: config)')
+  p.add_argument(
+    '--microbatch',
+    type=int,
+    default=None,
+    help='examples per gradient chunk (-1: auto, 0: whole batch; default: config)',
+  )
   p.add_argument('--windows', type=int, default=5)
   p.add_argument('--steps-per-window', type=int, default=10)
-  p.add_argument('--no-malloc-tuning', action='store_true',
-                 help="glibc's default allocator settings (see fer_jax/runtime.py)")
-  p.add_argument('--async-dispatch', action='store_true',
-                 help="JAX's default asynchronous CPU dispatch (see fer_jax/runtime.py)")
+  p.add_argument(
+    '--no-malloc-tuning',
+    action='store_true',
+    help="glibc's default allocator settings (see fer_jax/runtime.py)",
+  )
+  p.add_argument(
+    '--async-dispatch',
+    action='store_true',
+    help="JAX's default asynchronous CPU dispatch (see fer_jax/runtime.py)",
+  )
   args = p.parse_args()
   from fer_jax import runtime
+
   if args.no_malloc_tuning:
     os.environ.setdefault('FER_JAX_MALLOC_TUNED', '0')
   elif (tuned := runtime.tuned_environ()) is not None:  # as launch.py does
     os.execve(sys.executable, [sys.executable] + sys.argv, tuned)
   if args.devices:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' --xla_force_host_platform_device_count={args.devices}')
+    os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={args.devices}'
+    )
 
   import importlib.util
+
   import jax
+
   if not args.async_dispatch:
     runtime.inline_cpu_dispatch()  # as launch.py does
   import numpy as np
-  from fer_jax import native, parallel
+
+  from fer_jax import checkpointing, native, parallel
   from fer_jax.models import layers
-  from fer_jax import checkpointing
   from fer_jax.train import compile_steps, make_step_context, sums_factory
   from fer_jax.train_step import create_train_state, make_optimizer
 
@@ -77,12 +105,18 @@ def main() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    if args.size: config.model.image_size = args.size
-    if args.batch: config.train.batch_size = args.batch
-    if args.dtype: config.model.dtype = args.dtype
-    if args.parallel: config.parallel = args.parallel
-    if args.no_augment: config.augment.enabled = False
-    if args.microbatch is not None: config.train.microbatch_size = args.microbatch
+    if args.size:
+      config.model.image_size = args.size
+    if args.batch:
+      config.train.batch_size = args.batch
+    if args.dtype:
+      config.model.dtype = args.dtype
+    if args.parallel:
+      config.parallel = args.parallel
+    if args.no_augment:
+      config.augment.enabled = False
+    if args.microbatch is not None:
+      config.train.microbatch_size = args.microbatch
     if args.width is not None and 'width' in config.model:  # seed_cnn has no width
       config.model.width = type(config.model.width)(args.width)
     return config
@@ -94,25 +128,45 @@ def main() -> None:
   for label, path in paths:
     for lowering in args.lowering or [None]:
       config = load_config(path)
-      if lowering: config.model.lowering = lowering
+      if lowering:
+        config.model.lowering = lowering
       batch_size = config.train.batch_size
       parallel.check_batch_size(batch_size)
-      ctx = make_step_context(config, num_classes=7, weights=np.ones(7, np.float32), mean=0.5,
-                              std=0.25)
+      ctx = make_step_context(
+        config, num_classes=7, weights=np.ones(7, np.float32), mean=0.5, std=0.25
+      )
       tx = make_optimizer(config.train, steps_per_epoch=448)
-      state = jax.jit(lambda: create_train_state(ctx, tx),
-                      out_shardings=parallel.replicated(mesh))()
+      state = jax.jit(
+        lambda: create_train_state(ctx, tx), out_shardings=parallel.replicated(mesh)
+      )()
       steps = compile_steps(ctx, config.parallel, mesh)
       # FER2013 images are 48x48; a larger model input is produced by the on-device resample.
-      host = [{'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
-               'label': rng.integers(0, 7, (batch_size,)).astype(np.int32)} for _ in range(4)]
-      batch_spec = {'image': jax.ShapeDtypeStruct((batch_size, 48, 48, 1), np.uint8),
-                    'label': jax.ShapeDtypeStruct((batch_size,), np.int32)}
-      fresh_sums = sums_factory(ctx, checkpointing.abstract_like(state), batch_spec,
-                                config.parallel, mesh)
-      runs.append({'label': label or config.model.name, 'config': config, 'ctx': ctx,
-                   'steps': steps, 'state': steps.prepare_state(state), 'host': host,
-                   'fresh_sums': fresh_sums, 'rates': []})
+      host = [
+        {
+          'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
+          'label': rng.integers(0, 7, (batch_size,)).astype(np.int32),
+        }
+        for _ in range(4)
+      ]
+      batch_spec = {
+        'image': jax.ShapeDtypeStruct((batch_size, 48, 48, 1), np.uint8),
+        'label': jax.ShapeDtypeStruct((batch_size,), np.int32),
+      }
+      fresh_sums = sums_factory(
+        ctx, checkpointing.abstract_like(state), batch_spec, config.parallel, mesh
+      )
+      runs.append(
+        {
+          'label': label or config.model.name,
+          'config': config,
+          'ctx': ctx,
+          'steps': steps,
+          'state': steps.prepare_state(state),
+          'host': host,
+          'fresh_sums': fresh_sums,
+          'rates': [],
+        }
+      )
 
   def run(r, n):
     state, steps = r['state'], r['steps']
@@ -131,25 +185,32 @@ def main() -> None:
       run(r, args.steps_per_window)
       rate = args.steps_per_window * batch_size / (time.perf_counter() - t)
       r['rates'].append(rate)
-      print(f'window {w} {r["label"]} {r["config"].model.lowering}: {rate:.0f} img/s',
-            file=sys.stderr)
+      print(
+        f'window {w} {r["label"]} {r["config"].model.lowering}: {rate:.0f} img/s', file=sys.stderr
+      )
   for r in runs:
     config, rates = r['config'], r['rates']
     resolved = layers.resolve_lowering(config.model.lowering)
     result = {
-        'images_per_s': round(float(np.median(rates)), 1),
-        'size': config.model.image_size, 'batch': config.train.batch_size,
-        'devices': jax.device_count(),
-        'dtype': config.model.dtype, 'lowering': config.model.lowering,
-        'lowering_resolved': resolved, 'parallel': config.parallel,
-        'augment': bool(config.augment.enabled), 'model': config.model.name,
-        'zoo_name': r['label'], 'width': config.model.get('width'),
-        'microbatch': r['ctx'].microbatch,
-        'windows': [round(x, 1) for x in rates], 'backend': jax.default_backend(),
-        'jax': jax.__version__,
-        'malloc_tuned': os.environ.get('FER_JAX_MALLOC_TUNED') == '1',
-        'cpu_async_dispatch': bool(jax.config.values['jax_cpu_enable_async_dispatch']),
-        'native_isa': native.isa() if resolved == 'native' else None,
+      'images_per_s': round(float(np.median(rates)), 1),
+      'size': config.model.image_size,
+      'batch': config.train.batch_size,
+      'devices': jax.device_count(),
+      'dtype': config.model.dtype,
+      'lowering': config.model.lowering,
+      'lowering_resolved': resolved,
+      'parallel': config.parallel,
+      'augment': bool(config.augment.enabled),
+      'model': config.model.name,
+      'zoo_name': r['label'],
+      'width': config.model.get('width'),
+      'microbatch': r['ctx'].microbatch,
+      'windows': [round(x, 1) for x in rates],
+      'backend': jax.default_backend(),
+      'jax': jax.__version__,
+      'malloc_tuned': os.environ.get('FER_JAX_MALLOC_TUNED') == '1',
+      'cpu_async_dispatch': bool(jax.config.values['jax_cpu_enable_async_dispatch']),
+      'native_isa': native.isa() if resolved == 'native' else None,
     }
     print(json.dumps(result), flush=True)
 

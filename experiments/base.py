@@ -103,5 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Extra test-time augmentation of the best checkpoint at the end ('flip', 'tencrop'), reported
   # beside the single-view figures in results.json.
   c.train.final_tta = ()
-  c.train.ema_decay = 0.0  # > 0 (e.g. 0.999): evaluate, select and load a moving average of the weights
+  c.train.ema_decay = (
+    0.0  # > 0 (e.g. 0.999): evaluate, select and load a moving average of the weights
+  )
   return c

@@ -16,8 +16,9 @@ from experiments import vgg_fer2013
 
 def get_config() -> ml_collections.ConfigDict:
   c = vgg_fer2013.get_config()
-  c.model = ml_collections.ConfigDict(dict(
-      name='resnet18', image_size=40, width=64, dropout=0.0, dtype='float32', lowering='auto'))
+  c.model = ml_collections.ConfigDict(
+    dict(name='resnet18', image_size=40, width=64, dropout=0.0, dtype='float32', lowering='auto')
+  )
   a = c.augment
   a.shift = 0.0
   a.erase_prob = 0.25

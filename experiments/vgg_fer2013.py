@@ -20,9 +20,17 @@ from experiments import base
 
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
-  c.model = ml_collections.ConfigDict(dict(
-      name='vgg_fer', image_size=40, width=1.0, dense=(4096, 4096), dropout=0.2,
-      dtype='float32', lowering='auto'))
+  c.model = ml_collections.ConfigDict(
+    dict(
+      name='vgg_fer',
+      image_size=40,
+      width=1.0,
+      dense=(4096, 4096),
+      dropout=0.2,
+      dtype='float32',
+      lowering='auto',
+    )
+  )
   a = c.augment
   a.flip = True
   a.crop_fraction = 40 / 48

@@ -77,11 +77,11 @@ def _num(cfg: Any, name: str) -> float:
 def _geometry(cfg: Any) -> dict[str, float]:
   """The geometric ranges; all zero/False means no warp is needed."""
   g = dict(
-      flip=float(bool(cfg.flip)),
-      rotation_deg=_num(cfg, 'rotation_deg'),
-      zoom=_num(cfg, 'zoom'),
-      shift=_num(cfg, 'shift'),
-      shear_deg=_num(cfg, 'shear_deg'),
+    flip=float(bool(cfg.flip)),
+    rotation_deg=_num(cfg, 'rotation_deg'),
+    zoom=_num(cfg, 'zoom'),
+    shift=_num(cfg, 'shift'),
+    shear_deg=_num(cfg, 'shear_deg'),
   )
   if g['zoom'] >= 1:
     raise ConfigError(f'augment.zoom must be < 1 (scale in [1-zoom, 1+zoom]), got {g["zoom"]}')
@@ -103,8 +103,9 @@ def _opt(cfg: Any, name: str, default: float, hi: float = math.inf) -> float:
   return value
 
 
-def _pair(cfg: Any, name: str, default: tuple[float, float],
-          hi: float = math.inf) -> tuple[float, float]:
+def _pair(
+  cfg: Any, name: str, default: tuple[float, float], hi: float = math.inf
+) -> tuple[float, float]:
   """An optional (lo, hi) range with 0 < lo <= hi (<= `hi`)."""
   raw = getattr(cfg, name, default)
   try:
@@ -124,14 +125,20 @@ def _crop(cfg: Any) -> tuple[float, tuple[float, float]]:
 
 def _erase(cfg: Any) -> tuple[float, tuple[float, float], tuple[float, float]]:
   """(erase_prob, erase_area, erase_ratio); erase_prob 0 means no erasing."""
-  return (_opt(cfg, 'erase_prob', 0.0, hi=1.0), _pair(cfg, 'erase_area', (0.02, 0.33), hi=1.0),
-          _pair(cfg, 'erase_ratio', (0.3, 3.3)))
+  return (
+    _opt(cfg, 'erase_prob', 0.0, hi=1.0),
+    _pair(cfg, 'erase_area', (0.02, 0.33), hi=1.0),
+    _pair(cfg, 'erase_ratio', (0.3, 3.3)),
+  )
 
 
 def _mix(cfg: Any) -> tuple[float, float, float]:
   """(mixup_alpha, cutmix_alpha, mix_prob); both alphas 0 means no mixing."""
-  return (_opt(cfg, 'mixup_alpha', 0.0), _opt(cfg, 'cutmix_alpha', 0.0),
-          _opt(cfg, 'mix_prob', 1.0, hi=1.0))
+  return (
+    _opt(cfg, 'mixup_alpha', 0.0),
+    _opt(cfg, 'cutmix_alpha', 0.0),
+    _opt(cfg, 'mix_prob', 1.0, hi=1.0),
+  )
 
 
 def check_config(cfg: Any) -> None:
@@ -182,8 +189,9 @@ def crop_matrix(x0, y0, crop_w, crop_h, height: int, width: int, out_size: int) 
   return jnp.stack(rows + [jnp.asarray([0, 0, 1], f32)]).astype(f32)
 
 
-def sample_crop(key: jax.Array, cfg: Any, height: int,
-                width: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def sample_crop(
+  key: jax.Array, cfg: Any, height: int, width: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Draws ONE example's random training crop: (x0, y0, crop_w, crop_h) in input pixels.
 
   The side is crop_fraction * sqrt(u) of the image side with u ~ U(crop_scale) (so u scales
@@ -207,8 +215,7 @@ def sample_crop(key: jax.Array, cfg: Any, height: int,
   return start(_CROP_X, width, crop_w), start(_CROP_Y, height, crop_h), crop_w, crop_h
 
 
-def sample_transform(key: jax.Array, cfg: Any, height: int, width: int,
-                     out_size: int) -> jax.Array:
+def sample_transform(key: jax.Array, cfg: Any, height: int, width: int, out_size: int) -> jax.Array:
   """ONE example's complete training map from its (height, width) image to the output: the
   random crop (when crop_fraction > 0) followed by `sample_affine`'s geometry about the output
   centre, as one (3, 3) forward matrix for a single `warp`."""
@@ -248,11 +255,13 @@ def affine_matrix(flip, angle, scale, tx, ty, shear, size: int) -> jax.Array:
   e = centre + jnp.asarray(tx, f32) - (a + b) * centre
   g = centre + jnp.asarray(ty, f32) - (c + d) * centre
   zero, one = f32(0), f32(1)
-  return jnp.stack([
+  return jnp.stack(
+    [
       jnp.stack([a, b, e]),
       jnp.stack([c, d, g]),
       jnp.stack([zero, zero, one]),
-  ]).astype(f32)
+    ]
+  ).astype(f32)
 
 
 def flip_draw(key: jax.Array) -> jax.Array:
@@ -317,8 +326,7 @@ def warp(image: jax.Array, matrix: jax.Array, out_size: int) -> jax.Array:
   # mode='nearest' clamps the neighbour indices to the edge. The weights are
   # products of (1 - f) and f, exact at integer coordinates, so identity and
   # flips reproduce the input bit for bit.
-  channels = [map_coordinates(image[..., k], [y, x], order=1, mode='nearest')
-              for k in range(ch)]
+  channels = [map_coordinates(image[..., k], [y, x], order=1, mode='nearest') for k in range(ch)]
   return jnp.stack(channels, axis=-1)
 
 
@@ -342,8 +350,7 @@ def resize(images: jax.Array, out_size: int) -> jax.Array:
   h, w = images.shape[-3], images.shape[-2]
   rows, cols = _bilinear_matrix(h, out_size), _bilinear_matrix(w, out_size)
   images = images.astype(jnp.float32)
-  return jnp.einsum('yi,...ijc,xj->...yxc', rows, images, cols,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum('yi,...ijc,xj->...yxc', rows, images, cols, precision=jax.lax.Precision.HIGHEST)
 
 
 def rescale(images: jax.Array) -> jax.Array:
@@ -356,17 +363,18 @@ def rescale(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) * jnp.float32(1 / 255)
 
 
-def _photometric(image: jax.Array, key: jax.Array, brightness: float,
-                 contrast: float) -> jax.Array:
+def _photometric(image: jax.Array, key: jax.Array, brightness: float, contrast: float) -> jax.Array:
   """Random contrast (around the per-channel mean), then brightness, in [0, 1]."""
   if contrast:
-    factor = jax.random.uniform(jax.random.fold_in(key, _CONTRAST), (), jnp.float32,
-                                1 - contrast, 1 + contrast)
+    factor = jax.random.uniform(
+      jax.random.fold_in(key, _CONTRAST), (), jnp.float32, 1 - contrast, 1 + contrast
+    )
     mean = image.mean(axis=(0, 1), keepdims=True)
     image = (image - mean) * factor + mean
   if brightness:
-    delta = jax.random.uniform(jax.random.fold_in(key, _BRIGHT), (), jnp.float32,
-                               -brightness, brightness)
+    delta = jax.random.uniform(
+      jax.random.fold_in(key, _BRIGHT), (), jnp.float32, -brightness, brightness
+    )
     image = image + delta
   return image
 
@@ -385,8 +393,13 @@ def _standardize(x: jax.Array, mode: str, mean: float, std: float) -> jax.Array:
   return (x - mu) / jnp.maximum(sd, 1.0 / math.sqrt(n))
 
 
-def _erase_one(image: jax.Array, key: jax.Array, prob: float, area: tuple[float, float],
-               ratio: tuple[float, float]) -> jax.Array:
+def _erase_one(
+  image: jax.Array,
+  key: jax.Array,
+  prob: float,
+  area: tuple[float, float],
+  ratio: tuple[float, float],
+) -> jax.Array:
   """torchvision's RandomErasing on one (H, W, C) image, value 0: with probability `prob`
   one rectangle of area fraction ~ U(area) and aspect (height / width) log-uniform in
   `ratio`, shrunk to fit when it would not, at a uniform valid top-left. Written with iota
@@ -395,8 +408,9 @@ def _erase_one(image: jax.Array, key: jax.Array, prob: float, area: tuple[float,
   f32, i32 = jnp.float32, jnp.int32
   fold = lambda tag: jax.random.fold_in(key, tag)
   target = jax.random.uniform(fold(_ERASE_AREA), (), f32, area[0], area[1]) * f32(h * w)
-  aspect = jnp.exp(jax.random.uniform(fold(_ERASE_RATIO), (), f32, math.log(ratio[0]),
-                                      math.log(ratio[1])))
+  aspect = jnp.exp(
+    jax.random.uniform(fold(_ERASE_RATIO), (), f32, math.log(ratio[0]), math.log(ratio[1]))
+  )
   eh = jnp.clip(jnp.round(jnp.sqrt(target * aspect)), 1, h).astype(i32)
   ew = jnp.clip(jnp.round(jnp.sqrt(target / aspect)), 1, w).astype(i32)
   top = jax.random.randint(fold(_ERASE_Y), (), 0, h - eh + 1, i32)
@@ -409,9 +423,16 @@ def _erase_one(image: jax.Array, key: jax.Array, prob: float, area: tuple[float,
   return jnp.where(inside[..., None], jnp.zeros((), image.dtype), image)
 
 
-def preprocess_batch(images_u8: jax.Array, keys: jax.Array | None, cfg: Any, *,
-                     out_size: int, train: bool, mean: float = 0.0,
-                     std: float = 1.0) -> jax.Array:
+def preprocess_batch(
+  images_u8: jax.Array,
+  keys: jax.Array | None,
+  cfg: Any,
+  *,
+  out_size: int,
+  train: bool,
+  mean: float = 0.0,
+  std: float = 1.0,
+) -> jax.Array:
   """uint8 (B, H, W, C) batch -> float32 (B, out_size, out_size, C) model input.
 
   Args:
@@ -451,23 +472,26 @@ def preprocess_batch(images_u8: jax.Array, keys: jax.Array | None, cfg: Any, *,
     # Evaluation (or augmentation off): the centre crop, a pixel copy.
     ch, cw = _crop_len(h, fraction), _crop_len(w, fraction)
     top, left = (h - ch) // 2, (w - cw) // 2
-    x = x[:, top:top + ch, left:left + cw, :]
+    x = x[:, top : top + ch, left : left + cw, :]
     h, w = ch, cw
   resizing = (h, w) != (out_size, out_size)
 
   geometric = augment and (random_crop or any(geometry.values()))
   # A flip alone is a pixel copy: no affine resample, at most the fixed `resize`. A random
   # crop always needs the general resample.
-  flip_only = (geometric and not random_crop
-               and not any(v for k, v in geometry.items() if k != 'flip'))
+  flip_only = (
+    geometric and not random_crop and not any(v for k, v in geometry.items() if k != 'flip')
+  )
   brightness = _num(cfg, 'brightness') if augment else 0.0
   contrast = _num(cfg, 'contrast') if augment else 0.0
   erase = augment and erase_prob > 0
 
   if geometric or brightness or contrast or erase:
     if keys is None or keys.shape[0] != bsz:
-      raise ValueError(f'augmentation needs one PRNG key per example ({bsz}), got '
-                       f'{None if keys is None else keys.shape}')
+      raise ValueError(
+        f'augmentation needs one PRNG key per example ({bsz}), got '
+        f'{None if keys is None else keys.shape}'
+      )
 
   if geometric or brightness or contrast:
 
@@ -505,8 +529,9 @@ def _cutmix_box(key: jax.Array, lam: jax.Array, h: int, w: int) -> jax.Array:
   return (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)
 
 
-def mix_pairs(x: jax.Array, targets: jax.Array, keys: jax.Array,
-              cfg: Any) -> tuple[jax.Array, jax.Array]:
+def mix_pairs(
+  x: jax.Array, targets: jax.Array, keys: jax.Array, cfg: Any
+) -> tuple[jax.Array, jax.Array]:
   """Mixup / CutMix of adjacent examples: (B, H, W, C) images, (B, K) targets -> the same.
 
   Example i is mixed with its partner i ^ 1 using its own draws (from keys[i]): with
@@ -531,20 +556,23 @@ def mix_pairs(x: jax.Array, targets: jax.Array, keys: jax.Array,
   if not (mixup_alpha or cutmix_alpha) or not prob:
     return x, targets
   if x.ndim != 4 or targets.ndim != 2 or x.shape[0] != targets.shape[0]:
-    raise ValueError(f'expected (B, H, W, C) images and (B, K) targets, got {x.shape} and '
-                     f'{targets.shape}')
+    raise ValueError(
+      f'expected (B, H, W, C) images and (B, K) targets, got {x.shape} and {targets.shape}'
+    )
   bsz, h, w, _ = x.shape
   if bsz % 2:
-    raise ValueError(f'mix_pairs pairs examples (2k, 2k+1): the batch size must be even, '
-                     f'got {bsz}')
+    raise ValueError(f'mix_pairs pairs examples (2k, 2k+1): the batch size must be even, got {bsz}')
   if keys is None or keys.shape[0] != bsz:
-    raise ValueError(f'mix_pairs needs one PRNG key per example ({bsz}), got '
-                     f'{None if keys is None else keys.shape}')
+    raise ValueError(
+      f'mix_pairs needs one PRNG key per example ({bsz}), got '
+      f'{None if keys is None else keys.shape}'
+    )
   swap = lambda a: a.reshape((bsz // 2, 2) + a.shape[1:])[:, ::-1].reshape(a.shape)
   f32 = jnp.float32
 
-  def one(xi: jax.Array, xj: jax.Array, ti: jax.Array, tj: jax.Array,
-          key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def one(
+    xi: jax.Array, xj: jax.Array, ti: jax.Array, tj: jax.Array, key: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
     fold = lambda tag: jax.random.fold_in(key, tag)
     if mixup_alpha and cutmix_alpha:
       use_cut = jax.random.bernoulli(fold(_MIX_KIND))

@@ -16,11 +16,11 @@ import os
 import time
 from typing import Any, NamedTuple
 
-from absl import logging
-from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
 from fer_jax import paths
@@ -29,26 +29,37 @@ BEST_METRIC = 'accuracy'
 UNREADABLE_DIR = 'checkpoints_unreadable'
 
 
-def make_manager(workdir: str, *, keep_latest: int, keep_best: int,
-                 read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(
+  workdir: str, *, keep_latest: int, keep_best: int, read_only: bool = False
+) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      best_fn=lambda m: m[BEST_METRIC],
-      best_mode='max',
-      preservation_policy=cm.AnyPreservationPolicy([
-          cm.LatestN(n=keep_latest),
-          cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=keep_best),
-      ]),
-      enable_async_checkpointing=not read_only,
-      read_only=read_only,
-      create=not read_only,
+    best_fn=lambda m: m[BEST_METRIC],
+    best_mode='max',
+    preservation_policy=cm.AnyPreservationPolicy(
+      [
+        cm.LatestN(n=keep_latest),
+        cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=keep_best),
+      ]
+    ),
+    enable_async_checkpointing=not read_only,
+    read_only=read_only,
+    create=not read_only,
   )
-  return ocp.CheckpointManager(paths.resolve(workdir) / 'checkpoints',
-                               options=options,
-                               item_names=('state', 'data_iter', 'meta'))
+  return ocp.CheckpointManager(
+    paths.resolve(workdir) / 'checkpoints',
+    options=options,
+    item_names=('state', 'data_iter', 'meta'),
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         data_iter: grain.DatasetIterator | None, meta: dict, metrics: dict) -> None:
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  data_iter: grain.DatasetIterator | None,
+  meta: dict,
+  metrics: dict,
+) -> None:
   """Asynchronous save; `meta` is JSON (config, data statistics, class names)."""
   args = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
   if data_iter is not None:
@@ -56,8 +67,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iter: grain.DatasetIterator | None = None) -> tuple[Any, dict]:
+def restore(
+  manager: ocp.CheckpointManager,
+  step: int,
+  abstract_state: Any,
+  data_iter: grain.DatasetIterator | None = None,
+) -> tuple[Any, dict]:
   """Restores the state onto the shardings of `abstract_state` (and the iterator in place)."""
   args = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
   if data_iter is not None:
@@ -77,6 +92,7 @@ def abstract_like(tree: Any) -> Any:
 
 class Restored(NamedTuple):
   """What `restore_newest_readable` found: `step` is None when no checkpoint was readable."""
+
   step: int | None
   state: Any
   meta: dict | None
@@ -88,8 +104,11 @@ def _reason(e: Exception) -> str:
   return f'{type(e).__name__}: {first_line[:200]}'
 
 
-def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
-                            data_iter: grain.DatasetIterator | None = None) -> Restored:
+def restore_newest_readable(
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  data_iter: grain.DatasetIterator | None = None,
+) -> Restored:
   """Restores the newest step that reads back whole, warning about each newer one that doesn't.
 
   When none is readable the iterator is put back where it was, so training can start fresh.
@@ -102,8 +121,12 @@ def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
     except Exception as e:  # pylint: disable=broad-except
       # orbax and tensorstore raise many types for a damaged file; any of them means unreadable.
       unreadable[step] = _reason(e)
-      logging.warning('checkpoint step %d in %s is unreadable (%s); trying an older one', step,
-                      manager.directory, unreadable[step])
+      logging.warning(
+        'checkpoint step %d in %s is unreadable (%s); trying an older one',
+        step,
+        manager.directory,
+        unreadable[step],
+      )
       continue
     return Restored(step, state, meta, unreadable)
   if data_iter is not None:

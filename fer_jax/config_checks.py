@@ -6,7 +6,7 @@ import ml_collections
 
 from fer_jax import augment, paths
 from fer_jax.data import datasets, ferplus
-from fer_jax.errors import ConfigError, FerJaxError
+from fer_jax.errors import ConfigError
 from fer_jax.evaluation import TTA_MODES
 from fer_jax.models import get_model
 from fer_jax.parallel import PARALLEL_MODES
@@ -14,12 +14,12 @@ from fer_jax.train_step import make_optimizer, make_plateau
 
 # Each list belongs to the module that uses the value; checked here before any data is read.
 _CHOICES = {
-    'parallel': PARALLEL_MODES,
-    'data.source': datasets.SOURCES,
-    'data.labels': datasets.LABELS,
-    'data.ferplus_mode': ferplus.LABEL_MODES,
-    'data.ferplus_classes': ferplus.NUM_CLASSES,
-    'data.class_weights': datasets.CLASS_WEIGHT_FORMULAS,
+  'parallel': PARALLEL_MODES,
+  'data.source': datasets.SOURCES,
+  'data.labels': datasets.LABELS,
+  'data.ferplus_mode': ferplus.LABEL_MODES,
+  'data.ferplus_classes': ferplus.NUM_CLASSES,
+  'data.class_weights': datasets.CLASS_WEIGHT_FORMULAS,
 }
 
 
@@ -36,13 +36,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = _get(config, key)
     if value not in choices:
       raise ConfigError(f'config.{key}={value!r}: expected one of {choices}')
-  positive = ('train.epochs', 'train.batch_size', 'train.eval_batch_size', 'model.image_size',
-              'train.log_every_steps', 'train.keep_latest', 'train.keep_best')
+  positive = (
+    'train.epochs',
+    'train.batch_size',
+    'train.eval_batch_size',
+    'model.image_size',
+    'train.log_every_steps',
+    'train.keep_latest',
+    'train.keep_best',
+  )
   for key in positive:
     if _get(config, key) <= 0:
       raise ConfigError(f'config.{key}={_get(config, key)!r}: must be positive')
-  for key in ('train.learning_rate', 'train.weight_decay', 'train.l2', 'train.warmup_epochs',
-              'train.label_smoothing', 'train.checkpoint_every_steps'):
+  for key in (
+    'train.learning_rate',
+    'train.weight_decay',
+    'train.l2',
+    'train.warmup_epochs',
+    'train.label_smoothing',
+    'train.checkpoint_every_steps',
+  ):
     if _get(config, key) < 0:
       raise ConfigError(f'config.{key}={_get(config, key)!r}: must not be negative')
   for key in ('eval_every_epochs', 'eval_every_minutes'):
@@ -52,8 +65,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('config.train.warmup_epochs is larger than config.train.epochs')
   for mode in config.train.get('final_tta', ()):
     if mode not in TTA_MODES:
-      raise ConfigError(f'config.train.final_tta={tuple(config.train.final_tta)}: each must be one '
-                        f'of {TTA_MODES}')
+      raise ConfigError(
+        f'config.train.final_tta={tuple(config.train.final_tta)}: each must be one of {TTA_MODES}'
+      )
   # The model's, the augmentation's and the optimizer's (schedule, plateau) own options are
   # checked by their owners, here before any data is read.
   get_model(config.model, 7)
@@ -61,8 +75,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   make_optimizer(config.train, steps_per_epoch=1000)  # any epoch length that leaves cosine steps
   make_plateau(config.train)
   if config.data.source == 'tfds' and config.data.ferplus_path:
-    raise ConfigError("config.data.ferplus_path is not used with source='tfds': the builder reads "
-                      'fer2013new.csv from its manual dir (the folder of config.data.path)')
+    raise ConfigError(
+      "config.data.ferplus_path is not used with source='tfds': the builder reads "
+      'fer2013new.csv from its manual dir (the folder of config.data.path)'
+    )
 
 
 def check_workdir_writable(workdir: str) -> None:

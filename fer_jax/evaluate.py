@@ -11,7 +11,6 @@ the run's results.json exactly.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -24,12 +23,18 @@ from fer_jax.errors import ConfigError, DataError, FerJaxError
 from fer_jax.trained_model import TrainedModel
 
 
-def load_eval_split(trained: TrainedModel, split: str,
-                    data_path: str = '') -> tuple[str, Split, str]:
+def load_eval_split(
+  trained: TrainedModel, split: str, data_path: str = ''
+) -> tuple[str, Split, str]:
   """(split name, Split, data description) of the workdir's dataset or of `data_path`."""
   from fer_jax.data.datasets import load_dataset_or_path
-  dataset, source = load_dataset_or_path(trained.config.data, image_size=trained.image_size,
-                                         data_size=trained.data_size, data_path=data_path)
+
+  dataset, source = load_dataset_or_path(
+    trained.config.data,
+    image_size=trained.image_size,
+    data_size=trained.data_size,
+    data_path=data_path,
+  )
   if tuple(dataset.class_names) != trained.class_names:
     raise DataError(f'the data has classes {dataset.class_names}, the model {trained.class_names}')
   if len(dataset.splits) == 1:  # a single folder of emotion folders
@@ -39,15 +44,27 @@ def load_eval_split(trained: TrainedModel, split: str,
   return split, dataset[split], source
 
 
-def evaluate(trained: TrainedModel, *, split: str = 'PrivateTest', tta: str = 'none',
-             data_path: str = '', batch_size: int = 0) -> tuple[dict[str, Any], np.ndarray, Split]:
+def evaluate(
+  trained: TrainedModel,
+  *,
+  split: str = 'PrivateTest',
+  tta: str = 'none',
+  data_path: str = '',
+  batch_size: int = 0,
+) -> tuple[dict[str, Any], np.ndarray, Split]:
   """(JSON-ready report, (N, K) probabilities, the evaluated Split)."""
   evaluation.check_tta(tta)
   name, data, source = load_eval_split(trained, split, data_path)
   report, probs = evaluation.evaluate_trained(trained, data, tta=tta, batch_size=batch_size)
-  header = {'workdir': trained.workdir, 'checkpoint': trained.checkpoint, 'step': trained.step,
-            'split': name, 'data': source, 'test_time_augmentation': tta,
-            'tta_views': len(evaluation.tta_views(tta, *data.images.shape[1:3])[2])}
+  header = {
+    'workdir': trained.workdir,
+    'checkpoint': trained.checkpoint,
+    'step': trained.step,
+    'split': name,
+    'data': source,
+    'test_time_augmentation': tta,
+    'tta_views': len(evaluation.tta_views(tta, *data.images.shape[1:3])[2]),
+  }
   return {**header, **report, 'class_names': list(trained.class_names)}, probs, data
 
 
@@ -59,17 +76,23 @@ def checkpoint_tag(trained: TrainedModel) -> str:
 def write_report(report: dict[str, Any], trained: TrainedModel) -> str:
   """Writes `W/eval/<split>_<checkpoint>_<tta>.json` atomically; returns its path."""
   from fer_jax import paths  # pylint: disable=import-outside-toplevel
-  path = (paths.resolve(trained.workdir) / 'eval'
-          / f'{report["split"]}_{checkpoint_tag(trained)}_{report["test_time_augmentation"]}.json')
+
+  path = (
+    paths.resolve(trained.workdir)
+    / 'eval'
+    / f'{report["split"]}_{checkpoint_tag(trained)}_{report["test_time_augmentation"]}.json'
+  )
   paths.write_json(path, report, indent=1)
   return os.fspath(path)
 
 
 def format_summary(report: dict[str, Any]) -> str:
   """The header line and per-class table that the CLI prints."""
-  head = (f'{report["split"]} ({report["data"]}), checkpoint {report["checkpoint"]} '
-          f'(step {report["step"]}), test-time augmentation: {report["test_time_augmentation"]} '
-          f'({report["tta_views"]} view{"s" if report["tta_views"] > 1 else ""})')
+  head = (
+    f'{report["split"]} ({report["data"]}), checkpoint {report["checkpoint"]} '
+    f'(step {report["step"]}), test-time augmentation: {report["test_time_augmentation"]} '
+    f'({report["tta_views"]} view{"s" if report["tta_views"] > 1 else ""})'
+  )
   return head + '\n' + metrics.format_table(report, report['class_names'])
 
 
@@ -77,14 +100,16 @@ def main(argv: list[str]) -> None:
   from absl import app, flags
 
   from fer_jax import logs, trained_model
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logs.quiet_library_logs()
   f = flags.FLAGS
   try:
     trained = trained_model.load(f.workdir, f.checkpoint)
-    report, _, _ = evaluate(trained, split=f.split, tta=f.tta, data_path=f.data_path,
-                            batch_size=f.batch_size)
+    report, _, _ = evaluate(
+      trained, split=f.split, tta=f.tta, data_path=f.data_path, batch_size=f.batch_size
+    )
     path = write_report(report, trained)
   except FerJaxError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -95,17 +120,23 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
+
   flags.DEFINE_string('workdir', None, 'A trained workdir (holds checkpoints/).', required=True)
   flags.DEFINE_string('split', 'PrivateTest', 'Split of the dataset to evaluate.')
   flags.DEFINE_enum('tta', 'none', evaluation.TTA_MODES, 'Test-time augmentation.')
   flags.DEFINE_string('checkpoint', 'best', "'best' (PublicTest accuracy), 'latest' or a step.")
-  flags.DEFINE_string('data_path', '', 'Evaluate other data: a FER2013 CSV, a Kaggle image-folder '
-                      'root (train/, test/) or one folder of emotion folders. Default: the '
-                      "workdir's configured dataset.")
+  flags.DEFINE_string(
+    'data_path',
+    '',
+    'Evaluate other data: a FER2013 CSV, a Kaggle image-folder '
+    'root (train/, test/) or one folder of emotion folders. Default: the '
+    "workdir's configured dataset.",
+  )
   flags.DEFINE_integer('batch_size', 0, 'Evaluation batch; 0: config.train.eval_batch_size.')
 
 
 if __name__ == '__main__':
   from absl import app
+
   _define_flags()
   app.run(main)

@@ -44,8 +44,9 @@ def check_tta(tta: str) -> None:
     raise ConfigError(f'tta={tta!r}: expected one of {TTA_MODES}')
 
 
-def tta_views(tta: str, height: int, width: int,
-              crop_fraction: float = 0.0) -> tuple[int, int, np.ndarray]:
+def tta_views(
+  tta: str, height: int, width: int, crop_fraction: float = 0.0
+) -> tuple[int, int, np.ndarray]:
   """The views of one TTA mode as (crop_h, crop_w, int32 (V, 3) rows of [top, left, flip]).
 
   Ten-crop cuts the model's evaluation crop (`crop_fraction`, as `augment.crop_side`), else
@@ -68,6 +69,7 @@ def tta_views(tta: str, height: int, width: int,
 class EvalSpec:
   """What evaluating a model needs besides its variables: the model, how its inputs are
   prepared (the training run's evaluation preprocessing), and the TTA mode."""
+
   model: nn.Module
   augment_cfg: ml_collections.ConfigDict
   image_size: int
@@ -93,8 +95,11 @@ def _scores(spec: EvalSpec, variables: Any, images: jax.Array) -> tuple[jax.Arra
     return spec.model.apply(variables, x, train=False).astype(jnp.float32)
 
   if spec.tta == 'none':
-    logits = logits_of(augment.preprocess_batch(images, None, cfg, out_size=out, train=False,
-                                                mean=spec.mean, std=spec.std))
+    logits = logits_of(
+      augment.preprocess_batch(
+        images, None, cfg, out_size=out, train=False, mean=spec.mean, std=spec.std
+      )
+    )
     return jax.nn.log_softmax(logits, axis=-1), logits
   b, h, w, c = images.shape
   ch, cw, views = tta_views(spec.tta, h, w, float(cfg.get('crop_fraction', 0.0)))
@@ -108,8 +113,9 @@ def _scores(spec: EvalSpec, variables: Any, images: jax.Array) -> tuple[jax.Arra
     if not whole and (ch, cw) != (out, out):
       crop = jax.image.resize(crop, (b, out, out, c), method='linear')
     crop = jnp.where(row[2] > 0, crop[:, :, ::-1], crop)
-    x = augment.preprocess_batch(crop, None, view_cfg, out_size=out, train=False, mean=spec.mean,
-                                 std=spec.std)
+    x = augment.preprocess_batch(
+      crop, None, view_cfg, out_size=out, train=False, mean=spec.mean, std=spec.std
+    )
     return jax.nn.log_softmax(logits_of(x), axis=-1)
 
   per_view = jax.lax.map(view, jnp.asarray(views))  # (V, B, K)
@@ -127,25 +133,35 @@ def probabilities(spec: EvalSpec, variables: Any, images: jax.Array) -> jax.Arra
   return jnp.exp(log_probabilities(spec, variables, images))
 
 
-def eval_step(variables: Any, batch: dict[str, jax.Array], spec: EvalSpec,
-              axis_name: str | None = None, per_example: bool = False) -> Any:
+def eval_step(
+  variables: Any,
+  batch: dict[str, jax.Array],
+  spec: EvalSpec,
+  axis_name: str | None = None,
+  per_example: bool = False,
+) -> Any:
   """Sums over the (masked) batch: cross-entropy, count and the confusion matrix (rows true,
   columns predicted); with `per_example`, also (sums, (B, K) log-probabilities).
 
   `variables` are what `model.apply` takes: BatchNorm uses its running averages here.
   """
+
   def sums(chunk):
     images, labels, mask = chunk
     log_probs, scores = _scores(spec, variables, images)
     ce = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
     true = jax.nn.one_hot(labels, spec.num_classes) * mask[:, None]
     pred = jax.nn.one_hot(jnp.argmax(scores, -1), spec.num_classes)
-    out = {'loss_sum': jnp.sum(ce * mask), 'count': jnp.sum(mask),
-           'confusion': jnp.einsum('bi,bj->ij', true, pred)}
+    out = {
+      'loss_sum': jnp.sum(ce * mask),
+      'count': jnp.sum(mask),
+      'confusion': jnp.einsum('bi,bj->ij', true, pred),
+    }
     return out, (log_probs if per_example else ())
 
-  out, log_probs = map_batch(sums, (batch['image'], batch['label'], batch['mask']),
-                             spec.microbatch, axis_name)
+  out, log_probs = map_batch(
+    sums, (batch['image'], batch['label'], batch['mask']), spec.microbatch, axis_name
+  )
   if axis_name:
     out = jax.lax.psum(out, axis_name)
   return (out, log_probs) if per_example else out
@@ -154,8 +170,7 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], spec: EvalSpec,
 class CompiledEval:
   """`eval_step` compiled for one parallel mode, with how to feed it and read its output."""
 
-  def __init__(self, spec: EvalSpec, mode: str, mesh: jax.sharding.Mesh,
-               per_example: bool = False):
+  def __init__(self, spec: EvalSpec, mode: str, mesh: jax.sharding.Mesh, per_example: bool = False):
     self.mode, self.mesh, self.per_example = mode, mesh, per_example
     if mode == 'pmap':
       if per_example:
@@ -165,9 +180,11 @@ class CompiledEval:
       self.put_batch = parallel.to_pmap
     else:
       repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-      self.fn = jax.jit(functools.partial(eval_step, spec=spec, per_example=per_example),
-                        in_shardings=(repl, data),
-                        out_shardings=(repl, data) if per_example else repl)
+      self.fn = jax.jit(
+        functools.partial(eval_step, spec=spec, per_example=per_example),
+        in_shardings=(repl, data),
+        out_shardings=(repl, data) if per_example else repl,
+      )
       self.put_batch = functools.partial(parallel.to_global, mesh=mesh)
 
   def __call__(self, variables: Any, batch: dict[str, np.ndarray]) -> tuple[Any, Any]:
@@ -182,16 +199,20 @@ class CompiledEval:
     return parallel.to_host(out), per_example
 
 
-def evaluate_split(compiled: CompiledEval, variables: Any, split: Split, *,
-                   global_batch: int) -> tuple[dict[str, Any], np.ndarray | None]:
+def evaluate_split(
+  compiled: CompiledEval, variables: Any, split: Split, *, global_batch: int
+) -> tuple[dict[str, Any], np.ndarray | None]:
   """(summed totals, (N, K) log-probabilities in order when asked for) over every example of
   `split`; the last batch is padded and masked."""
   if compiled.per_example and jax.process_count() > 1:
     raise FerJaxError('per-example evaluation runs in a single process')
   totals, per_example = None, []
-  for batch in pipeline.eval_batches(split, global_batch=global_batch,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+  for batch in pipeline.eval_batches(
+    split,
+    global_batch=global_batch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
     out, log_probs = compiled(variables, batch)
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
     if log_probs is not None:
@@ -222,11 +243,19 @@ def spec_for(trained: Any, tta: str = 'none', microbatch: int | None = None) -> 
   """The EvalSpec of a `trained_model.TrainedModel`; the gradient chunks its training used
   unless `microbatch` is given, so the sums equal the training run's bit for bit."""
   from fer_jax.train_step import microbatch_for
+
   if microbatch is None:
     microbatch = microbatch_for(trained.config, trained.model)
-  return EvalSpec(model=trained.model, augment_cfg=trained.config.augment,
-                  image_size=trained.image_size, num_classes=trained.num_classes,
-                  mean=trained.pixel_mean, std=trained.pixel_std, microbatch=microbatch, tta=tta)
+  return EvalSpec(
+    model=trained.model,
+    augment_cfg=trained.config.augment,
+    image_size=trained.image_size,
+    num_classes=trained.num_classes,
+    mean=trained.pixel_mean,
+    std=trained.pixel_std,
+    microbatch=microbatch,
+    tta=tta,
+  )
 
 
 def probabilities_fn(trained: Any, tta: str = 'none') -> Callable[[Any, jax.Array], jax.Array]:
@@ -235,8 +264,9 @@ def probabilities_fn(trained: Any, tta: str = 'none') -> Callable[[Any, jax.Arra
   return functools.partial(probabilities, spec_for(trained, tta, microbatch=0))
 
 
-def evaluate_trained(trained: Any, split: Split, *, tta: str = 'none',
-                     batch_size: int = 0) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate_trained(
+  trained: Any, split: Split, *, tta: str = 'none', batch_size: int = 0
+) -> tuple[dict[str, Any], np.ndarray]:
   """(report, float32 (N, K) probabilities) of a TrainedModel on `split`, single process.
 
   Runs the training run's compiled evaluation over the mesh (parameters replicated, batch on
@@ -247,6 +277,9 @@ def evaluate_trained(trained: Any, split: Split, *, tta: str = 'none',
   compiled = CompiledEval(spec_for(trained, tta), 'jit', mesh, per_example=True)
   variables = jax.device_put(trained.variables, parallel.replicated(mesh))
   totals, log_probs = evaluate_split(
-      compiled, variables, split,
-      global_batch=eval_global_batch(batch_size or trained.config.train.eval_batch_size))
+    compiled,
+    variables,
+    split,
+    global_batch=eval_global_batch(batch_size or trained.config.train.eval_batch_size),
+  )
   return summarize(totals, len(split)), np.exp(log_probs)

@@ -29,7 +29,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,34 +49,46 @@ ONNX_OPSET = 21  # onnxruntime 1.20+ (and its Web build) run it
 def load_trained(workdir: str, checkpoint: str | int = 'best') -> Any:
   """The workdir's checkpoint on the first device (fer_jax's only use of the workdir loader)."""
   from fer_jax import trained_model
-  return trained_model.load(workdir, checkpoint,
-                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+  return trained_model.load(
+    workdir, checkpoint, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  )
 
 
 def metadata(trained: Any, input_dtype: str = 'uint8') -> dict[str, Any]:
   """What a runtime needs beside the graph: classes, input contract, provenance."""
   aug = trained.config.augment
   return {
-      'format_version': 1,
-      'class_names': list(trained.class_names),
-      'input': {'shape': ['N', trained.data_size, trained.data_size, 1], 'layout': 'NHWC',
-                'dtype': input_dtype, 'range': [0, 255], 'color': 'grayscale',
-                'what': 'face crops: the detector box grown by a margin on every side, '
-                        'squared, resized to the side above'},
-      'output': {'shape': ['N', len(trained.class_names)], 'dtype': 'float32',
-                 'what': 'class probabilities (softmax)'},
-      'face_size': trained.data_size,
-      'model_input_size': trained.image_size,
-      'preprocessing_in_graph': {
-          'crop_fraction': float(aug.get('crop_fraction', 0.0)),
-          'resize_to': trained.image_size,
-          'standardize': str(aug.standardize),
-          'pixel_mean': trained.pixel_mean, 'pixel_std': trained.pixel_std},
-      'model': str(trained.config.model.name),
-      'checkpoint': trained.checkpoint,
-      'checkpoint_step': int(trained.step),
-      'workdir': os.path.basename(trained.workdir.rstrip(os.sep)),
-      'accuracy': predict.read_accuracy(trained.workdir),
+    'format_version': 1,
+    'class_names': list(trained.class_names),
+    'input': {
+      'shape': ['N', trained.data_size, trained.data_size, 1],
+      'layout': 'NHWC',
+      'dtype': input_dtype,
+      'range': [0, 255],
+      'color': 'grayscale',
+      'what': 'face crops: the detector box grown by a margin on every side, '
+      'squared, resized to the side above',
+    },
+    'output': {
+      'shape': ['N', len(trained.class_names)],
+      'dtype': 'float32',
+      'what': 'class probabilities (softmax)',
+    },
+    'face_size': trained.data_size,
+    'model_input_size': trained.image_size,
+    'preprocessing_in_graph': {
+      'crop_fraction': float(aug.get('crop_fraction', 0.0)),
+      'resize_to': trained.image_size,
+      'standardize': str(aug.standardize),
+      'pixel_mean': trained.pixel_mean,
+      'pixel_std': trained.pixel_std,
+    },
+    'model': str(trained.config.model.name),
+    'checkpoint': trained.checkpoint,
+    'checkpoint_step': int(trained.step),
+    'workdir': os.path.basename(trained.workdir.rstrip(os.sep)),
+    'accuracy': predict.read_accuracy(trained.workdir),
   }
 
 
@@ -87,6 +100,7 @@ def inference_fn(trained: Any, input_dtype: str = 'uint8') -> Callable[[jax.Arra
   but only 'xla' is made of standard operations every runtime has.
   """
   from fer_jax import evaluation
+
   if input_dtype not in INPUT_DTYPES:
     raise FerJaxError(f'input_dtype={input_dtype!r}: expected one of {INPUT_DTYPES}')
   model = trained.model
@@ -116,30 +130,44 @@ def to_onnx(trained: Any, out: str, *, input_dtype: str = 'uint8') -> dict[str, 
   except ImportError:
     raise FerJaxError('ONNX export needs jax2onnx and onnx: pip install "fer_jax[serve]"') from None
   meta = metadata(trained, input_dtype)
-  model = convert_to_onnx(inference_fn(trained, input_dtype), [input_spec(trained, input_dtype)],
-                          name=f'fer_jax_{meta["model"]}', jax2onnx=jax2onnx)
+  model = convert_to_onnx(
+    inference_fn(trained, input_dtype),
+    [input_spec(trained, input_dtype)],
+    name=f'fer_jax_{meta["model"]}',
+    jax2onnx=jax2onnx,
+  )
   model.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
-  model.doc_string = ('fer_jax facial-expression classifier: uint8/float32 grayscale faces '
-                      '(N, S, S, 1) in 0..255 -> (N, K) probabilities; see metadata "fer_jax".')
+  model.doc_string = (
+    'fer_jax facial-expression classifier: uint8/float32 grayscale faces '
+    '(N, S, S, 1) in 0..255 -> (N, K) probabilities; see metadata "fer_jax".'
+  )
   onnx.checker.check_model(model)
   _atomic_write(out, model.SerializeToString())
   return meta
 
 
-def convert_to_onnx(fn: Callable[..., Any], inputs: list[Any], *, name: str,
-                    jax2onnx: Any = None) -> Any:
+def convert_to_onnx(
+  fn: Callable[..., Any], inputs: list[Any], *, name: str, jax2onnx: Any = None
+) -> Any:
   """jax2onnx's conversion with input 'images' and output 'probabilities'; an operation it
   cannot convert becomes one FerJaxError naming it."""
   if jax2onnx is None:
     import jax2onnx
   try:
     with _quiet_converter():
-      model = jax2onnx.to_onnx(fn, inputs, model_name=name, opset=ONNX_OPSET,
-                               input_names=['images'], output_names=['probabilities'])
+      model = jax2onnx.to_onnx(
+        fn,
+        inputs,
+        model_name=name,
+        opset=ONNX_OPSET,
+        input_names=['images'],
+        output_names=['probabilities'],
+      )
   except NotImplementedError as e:
-    raise FerJaxError(f'ONNX export: {_unsupported_op(e)} (jax2onnx '
-                      f'{getattr(jax2onnx, "__version__", "?")}, tested with {JAX2ONNX_TESTED})'
-                      ) from None
+    raise FerJaxError(
+      f'ONNX export: {_unsupported_op(e)} (jax2onnx '
+      f'{getattr(jax2onnx, "__version__", "?")}, tested with {JAX2ONNX_TESTED})'
+    ) from None
   # jax2onnx annotates some BatchNorm activations with NCHW shapes where the values are NHWC;
   # onnxruntime infers every intermediate shape itself, so the annotations go.
   del model.graph.value_info[:]
@@ -180,7 +208,8 @@ def to_stablehlo(trained: Any, out: str, *, input_dtype: str = 'uint8') -> dict[
   (batch,) = jax.export.symbolic_shape('N')
   platforms = ['cpu', 'cuda', 'tpu']
   exported = jax.export.export(jax.jit(inference_fn(trained, input_dtype)), platforms=platforms)(
-      input_spec(trained, input_dtype, batch))
+    input_spec(trained, input_dtype, batch)
+  )
   meta['platforms'] = platforms
   _atomic_write(out, exported.serialize())
   _atomic_write(out + '.json', json.dumps(meta, indent=1).encode())
@@ -196,8 +225,14 @@ def _atomic_write(path: str, data: bytes) -> None:
   os.replace(path + '.tmp', path)
 
 
-def export(workdir: str, out: str, *, fmt: str = 'onnx', checkpoint: str | int = 'best',
-           input_dtype: str = 'uint8') -> dict[str, Any]:
+def export(
+  workdir: str,
+  out: str,
+  *,
+  fmt: str = 'onnx',
+  checkpoint: str | int = 'best',
+  input_dtype: str = 'uint8',
+) -> dict[str, Any]:
   """Exports `workdir`'s checkpoint to `out` in `fmt` ('onnx' or 'stablehlo'); the metadata."""
   if fmt not in FORMATS:
     raise FerJaxError(f'format={fmt!r}: expected one of {FORMATS}')
@@ -210,25 +245,31 @@ def export(workdir: str, out: str, *, fmt: str = 'onnx', checkpoint: str | int =
 
 def main(argv: list[str]) -> None:
   from absl import app, flags
+
   from fer_jax import logs
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}', exitcode=2)
   f = flags.FLAGS
   logs.quiet_library_logs()
   try:
-    meta = export(f.workdir, f.out, fmt=f.format, checkpoint=f.checkpoint,
-                  input_dtype=f.input_dtype)
+    meta = export(
+      f.workdir, f.out, fmt=f.format, checkpoint=f.checkpoint, input_dtype=f.input_dtype
+    )
   except FerJaxError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   size = os.path.getsize(f.out)
-  print(f'wrote {f.out} ({size / 1e6:.2f} MB, {f.format}): {meta["model"]} step '
-        f'{meta["checkpoint_step"]}, input {f.input_dtype} (N, {meta["face_size"]}, '
-        f'{meta["face_size"]}, 1) in 0..255, classes {", ".join(meta["class_names"])}')
+  print(
+    f'wrote {f.out} ({size / 1e6:.2f} MB, {f.format}): {meta["model"]} step '
+    f'{meta["checkpoint_step"]}, input {f.input_dtype} (N, {meta["face_size"]}, '
+    f'{meta["face_size"]}, 1) in 0..255, classes {", ".join(meta["class_names"])}'
+  )
 
 
 def _define_flags() -> None:
   from absl import flags
+
   flags.DEFINE_string('workdir', None, 'A trained workdir (holds checkpoints/).', required=True)
   flags.DEFINE_string('checkpoint', 'best', "'best' (PublicTest accuracy), 'latest' or a step.")
   flags.DEFINE_enum('format', 'onnx', FORMATS, 'onnx (jax2onnx) or stablehlo (jax.export).')
@@ -238,5 +279,6 @@ def _define_flags() -> None:
 
 if __name__ == '__main__':
   from absl import app
+
   _define_flags()
   app.run(main)

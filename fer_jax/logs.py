@@ -16,6 +16,7 @@ class QuietLibraries(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     from absl import logging as absl_logging
+
     noisy = '/orbax/' in record.pathname or '/grain/' in record.pathname
     return not noisy or record.levelno >= logging.WARNING or absl_logging.get_verbosity() > 0
 
@@ -23,11 +24,11 @@ class QuietLibraries(logging.Filter):
 def quiet_library_logs() -> None:
   """Installs `QuietLibraries` on absl's handler (launch.py and every CLI call this once)."""
   from absl import logging as absl_logging
+
   absl_logging.get_absl_handler().addFilter(QuietLibraries())
 
 
 class _DropReadOnlyNotices(logging.Filter):
-
   def filter(self, record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(_READ_ONLY_NOTICES)
 

@@ -20,28 +20,36 @@ import numpy as np
 
 def zeros_like_metrics(metric_shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
   """An empty accumulator for metrics shaped like `metric_shapes` (from jax.eval_shape)."""
-  return {'sum': {k: jnp.zeros(v.shape, jnp.float32) for k, v in metric_shapes.items()},
-          'count': jnp.zeros((), jnp.int32),
-          'first_bad_step': jnp.full((), -1, jnp.int32),
-          'first_bad_loss': jnp.zeros((), jnp.float32)}
+  return {
+    'sum': {k: jnp.zeros(v.shape, jnp.float32) for k, v in metric_shapes.items()},
+    'count': jnp.zeros((), jnp.int32),
+    'first_bad_step': jnp.full((), -1, jnp.int32),
+    'first_bad_loss': jnp.zeros((), jnp.float32),
+  }
 
 
-def accumulate(acc: dict[str, Any], metrics: dict[str, jax.Array], step: jax.Array) -> dict[str, Any]:
+def accumulate(
+  acc: dict[str, Any], metrics: dict[str, jax.Array], step: jax.Array
+) -> dict[str, Any]:
   """acc + this step's metrics; `step` is the step number the metrics belong to (1-based)."""
   loss = metrics['loss'].astype(jnp.float32)
   new_bad = (acc['first_bad_step'] < 0) & ~jnp.isfinite(loss)
-  return {'sum': {k: acc['sum'][k] + metrics[k].astype(jnp.float32) for k in acc['sum']},
-          'count': acc['count'] + 1,
-          'first_bad_step': jnp.where(new_bad, step.astype(jnp.int32), acc['first_bad_step']),
-          'first_bad_loss': jnp.where(new_bad, loss, acc['first_bad_loss'])}
+  return {
+    'sum': {k: acc['sum'][k] + metrics[k].astype(jnp.float32) for k in acc['sum']},
+    'count': acc['count'] + 1,
+    'first_bad_step': jnp.where(new_bad, step.astype(jnp.int32), acc['first_bad_step']),
+    'first_bad_loss': jnp.where(new_bad, loss, acc['first_bad_loss']),
+  }
 
 
 def to_host(acc: Any) -> dict[str, Any]:
   """The accumulator as numpy, in one device->host transfer (replicated: any one copy)."""
+
   def local(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return x.addressable_data(0)
     return x
+
   return jax.device_get(jax.tree.map(local, acc))
 
 
@@ -76,6 +84,7 @@ class Cadence:
       late = time.time() - self._last >= self.every_s
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
         late = bool(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(late))))
       return late
     return False

@@ -36,6 +36,7 @@ class MetricWriter:
     if not enabled:
       return
     from tensorboardX import SummaryWriter
+
     local = workdir
     if self._remote is not None:
       self._stage = tempfile.mkdtemp(prefix='fer_jax_metrics_')

@@ -8,7 +8,8 @@ predicted) are reported as 0.0 rather than NaN, so JSON logs and
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,14 +53,14 @@ def classification_report(cm: np.ndarray) -> dict[str, Any]:
   f1 = _safe_div(2 * precision * recall, precision + recall)
   total = int(cm.sum())
   return {
-      'accuracy': float(_safe_div(tp.sum(), total)),
-      'macro_f1': float(f1.mean()) if f1.size else 0.0,
-      'num_examples': total,
-      'per_class_accuracy': recall.tolist(),
-      'per_class_precision': precision.tolist(),
-      'per_class_recall': recall.tolist(),
-      'per_class_f1': f1.tolist(),
-      'per_class_support': support.tolist(),
+    'accuracy': float(_safe_div(tp.sum(), total)),
+    'macro_f1': float(f1.mean()) if f1.size else 0.0,
+    'num_examples': total,
+    'per_class_accuracy': recall.tolist(),
+    'per_class_precision': precision.tolist(),
+    'per_class_recall': recall.tolist(),
+    'per_class_f1': f1.tolist(),
+    'per_class_support': support.tolist(),
   }
 
 
@@ -74,9 +75,10 @@ def format_table(report: dict[str, Any], class_names: Sequence[str]) -> str:
   support = report.get('per_class_support', [0] * k)
   for i, name in enumerate(class_names):
     lines.append(
-        f'{name:<{width}}  {report["per_class_precision"][i]:>9.4f}  '
-        f'{report["per_class_recall"][i]:>9.4f}  {report["per_class_f1"][i]:>9.4f}  '
-        f'{int(support[i]):>8d}')
+      f'{name:<{width}}  {report["per_class_precision"][i]:>9.4f}  '
+      f'{report["per_class_recall"][i]:>9.4f}  {report["per_class_f1"][i]:>9.4f}  '
+      f'{int(support[i]):>8d}'
+    )
   lines.append('-' * len(header))
   n = report.get('num_examples', int(sum(support)))
   lines.append(f'accuracy {report["accuracy"]:.4f}  macro_f1 {report["macro_f1"]:.4f}  (n={n})')

@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fer_jax.errors import ConfigError, FerJaxError
 
@@ -26,8 +27,9 @@ DATA_AXIS = 'data'
 PARALLEL_MODES = ('jit', 'pmap')
 
 
-def maybe_initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
-                                 process_id: int = -1) -> None:
+def maybe_initialize_distributed(
+  coordinator_address: str = '', num_processes: int = 0, process_id: int = -1
+) -> None:
   """Starts jax.distributed only when a multi-host setup is present or asked for.
 
   The bare `jax.distributed.initialize()` raises on a plain single machine, so it is only called
@@ -44,9 +46,11 @@ def maybe_initialize_distributed(coordinator_address: str = '', num_processes: i
     logging.info('--num_processes=1: single process, jax.distributed not started')
     return
   if coordinator_address or num_processes > 1:
-    kwargs = dict(coordinator_address=coordinator_address or None,
-                  num_processes=num_processes or None,
-                  process_id=None if process_id < 0 else process_id)
+    kwargs = dict(
+      coordinator_address=coordinator_address or None,
+      num_processes=num_processes or None,
+      process_id=None if process_id < 0 else process_id,
+    )
     logging.info('jax.distributed.initialize(%s)', kwargs)
     jax.distributed.initialize(**kwargs)
     return
@@ -57,14 +61,16 @@ def maybe_initialize_distributed(coordinator_address: str = '', num_processes: i
     except Exception as e:  # pylint: disable=broad-except
       first = (str(e).strip().splitlines() or [''])[0][:300]
       raise FerJaxError(
-          f'jax.distributed.initialize() failed on this Cloud TPU VM ({type(e).__name__}: '
-          f'{first}); on a pod every worker must join; to train on this host alone pass '
-          '--num_processes=1') from None
+        f'jax.distributed.initialize() failed on this Cloud TPU VM ({type(e).__name__}: '
+        f'{first}); on a pod every worker must join; to train on this host alone pass '
+        '--num_processes=1'
+      ) from None
     return
   multi_host = (
-      int(env.get('SLURM_NTASKS', '1')) > 1
-      or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
-      or bool(env.get('JAX_COORDINATOR_ADDRESS')))
+    int(env.get('SLURM_NTASKS', '1')) > 1
+    or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+    or bool(env.get('JAX_COORDINATOR_ADDRESS'))
+  )
   if multi_host:
     logging.info('multi-host environment detected: jax.distributed.initialize()')
     jax.distributed.initialize()
@@ -93,8 +99,9 @@ def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
   return counts[node] if node < len(counts) else counts[-1]
 
 
-def check_slurm_gpus(local_devices: int, backend: str,
-                     env: Mapping[str, str] | None = None) -> None:
+def check_slurm_gpus(
+  local_devices: int, backend: str, env: Mapping[str, str] | None = None
+) -> None:
   """Stops a SLURM job whose processes see fewer GPUs than the node was given.
 
   JAX's SLURM detection (`jax._src.clusters.SlurmCluster`) restricts each process to the one
@@ -110,16 +117,18 @@ def check_slurm_gpus(local_devices: int, backend: str,
   tasks = _slurm_tasks_on_node(env)
   if local_devices * tasks < int(gpus):
     raise FerJaxError(
-        f'SLURM gave this node {gpus} GPUs but its {tasks} task(s) use {local_devices * tasks}: '
-        f'JAX gives each task one GPU ([SLURM_LOCALID]); use --ntasks-per-node={gpus} (one task '
-        'per GPU), or set JAX_LOCAL_DEVICE_IDS to the GPUs of each task')
+      f'SLURM gave this node {gpus} GPUs but its {tasks} task(s) use {local_devices * tasks}: '
+      f'JAX gives each task one GPU ([SLURM_LOCALID]); use --ntasks-per-node={gpus} (one task '
+      'per GPU), or set JAX_LOCAL_DEVICE_IDS to the GPUs of each task'
+    )
 
 
 def make_mesh() -> Mesh:
   """All devices (of all processes) on one 'data' axis, in jax.make_mesh's topology-aware
   order (on TPU, neighbours in the interconnect are neighbours on the axis)."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+    (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -134,11 +143,14 @@ def check_batch_size(global_batch: int, what: str = 'config.train.batch_size') -
   """Clear errors for a global batch that cannot be split evenly over devices and hosts."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
   if global_batch < n_dev:
-    raise ConfigError(f'{what}={global_batch} is smaller than the {n_dev} devices: '
-                      f'use at least {n_dev}')
+    raise ConfigError(
+      f'{what}={global_batch} is smaller than the {n_dev} devices: use at least {n_dev}'
+    )
   if global_batch % n_dev:
-    raise ConfigError(f'{what}={global_batch} is not divisible by the {n_dev} devices '
-                      f'({n_proc} process(es)): use a multiple of {n_dev}')
+    raise ConfigError(
+      f'{what}={global_batch} is not divisible by the {n_dev} devices '
+      f'({n_proc} process(es)): use a multiple of {n_dev}'
+    )
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -172,8 +184,10 @@ def unreplicate_from_pmap(tree: Any) -> Any:
 
 def to_host(tree: Any) -> Any:
   """Fetches (replicated) arrays to numpy, also when they span several hosts."""
+
   def fetch(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
+
   return jax.tree.map(fetch, tree)

@@ -85,10 +85,12 @@ def check_shared(workdir: str | os.PathLike) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   if jax.process_count() == 1:
     return
   token_value = multihost_utils.broadcast_one_to_all(
-      np.frombuffer(secrets.token_bytes(8), np.uint32))
+    np.frombuffer(secrets.token_bytes(8), np.uint32)
+  )
   token = ''.join(f'{int(v):08x}' for v in np.asarray(token_value))
   probe = resolve(workdir) / f'.shared_check_{token}'
   if jax.process_index() == 0:
@@ -107,6 +109,7 @@ def check_shared(workdir: str | os.PathLike) -> None:
   missing = [i for i, ok in enumerate(everyone) if not ok]
   if missing:
     raise FerJaxError(
-        f'workdir {workdir} is not shared: process(es) {", ".join(map(str, missing))} cannot read '
-        'the token process 0 wrote there; give every process the same directory (a shared '
-        'filesystem mounted at the same path, or gs://bucket/dir)')
+      f'workdir {workdir} is not shared: process(es) {", ".join(map(str, missing))} cannot read '
+      'the token process 0 wrote there; give every process the same directory (a shared '
+      'filesystem mounted at the same path, or gs://bucket/dir)'
+    )

@@ -56,7 +56,9 @@ def _cv2():
   try:
     import cv2
   except ImportError:
-    raise FerJaxError('face detection needs OpenCV: pip install "opencv-python-headless<5"') from None
+    raise FerJaxError(
+      'face detection needs OpenCV: pip install "opencv-python-headless<5"'
+    ) from None
   return cv2
 
 
@@ -69,13 +71,22 @@ class HaarDetector:
   (OpenCV's is not safe to share between threads; fer_jax.serve detects in a thread pool).
   """
 
-  def __init__(self, cascade: str = HAAR_CASCADE, *, scale_factor: float = 1.1,
-               min_neighbors: int = 5, min_size: int = 24, max_side: int = 1280):
+  def __init__(
+    self,
+    cascade: str = HAAR_CASCADE,
+    *,
+    scale_factor: float = 1.1,
+    min_neighbors: int = 5,
+    min_size: int = 24,
+    max_side: int = 1280,
+  ):
     cv2 = _cv2()
     path = cascade if os.path.isfile(cascade) else os.path.join(cv2.data.haarcascades, cascade)
     if not hasattr(cv2, 'CascadeClassifier') or not os.path.isfile(path):
-      raise FerJaxError(f'Haar cascade {cascade} not found (OpenCV {cv2.__version__}; the cascades '
-                        'ship with opencv-python-headless 4.x)')
+      raise FerJaxError(
+        f'Haar cascade {cascade} not found (OpenCV {cv2.__version__}; the cascades '
+        'ship with opencv-python-headless 4.x)'
+      )
     self._path = path
     self._local = threading.local()
     self._local.classifier = cv2.CascadeClassifier(path)
@@ -85,15 +96,24 @@ class HaarDetector:
   def __call__(self, gray: np.ndarray) -> np.ndarray:
     cv2 = _cv2()
     scale = min(1.0, self._max_side / max(gray.shape))
-    small = gray if scale == 1.0 else cv2.resize(
-        gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)),
-        interpolation=cv2.INTER_AREA)
+    small = (
+      gray
+      if scale == 1.0
+      else cv2.resize(
+        gray,
+        (round(gray.shape[1] * scale), round(gray.shape[0] * scale)),
+        interpolation=cv2.INTER_AREA,
+      )
+    )
     classifier = getattr(self._local, 'classifier', None)
     if classifier is None:
       classifier = self._local.classifier = cv2.CascadeClassifier(self._path)
     boxes = classifier.detectMultiScale(
-        small, scaleFactor=self._scale_factor, minNeighbors=self._min_neighbors,
-        minSize=(self._min_size, self._min_size))
+      small,
+      scaleFactor=self._scale_factor,
+      minNeighbors=self._min_neighbors,
+      minSize=(self._min_size, self._min_size),
+    )
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4) / scale
     return np.rint(boxes).astype(np.int64)
 
@@ -116,7 +136,9 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     raise ValueError(f'expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {image.shape}')
   # ITU-R 601 luma, as PIL's convert('L') and OpenCV's RGB2GRAY.
   rgb = image[..., :3].astype(np.float32)
-  return np.clip(np.rint(rgb @ np.array([0.299, 0.587, 0.114], np.float32)), 0, 255).astype(np.uint8)
+  return np.clip(np.rint(rgb @ np.array([0.299, 0.587, 0.114], np.float32)), 0, 255).astype(
+    np.uint8
+  )
 
 
 def crop_face(gray: np.ndarray, box: Sequence[int], *, margin: float, size: int) -> np.ndarray:
@@ -131,7 +153,7 @@ def crop_face(gray: np.ndarray, box: Sequence[int], *, margin: float, size: int)
   s = max(1, int(round(side)))
   height, width = gray.shape
   pad = [max(0, -y0), max(0, y0 + s - height), max(0, -x0), max(0, x0 + s - width)]
-  region = gray[max(0, y0):min(height, y0 + s), max(0, x0):min(width, x0 + s)]
+  region = gray[max(0, y0) : min(height, y0 + s), max(0, x0) : min(width, x0 + s)]
   if region.size == 0:
     raise ValueError(f'box {list(box)} lies outside the {width}x{height} image')
   if any(pad):
@@ -143,7 +165,9 @@ def _resize(gray: np.ndarray, size: int) -> np.ndarray:
   """To (size, size): pixel-area averaging when shrinking, bilinear when enlarging."""
   cv2 = _cv2()
   shrink = max(gray.shape) > size
-  return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+  return cv2.resize(
+    gray, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+  )
 
 
 def read_image(path: str) -> np.ndarray:
@@ -173,11 +197,14 @@ class ImageTooLarge(DataError):
 
 def _open_rgb(source: Any, what: str, max_pixels: int | None = None) -> np.ndarray:
   from PIL import Image, ImageOps
+
   try:
     with Image.open(source) as img:
       if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ImageTooLarge(f'{what}: {img.width}x{img.height} is {img.width * img.height / 1e6:.1f} '
-                            f'megapixels; the limit is {max_pixels / 1e6:.1f}')
+        raise ImageTooLarge(
+          f'{what}: {img.width}x{img.height} is {img.width * img.height / 1e6:.1f} '
+          f'megapixels; the limit is {max_pixels / 1e6:.1f}'
+        )
       img = ImageOps.exif_transpose(img)
       return np.asarray(img.convert('RGB'), np.uint8)
   except Image.UnidentifiedImageError:
@@ -197,8 +224,11 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
       found = []
       for root, dirs, files in os.walk(p):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        found += [os.path.join(root, f) for f in files if not f.startswith('.')
-                  and f.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)]
+        found += [
+          os.path.join(root, f)
+          for f in files
+          if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+        ]
       out += sorted(found)
     else:
       out.append(p)
@@ -216,8 +246,9 @@ class OnnxModel:
     try:
       import onnxruntime as ort
     except ImportError:
-      raise FerJaxError('running an ONNX model needs onnxruntime: pip install "fer_jax[serve]"'
-                        ) from None
+      raise FerJaxError(
+        'running an ONNX model needs onnxruntime: pip install "fer_jax[serve]"'
+      ) from None
     if not os.path.isfile(path):
       raise FerJaxError(f'--model {path}: file not found')
     options = ort.SessionOptions()
@@ -225,12 +256,15 @@ class OnnxModel:
     try:
       self._session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     except Exception as e:  # onnxruntime raises its own exception types, one per failure
-      raise FerJaxError(f'--model {path}: onnxruntime cannot load it '
-                        f'({" ".join(str(e).split())[:200]})') from None
+      raise FerJaxError(
+        f'--model {path}: onnxruntime cannot load it ({" ".join(str(e).split())[:200]})'
+      ) from None
     raw = self._session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
     if raw is None:
-      raise FerJaxError(f'--model {path}: no "{ONNX_METADATA_KEY}" metadata (not written by '
-                        'python -m fer_jax.export)')
+      raise FerJaxError(
+        f'--model {path}: no "{ONNX_METADATA_KEY}" metadata (not written by '
+        'python -m fer_jax.export)'
+      )
     self.metadata = json.loads(raw)
     self.path = path
     self.class_names = tuple(self.metadata['class_names'])
@@ -251,8 +285,11 @@ def read_accuracy(workdir: str) -> dict[str, float]:
       results = json.load(f)
   except (OSError, ValueError):
     return {}
-  return {name: round(float(split['accuracy']), 4)
-          for name, split in results.get('splits', {}).items() if 'accuracy' in split}
+  return {
+    name: round(float(split['accuracy']), 4)
+    for name, split in results.get('splits', {}).items()
+    if 'accuracy' in split
+  }
 
 
 class Predictor:
@@ -273,9 +310,17 @@ class Predictor:
       workdir only (an export is single view).
   """
 
-  def __init__(self, workdir: str | None = None, checkpoint: str | int = 'best', *,
-               model: str | None = None, detector: str | Detector = 'haar', margin: float = 0.1,
-               whole_image_fallback: bool = False, tta: str = 'none'):
+  def __init__(
+    self,
+    workdir: str | None = None,
+    checkpoint: str | int = 'best',
+    *,
+    model: str | None = None,
+    detector: str | Detector = 'haar',
+    margin: float = 0.1,
+    whole_image_fallback: bool = False,
+    tta: str = 'none',
+  ):
     if (workdir is None) == (model is None):
       raise FerJaxError('give a workdir or an exported model (model=...), not both')
     if isinstance(detector, str):
@@ -298,10 +343,13 @@ class Predictor:
       self.class_names, self.face_size = self.onnx.class_names, self.onnx.face_size
       return
     import jax
+
     from fer_jax import evaluation, trained_model
+
     device = jax.devices()[0]
-    self.trained = trained_model.load(workdir, checkpoint,
-                                    sharding=jax.sharding.SingleDeviceSharding(device))
+    self.trained = trained_model.load(
+      workdir, checkpoint, sharding=jax.sharding.SingleDeviceSharding(device)
+    )
     self.class_names = self.trained.class_names
     self.face_size = self.trained.data_size
     self._fn = jax.jit(evaluation.probabilities_fn(self.trained, tta))
@@ -310,15 +358,27 @@ class Predictor:
     """What serves the model: classes, input size, checkpoint step, accuracy (results.json)."""
     if self.onnx is not None:
       m = self.onnx.metadata
-      return {'backend': 'onnxruntime', 'source': os.path.basename(self.onnx.path),
-              'model': m.get('model'), 'classes': list(self.class_names),
-              'face_size': self.face_size, 'model_input_size': m.get('model_input_size'),
-              'checkpoint_step': m.get('checkpoint_step'), 'accuracy': m.get('accuracy', {})}
+      return {
+        'backend': 'onnxruntime',
+        'source': os.path.basename(self.onnx.path),
+        'model': m.get('model'),
+        'classes': list(self.class_names),
+        'face_size': self.face_size,
+        'model_input_size': m.get('model_input_size'),
+        'checkpoint_step': m.get('checkpoint_step'),
+        'accuracy': m.get('accuracy', {}),
+      }
     t = self.trained
-    return {'backend': 'jax', 'source': os.path.basename(t.workdir.rstrip(os.sep)),
-            'model': str(t.config.model.name), 'classes': list(self.class_names),
-            'face_size': self.face_size, 'model_input_size': t.image_size,
-            'checkpoint_step': int(t.step), 'accuracy': read_accuracy(t.workdir)}
+    return {
+      'backend': 'jax',
+      'source': os.path.basename(t.workdir.rstrip(os.sep)),
+      'model': str(t.config.model.name),
+      'classes': list(self.class_names),
+      'face_size': self.face_size,
+      'model_input_size': t.image_size,
+      'checkpoint_step': int(t.step),
+      'accuracy': read_accuracy(t.workdir),
+    }
 
   def classify_faces(self, faces: np.ndarray) -> np.ndarray:
     """uint8 (N, S, S) grayscale faces at `face_size` -> float32 (N, K) probabilities."""
@@ -328,19 +388,20 @@ class Predictor:
     if len(faces) == 0:
       return np.zeros((0, len(self.class_names)), np.float32)
     if self.onnx is not None:
-      return np.concatenate([self.onnx(faces[i:i + 256]) for i in range(0, len(faces), 256)])
+      return np.concatenate([self.onnx(faces[i : i + 256]) for i in range(0, len(faces), 256)])
     out = []
     for start in range(0, len(faces), 256):
-      chunk = faces[start:start + 256]
+      chunk = faces[start : start + 256]
       # Padding to a power of two (at least 8) keeps the number of compiled shapes small.
       padded = max(8, 1 << (len(chunk) - 1).bit_length())
       batch = np.zeros((padded, self.face_size, self.face_size, 1), np.uint8)
-      batch[:len(chunk), ..., 0] = chunk
-      out.append(np.asarray(self._fn(self.trained.variables, batch))[:len(chunk)])
+      batch[: len(chunk), ..., 0] = chunk
+      out.append(np.asarray(self._fn(self.trained.variables, batch))[: len(chunk)])
     return np.concatenate(out)
 
-  def find_faces(self, image: np.ndarray, *, whole_image_fallback: bool | None = None
-                 ) -> tuple[np.ndarray, bool, np.ndarray]:
+  def find_faces(
+    self, image: np.ndarray, *, whole_image_fallback: bool | None = None
+  ) -> tuple[np.ndarray, bool, np.ndarray]:
     """(boxes int (N, 4), whole-image flag, uint8 (N, S, S) face crops) of one image.
 
     The detection half of prediction, kept apart from `classify_faces` so a server can batch
@@ -364,9 +425,12 @@ class Predictor:
     faces = []
     for box, p in zip(boxes, probs):
       top = int(np.argmax(p))
-      face = {'box': [int(v) for v in box], 'emotion': self.class_names[top],
-              'score': round(float(p[top]), 4),
-              'probabilities': {n: round(float(v), 4) for n, v in zip(self.class_names, p)}}
+      face = {
+        'box': [int(v) for v in box],
+        'emotion': self.class_names[top],
+        'score': round(float(p[top]), 4),
+        'probabilities': {n: round(float(v), 4) for n, v in zip(self.class_names, p)},
+      }
       if whole:
         face['whole_image'] = True
       faces.append(face)
@@ -376,11 +440,12 @@ class Predictor:
     """Faces of several images, classified in one batch."""
     found = [self.find_faces(image) for image in images]
     crops = [c for _, _, c in found]
-    probs = self.classify_faces(np.concatenate(crops) if crops else
-                                np.zeros((0, self.face_size, self.face_size), np.uint8))
+    probs = self.classify_faces(
+      np.concatenate(crops) if crops else np.zeros((0, self.face_size, self.face_size), np.uint8)
+    )
     out, start = [], 0
     for boxes, whole, _ in found:
-      out.append(self.face_records(boxes, probs[start:start + len(boxes)], whole))
+      out.append(self.face_records(boxes, probs[start : start + len(boxes)], whole))
       start += len(boxes)
     return out
 
@@ -401,8 +466,9 @@ class Predictor:
     for record, _ in self.predict_paths_with_images(paths, frame_step=frame_step):
       yield record
 
-  def predict_paths_with_images(self, paths: Iterable[str], *, frame_step: int = 1
-                                ) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
+  def predict_paths_with_images(
+    self, paths: Iterable[str], *, frame_step: int = 1
+  ) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
     """As predict_paths, each record with its RGB image (None for an error record)."""
     if frame_step < 1:
       raise ValueError(f'frame_step must be at least 1, got {frame_step}')
@@ -421,8 +487,12 @@ class Predictor:
       try:
         frames = _read_video(path, frame_step) if is_video(path) else [({}, read_image(path))]
         for extra, image in frames:
-          pending.append(({'path': path, **extra, 'width': int(image.shape[1]),
-                           'height': int(image.shape[0])}, image))
+          pending.append(
+            (
+              {'path': path, **extra, 'width': int(image.shape[1]), 'height': int(image.shape[0])},
+              image,
+            )
+          )
           if len(pending) >= _IMAGES_PER_CALL:
             yield from flush()
       except DataError as e:
@@ -482,8 +552,16 @@ def annotate(image: np.ndarray, faces: Sequence[dict[str, Any]]) -> np.ndarray:
     # The label sits above the box, or inside its top edge when there is no room above.
     ty = y - base - 2 if y - th - base - 2 >= 0 else y + th + thickness + 2
     cv2.rectangle(out, (x, ty - th - 2), (x + tw + 4, ty + base), (0, 220, 0), -1)
-    cv2.putText(out, label, (x + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
-                max(1, thickness // 2), cv2.LINE_AA)
+    cv2.putText(
+      out,
+      label,
+      (x + 2, ty),
+      cv2.FONT_HERSHEY_SIMPLEX,
+      font_scale,
+      (0, 0, 0),
+      max(1, thickness // 2),
+      cv2.LINE_AA,
+    )
   return out
 
 
@@ -511,12 +589,15 @@ class _Annotator:
     path = record['path']
     if 'frame' not in record:
       ext = os.path.splitext(path)[1].lower()
-      cv2.imwrite(self._name(path, ext if ext in ('.png', '.jpg', '.jpeg', '.bmp') else '.png'), bgr)
+      cv2.imwrite(
+        self._name(path, ext if ext in ('.png', '.jpg', '.jpeg', '.bmp') else '.png'), bgr
+      )
       return
     if path not in self._writers:
       fourcc = cv2.VideoWriter_fourcc(*'MJPG')
-      self._writers[path] = cv2.VideoWriter(self._name(path, '.avi'), fourcc, 10.0,
-                                            (bgr.shape[1], bgr.shape[0]))
+      self._writers[path] = cv2.VideoWriter(
+        self._name(path, '.avi'), fourcc, 10.0, (bgr.shape[1], bgr.shape[0])
+      )
     self._writers[path].write(bgr)
 
   def close(self) -> None:
@@ -526,21 +607,31 @@ class _Annotator:
 
 def main(argv: list[str]) -> None:
   import json
+
   from absl import app, flags
+
   f = flags.FLAGS
   if len(argv) < 2:
     raise app.UsageError('give one or more image files, folders or videos', exitcode=2)
   if f.frame_step < 1:
     raise app.UsageError('--frame_step must be at least 1', exitcode=2)
   if bool(f.workdir) == bool(f.model):
-    raise app.UsageError('give --workdir (a trained workdir) or --model (an ONNX export)',
-                         exitcode=2)
+    raise app.UsageError(
+      'give --workdir (a trained workdir) or --model (an ONNX export)', exitcode=2
+    )
   from fer_jax import logs  # absl only: the --model path imports no JAX
+
   logs.quiet_library_logs()
   try:
-    predictor = Predictor(f.workdir or None, f.checkpoint, model=f.model or None,
-                          detector=f.detector, margin=f.margin,
-                          whole_image_fallback=f.whole_image, tta=f.tta)
+    predictor = Predictor(
+      f.workdir or None,
+      f.checkpoint,
+      model=f.model or None,
+      detector=f.detector,
+      margin=f.margin,
+      whole_image_fallback=f.whole_image,
+      tta=f.tta,
+    )
   except FerJaxError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -565,22 +656,35 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
+
   flags.DEFINE_string('workdir', '', 'A trained workdir (holds checkpoints/).')
-  flags.DEFINE_string('model', '', 'Instead of --workdir: an ONNX file from fer_jax.export '
-                      '(run by onnxruntime, without JAX).')
+  flags.DEFINE_string(
+    'model',
+    '',
+    'Instead of --workdir: an ONNX file from fer_jax.export (run by onnxruntime, without JAX).',
+  )
   flags.DEFINE_string('checkpoint', 'best', "'best' (PublicTest accuracy), 'latest' or a step.")
-  flags.DEFINE_enum('detector', 'haar', ('haar', 'none'),
-                    "'haar': OpenCV's frontal-face cascade; 'none': each image is one face.")
+  flags.DEFINE_enum(
+    'detector',
+    'haar',
+    ('haar', 'none'),
+    "'haar': OpenCV's frontal-face cascade; 'none': each image is one face.",
+  )
   flags.DEFINE_float('margin', 0.1, 'Added around each detected box, as a fraction of its side.')
-  flags.DEFINE_bool('whole_image', False, 'Classify the whole image as one face when no face is '
-                    'detected.')
-  flags.DEFINE_string('annotate_dir', '', 'Write a copy of each image with boxes and the top '
-                      'emotion here (videos as .avi).')
+  flags.DEFINE_bool(
+    'whole_image', False, 'Classify the whole image as one face when no face is detected.'
+  )
+  flags.DEFINE_string(
+    'annotate_dir',
+    '',
+    'Write a copy of each image with boxes and the top emotion here (videos as .avi).',
+  )
   flags.DEFINE_integer('frame_step', 1, 'Videos: classify every N-th frame.')
   flags.DEFINE_enum('tta', 'none', TTA_MODES, 'Test-time augmentation (see fer_jax.evaluation).')
 
 
 if __name__ == '__main__':
   from absl import app
+
   _define_flags()
   app.run(main)

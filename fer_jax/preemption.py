@@ -50,8 +50,9 @@ class PreemptionWatcher:
       self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
       self._handler_installed = True
     except ValueError:  # signal handlers can only be set from the main thread
-      logging.warning('training outside the main thread: SIGTERM will end the process '
-                      'without a final checkpoint')
+      logging.warning(
+        'training outside the main thread: SIGTERM will end the process without a final checkpoint'
+      )
 
   def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
     """Asks for a stop at the next step boundary; a second SIGTERM terminates as usual."""
@@ -71,8 +72,9 @@ class PreemptionWatcher:
       flags = multihost_utils.process_allgather(np.int32(self._requested.is_set()))
       stop = bool(np.any(flags))
     if stop:
-      logging.warning('preemption requested (SIGTERM): checkpointing at step %d, then stopping',
-                      step)
+      logging.warning(
+        'preemption requested (SIGTERM): checkpointing at step %d, then stopping', step
+      )
     return stop
 
   def close(self) -> None:
@@ -82,7 +84,7 @@ class PreemptionWatcher:
       signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
       self._handler_installed = False
 
-  def __enter__(self) -> 'PreemptionWatcher':
+  def __enter__(self) -> PreemptionWatcher:
     return self
 
   def __exit__(self, *exc_info) -> None:

@@ -34,6 +34,7 @@ _CORRECT, _WRONG, _OTHER = '#2ca02c', '#d62728', '#b0b0b0'
 
 def _figure(width: float, height: float):
   from matplotlib.figure import Figure
+
   return Figure(figsize=(width, height), dpi=100, layout='constrained')
 
 
@@ -47,8 +48,13 @@ def _split_color(name: str, i: int) -> str:
 
 
 def _show_face(ax, image: np.ndarray) -> None:
-  ax.imshow(image[..., 0] if image.ndim == 3 else image, cmap='gray', vmin=0, vmax=255,
-            interpolation='nearest')
+  ax.imshow(
+    image[..., 0] if image.ndim == 3 else image,
+    cmap='gray',
+    vmin=0,
+    vmax=255,
+    interpolation='nearest',
+  )
   ax.set_xticks([])
   ax.set_yticks([])
 
@@ -72,8 +78,15 @@ def class_distribution(dataset: Dataset, path: str) -> str:
   return _save(fig, path)
 
 
-def example_faces(split: Split, class_names: Sequence[str], path: str, *, per_class: int = 8,
-                  seed: int = 0, title: str = 'Example faces per emotion') -> str:
+def example_faces(
+  split: Split,
+  class_names: Sequence[str],
+  path: str,
+  *,
+  per_class: int = 8,
+  seed: int = 0,
+  title: str = 'Example faces per emotion',
+) -> str:
   """A row of randomly chosen faces per emotion (fewer when a class has fewer)."""
   rng = np.random.default_rng(seed)
   k = len(class_names)
@@ -116,9 +129,15 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   return sorted(latest.values(), key=lambda r: (r['step'], r.get('split', '')))
 
 
-def training_curves(records: Sequence[dict[str, Any]], path: str, *, eval_split: str = 'PublicTest',
-                    mark_step: int | None = None, mark_label: str = 'best checkpoint',
-                    steps_per_epoch: float | None = None) -> str | None:
+def training_curves(
+  records: Sequence[dict[str, Any]],
+  path: str,
+  *,
+  eval_split: str = 'PublicTest',
+  mark_step: int | None = None,
+  mark_label: str = 'best checkpoint',
+  steps_per_epoch: float | None = None,
+) -> str | None:
   """Loss and accuracy per epoch, train vs `eval_split`; None when there is nothing per epoch.
 
   `mark_step` (e.g. the evaluated checkpoint) is drawn as a dashed line labelled `mark_label`.
@@ -129,15 +148,30 @@ def training_curves(records: Sequence[dict[str, Any]], path: str, *, eval_split:
     return None
   fig = _figure(11, 4.3)
   ax_loss, ax_acc = fig.subplots(1, 2)
-  for ax, key, label in ((ax_loss, 'loss', 'loss (cross-entropy)'), (ax_acc, 'accuracy', 'accuracy')):
+  for ax, key, label in (
+    (ax_loss, 'loss', 'loss (cross-entropy)'),
+    (ax_acc, 'accuracy', 'accuracy'),
+  ):
     if train:
       # The training loss without the L2 term, comparable with the evaluation loss.
       train_key = 'data_loss' if key == 'loss' and 'data_loss' in train[0] else key
-      ax.plot([r['epoch'] for r in train], [r[train_key] for r in train], 'o-', ms=3.5,
-              color=_COLORS['Training'], label='train (augmented, dropout on)')
+      ax.plot(
+        [r['epoch'] for r in train],
+        [r[train_key] for r in train],
+        'o-',
+        ms=3.5,
+        color=_COLORS['Training'],
+        label='train (augmented, dropout on)',
+      )
     if evals:
-      ax.plot([r['epoch'] for r in evals], [r[key] for r in evals], 's-', ms=3.5,
-              color=_COLORS['PublicTest'], label=eval_split)
+      ax.plot(
+        [r['epoch'] for r in evals],
+        [r[key] for r in evals],
+        's-',
+        ms=3.5,
+        color=_COLORS['PublicTest'],
+        label=eval_split,
+      )
     if mark_step is not None and steps_per_epoch:
       epoch = mark_step / steps_per_epoch
       ax.axvline(epoch, color='0.45', ls='--', lw=1, label=f'{mark_label} (epoch {epoch:.3g})')
@@ -159,14 +193,23 @@ def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str, *, t
   k = len(class_names)
   fig = _figure(13, 6.0)
   axes = fig.subplots(1, 2)
-  for ax, values, fmt, sub in ((axes[0], cm, '{:,}', 'counts'),
-                               (axes[1], norm, '{:.0%}', 'row-normalised (recall)')):
+  for ax, values, fmt, sub in (
+    (axes[0], cm, '{:,}', 'counts'),
+    (axes[1], norm, '{:.0%}', 'row-normalised (recall)'),
+  ):
     image = ax.imshow(values, cmap='Blues', vmin=0, vmax=max(values.max(), 1e-9))
     threshold = values.max() * 0.55
     for i in range(k):
       for j in range(k):
-        ax.text(j, i, fmt.format(values[i, j]), ha='center', va='center', fontsize=9,
-                color='white' if values[i, j] > threshold else 'black')
+        ax.text(
+          j,
+          i,
+          fmt.format(values[i, j]),
+          ha='center',
+          va='center',
+          fontsize=9,
+          color='white' if values[i, j] > threshold else 'black',
+        )
     ax.set_xticks(range(k), class_names, rotation=40, ha='right')
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel('predicted')
@@ -182,8 +225,15 @@ def default_samples(labels: np.ndarray, num_classes: int) -> list[int]:
   return [int(np.flatnonzero(labels == c)[0]) for c in range(num_classes) if np.any(labels == c)]
 
 
-def sample_predictions(split: Split, probs: np.ndarray, indices: Sequence[int],
-                       class_names: Sequence[str], path: str, *, title: str) -> str:
+def sample_predictions(
+  split: Split,
+  probs: np.ndarray,
+  indices: Sequence[int],
+  class_names: Sequence[str],
+  path: str,
+  *,
+  title: str,
+) -> str:
   """Each sample's face beside its predicted probabilities; the true class is marked."""
   per_row = 2
   n_rows = -(-len(indices) // per_row)
@@ -203,16 +253,22 @@ def sample_predictions(split: Split, probs: np.ndarray, indices: Sequence[int],
     colors[true] = _CORRECT
     bars = ax_bar.barh(range(k), p, color=colors)
     ax_bar.bar_label(bars, labels=[f'{v:.2f}' for v in p], padding=2, fontsize=8)
-    ax_bar.set_yticks(range(k), [f'{name} (true)' if i == true else name
-                                 for i, name in enumerate(class_names)], fontsize=9)
+    ax_bar.set_yticks(
+      range(k),
+      [f'{name} (true)' if i == true else name for i, name in enumerate(class_names)],
+      fontsize=9,
+    )
     ax_bar.get_yticklabels()[true].set_fontweight('bold')
     ax_bar.invert_yaxis()
     ax_bar.set_xlim(0, 1.15)
     ax_bar.set_xticks([0, 0.5, 1])
     ax_bar.spines[['top', 'right']].set_visible(False)
     verdict = 'correct' if pred == true else f'predicted {class_names[pred]}'
-    ax_bar.set_title(f'true {class_names[true]}: {verdict}', fontsize=10,
-                     color=_CORRECT if pred == true else _WRONG)
+    ax_bar.set_title(
+      f'true {class_names[true]}: {verdict}',
+      fontsize=10,
+      color=_CORRECT if pred == true else _WRONG,
+    )
   fig.suptitle(title)
   return _save(fig, path)
 
@@ -224,8 +280,16 @@ def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, count: int) -
   return wrong[np.argsort(-probs[wrong, pred[wrong]], kind='stable')][:count]
 
 
-def confident_mistakes(split: Split, probs: np.ndarray, class_names: Sequence[str], path: str, *,
-                       title: str, count: int = 24, per_row: int = 6) -> str | None:
+def confident_mistakes(
+  split: Split,
+  probs: np.ndarray,
+  class_names: Sequence[str],
+  path: str,
+  *,
+  title: str,
+  count: int = 24,
+  per_row: int = 6,
+) -> str | None:
   """A grid of the most confident mistakes; None when there are none."""
   order = most_confident_mistakes(split.labels, probs, count)
   if not len(order):
@@ -239,8 +303,11 @@ def confident_mistakes(split: Split, probs: np.ndarray, class_names: Sequence[st
   for ax, idx in zip(axes.flat, order):
     ax.set_axis_on()
     _show_face(ax, split.images[idx])
-    ax.set_title(f'true {class_names[split.labels[idx]]}\npred {class_names[pred[idx]]} '
-                 f'{probs[idx, pred[idx]]:.2f}', fontsize=9)
+    ax.set_title(
+      f'true {class_names[split.labels[idx]]}\npred {class_names[pred[idx]]} '
+      f'{probs[idx, pred[idx]]:.2f}',
+      fontsize=9,
+    )
   fig.suptitle(title)
   return _save(fig, path)
 
@@ -252,9 +319,16 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def _per_class_table(report: dict[str, Any], class_names: Sequence[str]) -> str:
-  rows = [(name, f'{report["per_class_precision"][i]:.3f}', f'{report["per_class_recall"][i]:.3f}',
-           f'{report["per_class_f1"][i]:.3f}', report['per_class_support'][i])
-          for i, name in enumerate(class_names)]
+  rows = [
+    (
+      name,
+      f'{report["per_class_precision"][i]:.3f}',
+      f'{report["per_class_recall"][i]:.3f}',
+      f'{report["per_class_f1"][i]:.3f}',
+      report['per_class_support'][i],
+    )
+    for i, name in enumerate(class_names)
+  ]
   return _markdown_table(('class', 'precision', 'recall', 'F1', 'support'), rows)
 
 
@@ -267,8 +341,16 @@ def _eval_files_table(workdir: str) -> str | None:
   for file in sorted(eval_dir.iterdir(), key=lambda p: p.name):
     if file.name.endswith('.json'):
       r = json.loads(file.read_text())
-      rows.append((r['split'], f'{r["checkpoint"]} (step {r["step"]})', r['test_time_augmentation'],
-                   f'{r["accuracy"]:.4f}', f'{r["macro_f1"]:.4f}', r['num_examples']))
+      rows.append(
+        (
+          r['split'],
+          f'{r["checkpoint"]} (step {r["step"]})',
+          r['test_time_augmentation'],
+          f'{r["accuracy"]:.4f}',
+          f'{r["macro_f1"]:.4f}',
+          r['num_examples'],
+        )
+      )
   if not rows:
     return None
   return _markdown_table(('split', 'checkpoint', 'TTA', 'accuracy', 'macro-F1', 'n'), rows)
@@ -279,10 +361,16 @@ def dataset_figures(dataset: Dataset, out_dir: str, *, seed: int = 0) -> dict[st
   first_name = 'Training' if 'Training' in dataset.splits else next(iter(dataset.splits))
   first = dataset[first_name]
   return {
-      'class_distribution': class_distribution(
-          dataset, os.path.join(out_dir, 'class_distribution.png')),
-      'examples': example_faces(first, dataset.class_names, os.path.join(out_dir, 'examples.png'),
-                                seed=seed, title=f'Example faces per emotion ({first_name})'),
+    'class_distribution': class_distribution(
+      dataset, os.path.join(out_dir, 'class_distribution.png')
+    ),
+    'examples': example_faces(
+      first,
+      dataset.class_names,
+      os.path.join(out_dir, 'examples.png'),
+      seed=seed,
+      title=f'Example faces per emotion ({first_name})',
+    ),
   }
 
 
@@ -290,27 +378,55 @@ def build_dataset_report(dataset: Dataset, source: str, out_dir: str) -> str:
   """Dataset-only figures and index.md; returns the index path."""
   paths.resolve(out_dir).mkdir(parents=True, exist_ok=True)
   figs = dataset_figures(dataset, out_dir)
-  counts = [(name, *np.bincount(s.labels, minlength=dataset.num_classes).tolist(), len(s))
-            for name, s in dataset.splits.items()]
-  lines = ['# Dataset report', '', f'Data: {source}', '',
-           _markdown_table(('split', *dataset.class_names, 'total'), counts), '',
-           '## Class distribution', '', f'![class distribution]({_rel(figs["class_distribution"], out_dir)})',
-           '', '## Example faces', '', f'![examples]({_rel(figs["examples"], out_dir)})', '']
+  counts = [
+    (name, *np.bincount(s.labels, minlength=dataset.num_classes).tolist(), len(s))
+    for name, s in dataset.splits.items()
+  ]
+  lines = [
+    '# Dataset report',
+    '',
+    f'Data: {source}',
+    '',
+    _markdown_table(('split', *dataset.class_names, 'total'), counts),
+    '',
+    '## Class distribution',
+    '',
+    f'![class distribution]({_rel(figs["class_distribution"], out_dir)})',
+    '',
+    '## Example faces',
+    '',
+    f'![examples]({_rel(figs["examples"], out_dir)})',
+    '',
+  ]
   return _write_index(out_dir, lines)
 
 
-def build_report(trained, out_dir: str, *, split: str = 'PrivateTest', tta: str = 'none',
-                 data_path: str = '', samples: Sequence[int] = (), num_mistakes: int = 24) -> str:
+def build_report(
+  trained,
+  out_dir: str,
+  *,
+  split: str = 'PrivateTest',
+  tta: str = 'none',
+  data_path: str = '',
+  samples: Sequence[int] = (),
+  num_mistakes: int = 24,
+) -> str:
   """All figures for a trained workdir and its index.md; returns the index path."""
   from fer_jax import evaluation
   from fer_jax.data.datasets import load_dataset_or_path
+
   paths.resolve(out_dir).mkdir(parents=True, exist_ok=True)
-  dataset, source = load_dataset_or_path(trained.config.data, image_size=trained.image_size,
-                                         data_size=trained.data_size, data_path=data_path)
+  dataset, source = load_dataset_or_path(
+    trained.config.data,
+    image_size=trained.image_size,
+    data_size=trained.data_size,
+    data_path=data_path,
+  )
   if len(dataset.splits) == 1:
     split = next(iter(dataset.splits))
   if split not in dataset.splits:
     from fer_jax.errors import ConfigError
+
     raise ConfigError(f'split {split!r} not in the dataset (it has {sorted(dataset.splits)})')
   names = trained.class_names
   figs = dataset_figures(dataset, out_dir)
@@ -319,55 +435,113 @@ def build_report(trained, out_dir: str, *, split: str = 'PrivateTest', tta: str 
   results = _read_json(os.path.join(trained.workdir, 'results.json'))
   spe = _steps_per_epoch(records)
   mark = 'best checkpoint' if trained.checkpoint == 'best' else f'checkpoint {trained.checkpoint}'
-  curves = training_curves(records, os.path.join(out_dir, 'training_curves.png'),
-                           eval_split=trained.config.data.eval_split, mark_step=trained.step,
-                           mark_label=mark, steps_per_epoch=spe)
+  curves = training_curves(
+    records,
+    os.path.join(out_dir, 'training_curves.png'),
+    eval_split=trained.config.data.eval_split,
+    mark_step=trained.step,
+    mark_label=mark,
+    steps_per_epoch=spe,
+  )
 
   data = dataset[split]
   report, probs = evaluation.evaluate_trained(trained, data, tta=tta)
   what = f'{split}, checkpoint {trained.checkpoint} (step {trained.step}), TTA {tta}'
   figs['confusion_matrix'] = confusion_matrix(
-      np.asarray(report['confusion_matrix']), names, os.path.join(out_dir, 'confusion_matrix.png'),
-      title=f'Confusion matrix: {what}; accuracy {report["accuracy"]:.1%}')
+    np.asarray(report['confusion_matrix']),
+    names,
+    os.path.join(out_dir, 'confusion_matrix.png'),
+    title=f'Confusion matrix: {what}; accuracy {report["accuracy"]:.1%}',
+  )
   indices = list(samples) or default_samples(data.labels, len(names))
   bad = [i for i in indices if not 0 <= i < len(data)]
   if bad:
     from fer_jax.errors import ConfigError
-    raise ConfigError(f'samples {bad} are outside {split} (0..{len(data) - 1})')
-  figs['samples'] = sample_predictions(data, probs, indices, names,
-                                       os.path.join(out_dir, 'sample_predictions.png'),
-                                       title=f'Predicted probabilities: {what}\n'
-                                       '(green: the true class; red: a wrong prediction)')
-  mistakes = confident_mistakes(data, probs, names, os.path.join(out_dir, 'confident_mistakes.png'),
-                                title=f'Most confident mistakes: {what}', count=num_mistakes)
 
-  lines = [f'# Report: {trained.workdir}', '',
-           f'Model `{trained.config.model.name}` at {trained.image_size}x{trained.image_size}; '
-           f'data: {source}; checkpoint {trained.checkpoint} (step {trained.step}).', '',
-           '## Headline numbers', '',
-           f'**{split}** (test-time augmentation: {tta}): accuracy **{report["accuracy"]:.4f}**, '
-           f'macro-F1 **{report["macro_f1"]:.4f}**, loss {report["loss"]:.4f} '
-           f'(n={report["num_examples"]:,}).', '']
+    raise ConfigError(f'samples {bad} are outside {split} (0..{len(data) - 1})')
+  figs['samples'] = sample_predictions(
+    data,
+    probs,
+    indices,
+    names,
+    os.path.join(out_dir, 'sample_predictions.png'),
+    title=f'Predicted probabilities: {what}\n(green: the true class; red: a wrong prediction)',
+  )
+  mistakes = confident_mistakes(
+    data,
+    probs,
+    names,
+    os.path.join(out_dir, 'confident_mistakes.png'),
+    title=f'Most confident mistakes: {what}',
+    count=num_mistakes,
+  )
+
+  lines = [
+    f'# Report: {trained.workdir}',
+    '',
+    f'Model `{trained.config.model.name}` at {trained.image_size}x{trained.image_size}; '
+    f'data: {source}; checkpoint {trained.checkpoint} (step {trained.step}).',
+    '',
+    '## Headline numbers',
+    '',
+    f'**{split}** (test-time augmentation: {tta}): accuracy **{report["accuracy"]:.4f}**, '
+    f'macro-F1 **{report["macro_f1"]:.4f}**, loss {report["loss"]:.4f} '
+    f'(n={report["num_examples"]:,}).',
+    '',
+  ]
   if results:
-    rows = [(name, f'{s["accuracy"]:.4f}', f'{s["macro_f1"]:.4f}', f'{s["loss"]:.4f}')
-            for name, s in results.get('splits', {}).items()]
-    lines += [f'results.json (best checkpoint, step {results.get("best_step")}, '
-              f'{results.get("epochs")} epochs, {results.get("wall_s")} s, no TTA):', '',
-              _markdown_table(('split', 'accuracy', 'macro-F1', 'loss'), rows), '']
+    rows = [
+      (name, f'{s["accuracy"]:.4f}', f'{s["macro_f1"]:.4f}', f'{s["loss"]:.4f}')
+      for name, s in results.get('splits', {}).items()
+    ]
+    lines += [
+      f'results.json (best checkpoint, step {results.get("best_step")}, '
+      f'{results.get("epochs")} epochs, {results.get("wall_s")} s, no TTA):',
+      '',
+      _markdown_table(('split', 'accuracy', 'macro-F1', 'loss'), rows),
+      '',
+    ]
   table = _eval_files_table(trained.workdir)
   if table:
     lines += ['Evaluations in `eval/` (`python -m fer_jax.evaluate`):', '', table, '']
-  lines += [f'Per class on {split}:', '', _per_class_table(report, names), '',
-            '## Class distribution', '', f'![class distribution]({_rel(figs["class_distribution"], out_dir)})', '',
-            '## Example faces', '', f'![examples]({_rel(figs["examples"], out_dir)})', '',
-            '## Training curves', '']
-  lines += [f'![training curves]({_rel(curves, out_dir)})' if curves else
-            '(no per-epoch records in metrics.jsonl)', '']
-  lines += ['## Confusion matrix', '', f'![confusion matrix]({_rel(figs["confusion_matrix"], out_dir)})', '',
-            '## Predictions for chosen samples', '',
-            f'![sample predictions]({_rel(figs["samples"], out_dir)})', '',
-            '## Most confident mistakes', '']
-  lines += [f'![confident mistakes]({_rel(mistakes, out_dir)})' if mistakes else '(no mistakes)', '']
+  lines += [
+    f'Per class on {split}:',
+    '',
+    _per_class_table(report, names),
+    '',
+    '## Class distribution',
+    '',
+    f'![class distribution]({_rel(figs["class_distribution"], out_dir)})',
+    '',
+    '## Example faces',
+    '',
+    f'![examples]({_rel(figs["examples"], out_dir)})',
+    '',
+    '## Training curves',
+    '',
+  ]
+  lines += [
+    f'![training curves]({_rel(curves, out_dir)})'
+    if curves
+    else '(no per-epoch records in metrics.jsonl)',
+    '',
+  ]
+  lines += [
+    '## Confusion matrix',
+    '',
+    f'![confusion matrix]({_rel(figs["confusion_matrix"], out_dir)})',
+    '',
+    '## Predictions for chosen samples',
+    '',
+    f'![sample predictions]({_rel(figs["samples"], out_dir)})',
+    '',
+    '## Most confident mistakes',
+    '',
+  ]
+  lines += [
+    f'![confident mistakes]({_rel(mistakes, out_dir)})' if mistakes else '(no mistakes)',
+    '',
+  ]
   return _write_index(out_dir, lines)
 
 
@@ -397,15 +571,19 @@ def _write_index(out_dir: str, lines: Sequence[str]) -> str:
 
 def main(argv: list[str]) -> None:
   from absl import app, flags
+
   from fer_jax import logs, trained_model
   from fer_jax.errors import FerJaxError
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   config = _CONFIG.value
   if bool(f.workdir) == (config is not None):
-    raise app.UsageError('give --workdir (a trained run) or --config (a dataset alone, before '
-                         'training), not both; --data_path points a workdir at moved data')
+    raise app.UsageError(
+      'give --workdir (a trained run) or --config (a dataset alone, before '
+      'training), not both; --data_path points a workdir at moved data'
+    )
   logs.quiet_library_logs()
   try:
     samples = [int(s) for s in f.samples]
@@ -415,22 +593,34 @@ def main(argv: list[str]) -> None:
     if f.workdir:
       trained = trained_model.load(f.workdir, f.checkpoint)
       out_dir = f.out_dir or os.path.join(trained.workdir, 'report')
-      index = build_report(trained, out_dir, split=f.split, tta=f.tta, data_path=f.data_path,
-                           samples=samples, num_mistakes=f.num_mistakes)
+      index = build_report(
+        trained,
+        out_dir,
+        split=f.split,
+        tta=f.tta,
+        data_path=f.data_path,
+        samples=samples,
+        num_mistakes=f.num_mistakes,
+      )
     else:
       if not f.out_dir:
         raise app.UsageError('--out_dir is required with --config')
       from fer_jax.data.datasets import load_dataset_or_path
+
       size = int(config.model.image_size)
       dataset, source = load_dataset_or_path(
-          config.data, image_size=size, data_size=size if config.data.source == 'folders' else 48,
-          data_path=f.data_path)
+        config.data,
+        image_size=size,
+        data_size=size if config.data.source == 'folders' else 48,
+        data_path=f.data_path,
+      )
       index = build_dataset_report(dataset, source, f.out_dir)
   except FerJaxError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   out = paths.resolve(os.path.dirname(index))
-  print(f'wrote {index} and {", ".join(sorted(p.name for p in out.iterdir() if p.name.endswith(".png")))}')
+  pngs = sorted(p.name for p in out.iterdir() if p.name.endswith('.png'))
+  print(f'wrote {index} and {", ".join(pngs)}')
 
 
 _CONFIG = None
@@ -440,23 +630,36 @@ def _define_flags() -> None:
   global _CONFIG
   from absl import flags
   from ml_collections import config_flags
+
   from fer_jax.evaluation import TTA_MODES
+
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', None, 'Dataset-only report: an experiment config (overrides as --config.data.path=...).',
-      lock_config=True)
+    'config',
+    None,
+    'Dataset-only report: an experiment config (overrides as --config.data.path=...).',
+    lock_config=True,
+  )
   flags.DEFINE_string('workdir', None, 'A trained workdir; figures go into W/report/.')
   flags.DEFINE_string('out_dir', '', 'Where the figures and index.md go (default W/report).')
-  flags.DEFINE_string('data_path', '', 'Other data than the configured one: a FER2013 CSV, a Kaggle '
-                      'image-folder root, or one folder of emotion folders.')
+  flags.DEFINE_string(
+    'data_path',
+    '',
+    'Other data than the configured one: a FER2013 CSV, a Kaggle '
+    'image-folder root, or one folder of emotion folders.',
+  )
   flags.DEFINE_string('split', 'PrivateTest', 'The split for the confusion matrix and the samples.')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step.")
   flags.DEFINE_enum('tta', 'none', TTA_MODES, 'Test-time augmentation for the predictions.')
-  flags.DEFINE_list('samples', [], 'Indices (in --split) for the probability plot; default: the '
-                    'first example of each emotion.')
+  flags.DEFINE_list(
+    'samples',
+    [],
+    'Indices (in --split) for the probability plot; default: the first example of each emotion.',
+  )
   flags.DEFINE_integer('num_mistakes', 24, 'How many confident mistakes to show.')
 
 
 if __name__ == '__main__':
   from absl import app
+
   _define_flags()
   app.run(main)

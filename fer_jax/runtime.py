@@ -27,9 +27,9 @@ import os
 import sys
 
 _ENV = {
-    'MALLOC_MMAP_THRESHOLD_': str(1 << 32),
-    'MALLOC_TRIM_THRESHOLD_': str(1 << 32),
-    'MALLOC_TOP_PAD_': str(512 << 20),
+  'MALLOC_MMAP_THRESHOLD_': str(1 << 32),
+  'MALLOC_TRIM_THRESHOLD_': str(1 << 32),
+  'MALLOC_TOP_PAD_': str(512 << 20),
 }
 _MARK = 'FER_JAX_MALLOC_TUNED'
 _ASYNC_OPT_OUT = 'FER_JAX_ASYNC_DISPATCH'
@@ -37,8 +37,13 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
 # JAX's accelerator plugins: with one installed (and JAX_PLATFORMS not 'cpu') JAX trains there.
-_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
-                        'jax_rocm7_plugin', 'libtpu')
+_ACCELERATOR_PLUGINS = (
+  'jax_cuda12_plugin',
+  'jax_cuda13_plugin',
+  'jax_rocm60_plugin',
+  'jax_rocm7_plugin',
+  'libtpu',
+)
 
 
 def _glibc() -> bool:
@@ -52,8 +57,10 @@ def cpu_backend_expected() -> bool:
   they would only keep host memory that the input pipeline and checkpoints could use."""
   if 'jax' in sys.modules:  # (launch.py asks before importing JAX: keep it that way)
     from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
     if xla_bridge.backends_are_initialized():
       import jax  # pylint: disable=import-outside-toplevel
+
       return jax.default_backend() == 'cpu'
   platforms = [p.strip() for p in os.environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
   if platforms:
@@ -78,8 +85,12 @@ def tune_malloc() -> bool:
   FER_JAX_MALLOC_TUNED=0 (opt out): the same conditions under which `tuned_environ` does nothing;
   and when JAX will not compute on the CPU.
   """
-  if (not _glibc() or _MARK in os.environ or any(k in os.environ for k in _ENV)
-      or not cpu_backend_expected()):
+  if (
+    not _glibc()
+    or _MARK in os.environ
+    or any(k in os.environ for k in _ENV)
+    or not cpu_backend_expected()
+  ):
     return False
   try:
     libc = ctypes.CDLL('libc.so.6')
@@ -102,6 +113,7 @@ def inline_cpu_dispatch() -> bool:
   does so right after parsing flags. Called later it is harmless and changes nothing.
   """
   import jax  # pylint: disable=import-outside-toplevel
+
   if os.environ.get(_ASYNC_OPT_OUT) == '1' or not cpu_backend_expected():
     return False
   jax.config.update('jax_cpu_enable_async_dispatch', False)

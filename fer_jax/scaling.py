@@ -40,7 +40,16 @@ def resolve(config: ml_collections.ConfigDict, device_count: int) -> ml_collecti
   out.train.batch_size = batch
   out.train.learning_rate = float(config.train.learning_rate) * factor
   out.train.per_device_batch_size = 0  # resolved: the saved config states the real values
-  logging.info('per-device batch %d x %d devices = global batch %d; learning rate %.3g x %.3g '
-               '(%s rule from batch %d) = %.3g', per_device, device_count, batch,
-               config.train.learning_rate, factor, rule, base, out.train.learning_rate)
+  logging.info(
+    'per-device batch %d x %d devices = global batch %d; learning rate %.3g x %.3g '
+    '(%s rule from batch %d) = %.3g',
+    per_device,
+    device_count,
+    batch,
+    config.train.learning_rate,
+    factor,
+    rule,
+    base,
+    out.train.learning_rate,
+  )
   return out

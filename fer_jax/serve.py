@@ -42,8 +42,9 @@ try:  # module level: FastAPI reads the handlers' annotations (strings here) in 
   from fastapi.responses import HTMLResponse, JSONResponse
   from starlette.exceptions import HTTPException
 except ImportError:
-  raise FerJaxError('fer_jax.serve needs FastAPI and uvicorn: pip install "fer_jax[serve]"'
-                    ) from None
+  raise FerJaxError(
+    'fer_jax.serve needs FastAPI and uvicorn: pip install "fer_jax[serve]"'
+  ) from None
 
 RAW_TYPES = ('image/', 'application/octet-stream')
 
@@ -51,6 +52,7 @@ RAW_TYPES = ('image/', 'application/octet-stream')
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """What one request may carry; larger ones are refused with 413 before any decoding."""
+
   max_body_bytes: int = 20 * 2**20
   max_pixels: int = 40_000_000
   max_batch_images: int = 32
@@ -73,8 +75,13 @@ class Batcher:
   `max_faces` crops in all.
   """
 
-  def __init__(self, classify: Callable[[np.ndarray], np.ndarray], *, max_wait_s: float = 0.004,
-               max_faces: int = 64):
+  def __init__(
+    self,
+    classify: Callable[[np.ndarray], np.ndarray],
+    *,
+    max_wait_s: float = 0.004,
+    max_faces: int = 64,
+  ):
     self._classify = classify
     self.max_wait_s, self.max_faces = max_wait_s, max_faces
     self._queue: asyncio.Queue | None = None
@@ -115,7 +122,7 @@ class Batcher:
         elif self._preparing > 0 and loop.time() < deadline:
           try:
             items.append(await asyncio.wait_for(self._queue.get(), deadline - loop.time()))
-          except asyncio.TimeoutError:
+          except TimeoutError:
             break
         else:
           break
@@ -131,13 +138,14 @@ class Batcher:
       start = 0
       for crops, future in items:
         if not future.done():
-          future.set_result(probs[start:start + len(crops)])
+          future.set_result(probs[start : start + len(crops)])
         start += len(crops)
 
 
 def _parse_multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
   """(file name, bytes) of every file part of a multipart/form-data body, in memory."""
   from python_multipart.multipart import MultipartParser, parse_options_header
+
   _, options = parse_options_header(content_type)
   boundary = options.get(b'boundary')
   if not boundary:
@@ -154,11 +162,11 @@ def _parse_multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
     value.clear()
 
   callbacks = {
-      'on_part_begin': on_part_begin,
-      'on_header_field': lambda d, s, e: field.append(d[s:e]),
-      'on_header_value': lambda d, s, e: value.append(d[s:e]),
-      'on_header_end': on_header_end,
-      'on_part_data': lambda d, s, e: parts[-1]['data'].append(d[s:e]),
+    'on_part_begin': on_part_begin,
+    'on_header_field': lambda d, s, e: field.append(d[s:e]),
+    'on_header_value': lambda d, s, e: value.append(d[s:e]),
+    'on_header_end': on_header_end,
+    'on_part_data': lambda d, s, e: parts[-1]['data'].append(d[s:e]),
   }
   try:
     parser = MultipartParser(boundary, callbacks)
@@ -196,9 +204,12 @@ async def _images_of(request: Any, limits: Limits) -> list[tuple[str, bytes]]:
   content_type = request.headers.get('content-type', '').strip()
   kind = content_type.split(';')[0].strip().lower()
   if kind and not kind.startswith(RAW_TYPES) and kind != 'multipart/form-data':
-    raise RequestError(415, f'content type {kind!r} is not accepted: send the image as the '
-                       'body (image/jpeg, image/png, ..., application/octet-stream) or as '
-                       'multipart/form-data files')
+    raise RequestError(
+      415,
+      f'content type {kind!r} is not accepted: send the image as the '
+      'body (image/jpeg, image/png, ..., application/octet-stream) or as '
+      'multipart/form-data files',
+    )
   body = await _read_body(request, limits.max_body_bytes)
   if kind != 'multipart/form-data':
     return [('image', body)]
@@ -208,18 +219,30 @@ async def _images_of(request: Any, limits: Limits) -> list[tuple[str, bytes]]:
   return files
 
 
-def create_app(predictor: predict.Predictor, *, limits: Limits = Limits(), batching: bool = True,
-               batch_wait_ms: float = 4.0, max_batch_faces: int = 64) -> Any:
+def create_app(
+  predictor: predict.Predictor,
+  *,
+  limits: Limits = Limits(),
+  batching: bool = True,
+  batch_wait_ms: float = 4.0,
+  max_batch_faces: int = 64,
+) -> Any:
   """The FastAPI app serving `predictor` (see the module doc)."""
-  app = FastAPI(title='fer_jax', summary='Facial-expression recognition', docs_url='/docs',
-                redoc_url=None)
-  batcher = Batcher(predictor.classify_faces, max_wait_s=batch_wait_ms / 1000,
-                    max_faces=max_batch_faces) if batching else None
+  app = FastAPI(
+    title='fer_jax', summary='Facial-expression recognition', docs_url='/docs', redoc_url=None
+  )
+  batcher = (
+    Batcher(predictor.classify_faces, max_wait_s=batch_wait_ms / 1000, max_faces=max_batch_faces)
+    if batching
+    else None
+  )
   app.state.batcher = batcher
   page = importlib.resources.files('fer_jax').joinpath('web/index.html').read_text()
-  info = {**predictor.info(), 'limits': dataclasses.asdict(limits),
-          'batching': {'enabled': batching, 'max_wait_ms': batch_wait_ms,
-                       'max_faces': max_batch_faces}}
+  info = {
+    **predictor.info(),
+    'limits': dataclasses.asdict(limits),
+    'batching': {'enabled': batching, 'max_wait_ms': batch_wait_ms, 'max_faces': max_batch_faces},
+  }
 
   def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({'error': message}, status_code=status)
@@ -249,14 +272,16 @@ def create_app(predictor: predict.Predictor, *, limits: Limits = Limits(), batch
     submitted = False
     try:
       try:
-        image = await asyncio.to_thread(predict.decode_image, data, what=name,
-                                        max_pixels=limits.max_pixels)
+        image = await asyncio.to_thread(
+          predict.decode_image, data, what=name, max_pixels=limits.max_pixels
+        )
       except predict.ImageTooLarge as e:
         raise RequestError(413, str(e)) from None
       except DataError as e:
         raise RequestError(400, str(e)) from None
-      boxes, whole, crops = await asyncio.to_thread(predictor.find_faces, image,
-                                                    whole_image_fallback=whole_image)
+      boxes, whole, crops = await asyncio.to_thread(
+        predictor.find_faces, image, whole_image_fallback=whole_image
+      )
       if len(crops) == 0:
         probs = np.zeros((0, len(predictor.class_names)), np.float32)
       elif batcher:
@@ -267,8 +292,11 @@ def create_app(predictor: predict.Predictor, *, limits: Limits = Limits(), batch
     finally:
       if batcher and not submitted:
         batcher.done()
-    record = {'width': int(image.shape[1]), 'height': int(image.shape[0]),
-              'faces': predictor.face_records(boxes, probs, whole)}
+    record = {
+      'width': int(image.shape[1]),
+      'height': int(image.shape[0]),
+      'faces': predictor.face_records(boxes, probs, whole),
+    }
     if not record['faces']:
       record['note'] = 'no face detected (?whole_image=true classifies the whole image)'
     return record
@@ -291,16 +319,18 @@ def create_app(predictor: predict.Predictor, *, limits: Limits = Limits(), batch
   async def predict_image(request: Request, whole_image: bool = False):
     images = await _images_of(request, limits)
     if len(images) != 1:
-      raise RequestError(400, f'expected one image, got {len(images)} files '
-                         '(POST several to /v1/predict/batch)')
+      raise RequestError(
+        400, f'expected one image, got {len(images)} files (POST several to /v1/predict/batch)'
+      )
     return await predict_one(*images[0], whole_image)
 
   @app.post('/v1/predict/batch')
   async def predict_batch(request: Request, whole_image: bool = False):
     images = await _images_of(request, limits)
     if len(images) > limits.max_batch_images:
-      raise RequestError(413, f'{len(images)} images; the limit is {limits.max_batch_images} '
-                         'per request')
+      raise RequestError(
+        413, f'{len(images)} images; the limit is {limits.max_batch_images} per request'
+      )
 
     async def one(name: str, data: bytes) -> dict[str, Any]:
       try:
@@ -315,57 +345,82 @@ def create_app(predictor: predict.Predictor, *, limits: Limits = Limits(), batch
 
 def main(argv: list[str]) -> None:
   from absl import app, flags
+
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}', exitcode=2)
   if bool(f.workdir) == bool(f.model):
-    raise app.UsageError('give --workdir (a trained workdir) or --model (an ONNX export)',
-                         exitcode=2)
+    raise app.UsageError(
+      'give --workdir (a trained workdir) or --model (an ONNX export)', exitcode=2
+    )
   from fer_jax import logs  # absl only: the --model path imports no JAX
+
   logs.quiet_library_logs()
   try:
-    predictor = predict.Predictor(f.workdir or None, f.checkpoint, model=f.model or None,
-                                  detector=f.detector, margin=f.margin)
+    predictor = predict.Predictor(
+      f.workdir or None, f.checkpoint, model=f.model or None, detector=f.detector, margin=f.margin
+    )
   except FerJaxError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   # The first call compiles (JAX) or plans (onnxruntime): done before the first request.
   predictor.classify_faces(np.zeros((1, predictor.face_size, predictor.face_size), np.uint8))
-  limits = Limits(max_body_bytes=int(f.max_body_mb * 2**20),
-                  max_pixels=int(f.max_megapixels * 1e6), max_batch_images=f.max_batch_images)
-  application = create_app(predictor, limits=limits, batching=f.batching,
-                           batch_wait_ms=f.batch_wait_ms, max_batch_faces=f.max_batch_faces)
+  limits = Limits(
+    max_body_bytes=int(f.max_body_mb * 2**20),
+    max_pixels=int(f.max_megapixels * 1e6),
+    max_batch_images=f.max_batch_images,
+  )
+  application = create_app(
+    predictor,
+    limits=limits,
+    batching=f.batching,
+    batch_wait_ms=f.batch_wait_ms,
+    max_batch_faces=f.max_batch_faces,
+  )
   import uvicorn
-  print(f'serving {predictor.info()["source"]} at http://{f.host}:{f.port}/', file=sys.stderr,
-        flush=True)
-  uvicorn.run(application, host=f.host, port=f.port, log_level=f.log_level,
-              access_log=f.access_log)
+
+  print(
+    f'serving {predictor.info()["source"]} at http://{f.host}:{f.port}/',
+    file=sys.stderr,
+    flush=True,
+  )
+  uvicorn.run(application, host=f.host, port=f.port, log_level=f.log_level, access_log=f.access_log)
 
 
 def _define_flags() -> None:
   from absl import flags
+
   flags.DEFINE_string('workdir', '', 'A trained workdir (JAX runs its checkpoint).')
   flags.DEFINE_string('model', '', 'Instead of --workdir: an ONNX export (onnxruntime, no JAX).')
   flags.DEFINE_string('checkpoint', 'best', "With --workdir: 'best', 'latest' or a step.")
   flags.DEFINE_string('host', '127.0.0.1', 'The address to bind (0.0.0.0: every interface).')
   flags.DEFINE_integer('port', 8000, 'The TCP port.')
-  flags.DEFINE_enum('detector', 'haar', ('haar', 'none'),
-                    "'haar': OpenCV's frontal-face cascade; 'none': each image is one face "
-                    '(for clients that send face crops).')
-  flags.DEFINE_float('margin', 0.1, 'Added around each detected face box, as a fraction of its '
-                     'side (as fer_jax.predict).')
+  flags.DEFINE_enum(
+    'detector',
+    'haar',
+    ('haar', 'none'),
+    "'haar': OpenCV's frontal-face cascade; 'none': each image is one face "
+    '(for clients that send face crops).',
+  )
+  flags.DEFINE_float(
+    'margin',
+    0.1,
+    'Added around each detected face box, as a fraction of its side (as fer_jax.predict).',
+  )
   flags.DEFINE_float('max_body_mb', 20.0, 'Largest request body, MiB.')
   flags.DEFINE_float('max_megapixels', 40.0, 'Largest image, megapixels (checked before decoding).')
   flags.DEFINE_integer('max_batch_images', 32, 'Most images in one /v1/predict/batch request.')
   flags.DEFINE_bool('batching', True, 'Batch the faces of concurrent requests into one model call.')
   flags.DEFINE_float('batch_wait_ms', 4.0, 'Longest wait for more faces before a model call.')
   flags.DEFINE_integer('max_batch_faces', 64, 'Most faces in one model call.')
-  flags.DEFINE_enum('log_level', 'info', ('critical', 'error', 'warning', 'info', 'debug'),
-                    "uvicorn's log level.")
+  flags.DEFINE_enum(
+    'log_level', 'info', ('critical', 'error', 'warning', 'info', 'debug'), "uvicorn's log level."
+  )
   flags.DEFINE_bool('access_log', True, 'Log one line per request.')
 
 
 if __name__ == '__main__':
   from absl import app
+
   _define_flags()
   app.run(main)

@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import (checkpointing, evaluation, loop_metrics, metrics, parallel, paths,
-                     preemption, runtime, scaling)
+from fer_jax import (
+  checkpointing,
+  evaluation,
+  loop_metrics,
+  metrics,
+  parallel,
+  paths,
+  preemption,
+  runtime,
+  scaling,
+)
 from fer_jax.config_checks import check_workdir_writable, validate_config
 from fer_jax.data import pipeline
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
@@ -30,17 +40,25 @@ from fer_jax.data.types import Split
 from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.metric_writer import MetricWriter
 from fer_jax.models import for_pmap, get_model
-from fer_jax.train_step import (StepContext, create_train_state, ema_decay_rate, eval_variables,
-                               make_optimizer, make_plateau, microbatch_for, train_step,
-                               update_plateau)
-
+from fer_jax.train_step import (
+  StepContext,
+  create_train_state,
+  ema_decay_rate,
+  eval_variables,
+  make_optimizer,
+  make_plateau,
+  microbatch_for,
+  train_step,
+  update_plateau,
+)
 
 # What results.json and metrics.jsonl keep of `evaluation.summarize`'s report for each split.
 _EVAL_FIGURES = ('accuracy', 'macro_f1', 'loss', 'per_class_accuracy', 'confusion_matrix')
 
 
-def evaluate(compiled: evaluation.CompiledEval, variables: Any, split: Split, *,
-             global_batch: int) -> dict[str, Any]:
+def evaluate(
+  compiled: evaluation.CompiledEval, variables: Any, split: Split, *, global_batch: int
+) -> dict[str, Any]:
   """Exact metrics over every example of `split` (the last batch is padded and masked)."""
   totals, _ = evaluation.evaluate_split(compiled, variables, split, global_batch=global_batch)
   report = evaluation.summarize(totals, len(split))
@@ -57,29 +75,37 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _raise_if_diverged(host_sums: dict[str, Any], last_step: int,
-                       manager: Any, params: Any = None) -> None:
+def _raise_if_diverged(
+  host_sums: dict[str, Any], last_step: int, manager: Any, params: Any = None
+) -> None:
   """Stops at the first step whose loss (or, before a save, whose parameters) is not finite.
 
   Checked on every log window and before every checkpoint, so nothing from after the
   divergence is saved; the last good checkpoint finishes writing before the error.
   """
   if int(host_sums['first_bad_step']) >= 0:
-    problem = (f'loss became {float(host_sums["first_bad_loss"])} at step '
-               f'{int(host_sums["first_bad_step"])}')
+    problem = (
+      f'loss became {float(host_sums["first_bad_loss"])} at step {int(host_sums["first_bad_step"])}'
+    )
   elif params is not None and not bool(_all_finite(params)):
     problem = f'the parameters became non-finite at step {last_step}'
   else:
     return
   manager.wait_until_finished()
   kept = manager.latest_step()
-  raise FerJaxError(f'{problem}: training diverged (lower config.train.learning_rate?); '
-                    + (f'the last good checkpoint is step {kept}' if kept is not None
-                       else 'no checkpoint was written'))
+  raise FerJaxError(
+    f'{problem}: training diverged (lower config.train.learning_rate?); '
+    + (
+      f'the last good checkpoint is step {kept}'
+      if kept is not None
+      else 'no checkpoint was written'
+    )
+  )
 
 
 class Steps(NamedTuple):
   """The compiled steps for one parallel mode, and how to feed them."""
+
   train: Callable  # (state, batch, metric sums) -> (state, metric sums), see loop_metrics
   eval: evaluation.CompiledEval  # (variables, host batch) -> host sums
   put_batch: Callable  # host batch -> device batch
@@ -89,9 +115,16 @@ class Steps(NamedTuple):
 
 def eval_spec(ctx: StepContext, tta: str = 'none') -> evaluation.EvalSpec:
   """The evaluation of the model the steps train, with its evaluation preprocessing."""
-  return evaluation.EvalSpec(model=ctx.model, augment_cfg=ctx.augment_cfg,
-                             image_size=ctx.image_size, num_classes=ctx.num_classes,
-                             mean=ctx.mean, std=ctx.std, microbatch=ctx.microbatch, tta=tta)
+  return evaluation.EvalSpec(
+    model=ctx.model,
+    augment_cfg=ctx.augment_cfg,
+    image_size=ctx.image_size,
+    num_classes=ctx.num_classes,
+    mean=ctx.mean,
+    std=ctx.std,
+    microbatch=ctx.microbatch,
+    tta=tta,
+  )
 
 
 def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps:
@@ -100,51 +133,77 @@ def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps
     axis = parallel.DATA_AXIS
     ctx = dataclasses.replace(ctx, model=for_pmap(ctx.model, axis))  # BatchNorm over all devices
     return Steps(
-        train=jax.pmap(functools.partial(_step_and_sum, ctx=ctx, axis_name=axis), axis_name=axis,
-                       donate_argnums=(0, 2)),
-        eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
-        put_batch=parallel.to_pmap,
-        prepare_state=parallel.replicate_for_pmap,
-        canonical=parallel.unreplicate_from_pmap)
+      train=jax.pmap(
+        functools.partial(_step_and_sum, ctx=ctx, axis_name=axis),
+        axis_name=axis,
+        donate_argnums=(0, 2),
+      ),
+      eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
+      put_batch=parallel.to_pmap,
+      prepare_state=parallel.replicate_for_pmap,
+      canonical=parallel.unreplicate_from_pmap,
+    )
   repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return Steps(
-      train=jax.jit(functools.partial(_step_and_sum, ctx=ctx), in_shardings=(repl, data, repl),
-                    out_shardings=(repl, repl), donate_argnums=(0, 2)),
-      eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
-      put_batch=functools.partial(parallel.to_global, mesh=mesh),
-      prepare_state=lambda s: s,
-      canonical=lambda s: s)
+    train=jax.jit(
+      functools.partial(_step_and_sum, ctx=ctx),
+      in_shardings=(repl, data, repl),
+      out_shardings=(repl, repl),
+      donate_argnums=(0, 2),
+    ),
+    eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
+    put_batch=functools.partial(parallel.to_global, mesh=mesh),
+    prepare_state=lambda s: s,
+    canonical=lambda s: s,
+  )
 
 
-def _step_and_sum(state: Any, batch: Any, sums: Any, ctx: StepContext,
-                  axis_name: str | None = None) -> tuple[Any, Any]:
+def _step_and_sum(
+  state: Any, batch: Any, sums: Any, ctx: StepContext, axis_name: str | None = None
+) -> tuple[Any, Any]:
   """One train step whose metrics are added to the device-side window sums (loop_metrics)."""
   state, step_metrics = train_step(state, batch, ctx, axis_name)
   return state, loop_metrics.accumulate(sums, step_metrics, state.step)
 
 
-def sums_factory(ctx: StepContext, state: Any, batch: Any, mode: str,
-                 mesh: jax.sharding.Mesh) -> Callable[[], Any]:
+def sums_factory(
+  ctx: StepContext, state: Any, batch: Any, mode: str, mesh: jax.sharding.Mesh
+) -> Callable[[], Any]:
   """A function that returns zeroed window sums in the train step's layout (replicated over the
   mesh; stacked per device for pmap). The metric shapes are traced once, here."""
   shapes = jax.eval_shape(functools.partial(train_step, ctx=ctx), state, batch)[1]
   if mode == 'pmap':
     host = parallel.to_host(loop_metrics.zeros_like_metrics(shapes))
     return lambda: parallel.replicate_for_pmap(host)
-  return jax.jit(lambda: loop_metrics.zeros_like_metrics(shapes),
-                 out_shardings=parallel.replicated(mesh))
+  return jax.jit(
+    lambda: loop_metrics.zeros_like_metrics(shapes), out_shardings=parallel.replicated(mesh)
+  )
 
 
-def make_step_context(config: ml_collections.ConfigDict, *, num_classes: int, weights: np.ndarray,
-                      mean: float, std: float) -> StepContext:
+def make_step_context(
+  config: ml_collections.ConfigDict,
+  *,
+  num_classes: int,
+  weights: np.ndarray,
+  mean: float,
+  std: float,
+) -> StepContext:
   model = get_model(config.model, num_classes)
-  return StepContext(model=model, augment_cfg=config.augment,
-                     image_size=config.model.image_size, num_classes=num_classes,
-                     class_weights=jnp.asarray(weights), l2=config.train.l2,
-                     label_smoothing=config.train.label_smoothing, mean=mean, std=std,
-                     seed=config.seed, l2_scope=config.train.get('l2_scope', 'model'),
-                     ema_decay=ema_decay_rate(config.train),
-                     microbatch=microbatch_for(config, model))
+  return StepContext(
+    model=model,
+    augment_cfg=config.augment,
+    image_size=config.model.image_size,
+    num_classes=num_classes,
+    class_weights=jnp.asarray(weights),
+    l2=config.train.l2,
+    label_smoothing=config.train.label_smoothing,
+    mean=mean,
+    std=std,
+    seed=config.seed,
+    l2_scope=config.train.get('l2_scope', 'model'),
+    ema_decay=ema_decay_rate(config.train),
+    microbatch=microbatch_for(config, model),
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -159,8 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _train_and_evaluate(config, workdir, cleanup)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        cleanup: contextlib.ExitStack) -> dict[str, Any]:
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
   # ---- Setup --------------------------------------------------------------------------------
   runtime.tune_malloc()  # no-op when launch.py already started us with tuned MALLOC_* variables
   runtime.inline_cpu_dispatch()  # takes effect only if JAX has not started yet (launch.py: first)
@@ -177,8 +237,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   parallel.check_batch_size(global_batch)
   n_dev = jax.device_count()
   eval_batch = evaluation.eval_global_batch(config.train.eval_batch_size)
-  logging.info('devices: %d (%s) on %d process(es); global batch %d', n_dev,
-               jax.devices()[0].platform, jax.process_count(), global_batch)
+  logging.info(
+    'devices: %d (%s) on %d process(es); global batch %d',
+    n_dev,
+    jax.devices()[0].platform,
+    jax.process_count(),
+    global_batch,
+  )
 
   # ---- Data ---------------------------------------------------------------------------------
   dataset = load_dataset(config.data, image_size=config.model.image_size)
@@ -186,43 +251,78 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_split = dataset[config.data.eval_split]
   spe = pipeline.steps_per_epoch(len(train_split), global_batch)
   if spe == 0:
-    raise ConfigError(f'config.train.batch_size={global_batch} is larger than the '
-                      f'{len(train_split)} training examples')
+    raise ConfigError(
+      f'config.train.batch_size={global_batch} is larger than the '
+      f'{len(train_split)} training examples'
+    )
   total_steps = spe * config.train.epochs
-  stop_step = total_steps if config.train.max_steps < 0 else min(total_steps, config.train.max_steps)
+  stop_step = (
+    total_steps if config.train.max_steps < 0 else min(total_steps, config.train.max_steps)
+  )
   mean, std = pixel_stats(train_split.images)
   weights = class_weights(train_split.labels, dataset.num_classes, config.data.class_weights)
-  logging.info('data: %s; %d steps/epoch; class weights %s; pixel mean %.4f std %.4f',
-               {k: len(v) for k, v in dataset.splits.items()}, spe, np.round(weights, 3), mean, std)
+  logging.info(
+    'data: %s; %d steps/epoch; class weights %s; pixel mean %.4f std %.4f',
+    {k: len(v) for k, v in dataset.splits.items()},
+    spe,
+    np.round(weights, 3),
+    mean,
+    std,
+  )
 
   # ---- Model and optimizer ------------------------------------------------------------------
-  ctx = make_step_context(config, num_classes=dataset.num_classes, weights=weights, mean=mean, std=std)
+  ctx = make_step_context(
+    config, num_classes=dataset.num_classes, weights=weights, mean=mean, std=std
+  )
   tx = make_optimizer(config.train, spe)
   plateau = make_plateau(config.train)
   repl = parallel.replicated(mesh)
   state = jax.jit(lambda: create_train_state(ctx, tx, plateau), out_shardings=repl)()
   abstract_state = checkpointing.abstract_like(state)  # restore target: replicated on the mesh
   # Positioned by the step alone (nothing per process in the checkpoint): see epoch_order.
-  train_iter = cleanup.enter_context(contextlib.closing(EpochBatches(
-      train_split, global_batch=global_batch, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())))
-  meta = {'config': config.to_dict(), 'class_names': list(dataset.class_names),
-          'pixel_mean': mean, 'pixel_std': std, 'wall_s': 0.0}
+  train_iter = cleanup.enter_context(
+    contextlib.closing(
+      EpochBatches(
+        train_split,
+        global_batch=global_batch,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
+    )
+  )
+  meta = {
+    'config': config.to_dict(),
+    'class_names': list(dataset.class_names),
+    'pixel_mean': mean,
+    'pixel_std': std,
+    'wall_s': 0.0,
+  }
 
   # ---- Restore ------------------------------------------------------------------------------
-  manager = cleanup.enter_context(contextlib.closing(checkpointing.make_manager(
-      workdir, keep_latest=config.train.keep_latest, keep_best=config.train.keep_best)))
+  manager = cleanup.enter_context(
+    contextlib.closing(
+      checkpointing.make_manager(
+        workdir, keep_latest=config.train.keep_latest, keep_best=config.train.keep_best
+      )
+    )
+  )
   start_step = 0
   if manager.all_steps():
     found = checkpointing.restore_newest_readable(manager, abstract_state)
     if found.step is None and not config.train.restart_if_unreadable:
       reasons = '; '.join(f'step {s}: {r}' for s, r in found.unreadable.items())
-      raise FerJaxError(f'{manager.directory}: no checkpoint is readable ({reasons}); pass '
-                        '--config.train.restart_if_unreadable=True to train from scratch')
+      raise FerJaxError(
+        f'{manager.directory}: no checkpoint is readable ({reasons}); pass '
+        '--config.train.restart_if_unreadable=True to train from scratch'
+      )
     if found.unreadable:
       moved_to = checkpointing.set_aside(manager, list(found.unreadable))
-      logging.warning('moved the unreadable checkpoint(s) of step(s) %s to %s',
-                      ', '.join(map(str, found.unreadable)), moved_to)
+      logging.warning(
+        'moved the unreadable checkpoint(s) of step(s) %s to %s',
+        ', '.join(map(str, found.unreadable)),
+        moved_to,
+      )
     if found.step is None:
       logging.warning('no readable checkpoint: training from scratch (restart_if_unreadable)')
     else:
@@ -232,14 +332,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info('resumed from step %d (epoch %.2f)', start_step, start_step / spe)
 
   # ---- Compile ------------------------------------------------------------------------------
-  batch_spec = {'image': jax.ShapeDtypeStruct((global_batch, *train_split.images.shape[1:]), np.uint8),
-                'label': jax.ShapeDtypeStruct((global_batch,), np.int32)}
+  batch_spec = {
+    'image': jax.ShapeDtypeStruct((global_batch, *train_split.images.shape[1:]), np.uint8),
+    'label': jax.ShapeDtypeStruct((global_batch,), np.int32),
+  }
   if train_split.soft_labels is not None:
     batch_spec['soft_label'] = jax.ShapeDtypeStruct(
-        (global_batch, *train_split.soft_labels.shape[1:]), np.float32)
+      (global_batch, *train_split.soft_labels.shape[1:]), np.float32
+    )
   fresh_sums = sums_factory(ctx, checkpointing.abstract_like(state), batch_spec, mode, mesh)
   steps = compile_steps(ctx, mode, mesh)
-  train_fn, eval_fn, put_batch, canonical = steps.train, steps.eval, steps.put_batch, steps.canonical
+  train_fn, eval_fn, put_batch, canonical = (
+    steps.train,
+    steps.eval,
+    steps.put_batch,
+    steps.canonical,
+  )
   state = steps.prepare_state(state)
   run_eval = functools.partial(evaluate, eval_fn, global_batch=eval_batch)
 
@@ -254,7 +362,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step = start_step
   t_last = time.time()
   watcher = cleanup.enter_context(
-      preemption.PreemptionWatcher(start_step, agree_every=config.train.log_every_steps))
+    preemption.PreemptionWatcher(start_step, agree_every=config.train.log_every_steps)
+  )
   preempted = False
   while step < stop_step:
     batch = put_batch(next(train_iter))
@@ -262,8 +371,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     step += 1
     window += 1
     preempted = watcher.should_stop(step)  # the same answer on every process
-    window_end = (step % config.train.log_every_steps == 0 or step == stop_step
-                  or step % spe == 0 or preempted)
+    window_end = (
+      step % config.train.log_every_steps == 0 or step == stop_step or step % spe == 0 or preempted
+    )
     if window_end:
       host = _sums_to_host(sums, mode)
       now = time.time()
@@ -277,8 +387,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       for k, v in means.items():
         epoch_sums[k] = epoch_sums.get(k, 0.0) + v * window
       epoch_count += window
-      logging.info('step %d/%d  epoch %.2f  loss %.4f  acc %.3f  %.0f img/s', step, total_steps,
-                   step / spe, means['loss'], means['accuracy'], ips)
+      logging.info(
+        'step %d/%d  epoch %.2f  loss %.4f  acc %.3f  %.0f img/s',
+        step,
+        total_steps,
+        step / spe,
+        means['loss'],
+        means['accuracy'],
+        ips,
+      )
       writer.write(step, {**means, 'images_per_s': ips}, 'train_steps')
       sums, window, t_last = fresh_sums(), 0, time.time()
     epoch_end = step % spe == 0
@@ -297,12 +414,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = state.replace(plateau=steps.prepare_state(new_plateau))
         result['learning_rate_scale'] = float(parallel.to_host(new_plateau.scale))
       writer.write(step, {'epoch': step / spe, **result}, config.data.eval_split)
-      logging.info('step %d  %s: accuracy %.4f  macro-F1 %.4f  loss %.4f', step,
-                   config.data.eval_split, result['accuracy'], result['macro_f1'], result['loss'])
+      logging.info(
+        'step %d  %s: accuracy %.4f  macro-F1 %.4f  loss %.4f',
+        step,
+        config.data.eval_split,
+        result['accuracy'],
+        result['macro_f1'],
+        result['loss'],
+      )
       meta['wall_s'] += time.time() - t_start
       t_start = time.time()
-      checkpointing.save(manager, step, canonical(state), None, meta,
-                         {'accuracy': result['accuracy']})
+      checkpointing.save(
+        manager, step, canonical(state), None, meta, {'accuracy': result['accuracy']}
+      )
       cadence.done()
       t_last = time.time()  # eval and save are not training time
     if preempted:
@@ -310,8 +434,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   watcher.close()  # SIGTERM terminates again during the final evaluation
   manager.wait_until_finished()
   if preempted:
-    logging.warning('preempted: checkpoint at step %d saved in %s; run the same command again '
-                    'to resume', step, workdir)
+    logging.warning(
+      'preempted: checkpoint at step %d saved in %s; run the same command again to resume',
+      step,
+      workdir,
+    )
     return {'preempted': True, 'steps': int(step)}
 
   # ---- Final evaluation of the best checkpoint ------------------------------------------------
@@ -323,39 +450,56 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   splits = {}
   for name in (config.data.eval_split, config.data.test_split):
     splits[name] = run_eval(steps.prepare_state(best_variables), dataset[name])
-    logging.info('best checkpoint (step %d) on %s:\n%s', best_step, name,
-                 metrics.format_table(metrics.classification_report(
-                     np.asarray(splits[name]['confusion_matrix'])), dataset.class_names))
+    logging.info(
+      'best checkpoint (step %d) on %s:\n%s',
+      best_step,
+      name,
+      metrics.format_table(
+        metrics.classification_report(np.asarray(splits[name]['confusion_matrix'])),
+        dataset.class_names,
+      ),
+    )
   tta = {}
   for tta_mode in config.train.get('final_tta', ()):
     # The same evaluation with test-time augmentation (= python -m fer_jax.evaluate --tta).
     compiled = evaluation.CompiledEval(eval_spec(ctx, tta_mode), mode, mesh)
     tta[tta_mode] = {}
     for name in (config.data.eval_split, config.data.test_split):
-      result = evaluate(compiled, steps.prepare_state(best_variables), dataset[name],
-                        global_batch=eval_batch)
+      result = evaluate(
+        compiled, steps.prepare_state(best_variables), dataset[name], global_batch=eval_batch
+      )
       tta[tta_mode][name] = {k: result[k] for k in ('accuracy', 'macro_f1', 'loss')}
-      logging.info('best checkpoint (step %d) on %s with %s TTA: accuracy %.4f', best_step, name,
-                   tta_mode, result['accuracy'])
+      logging.info(
+        'best checkpoint (step %d) on %s with %s TTA: accuracy %.4f',
+        best_step,
+        name,
+        tta_mode,
+        result['accuracy'],
+      )
   meta['wall_s'] += time.time() - t_start
   results = {
-      'config': config.to_dict(),
-      'epochs': int(step // spe),
-      'steps': int(step),
-      'wall_s': round(meta['wall_s'], 2),
-      'train_images_per_s': round(timed_images / timed_s, 1) if timed_s else None,
-      'best_step': int(best_step),
-      'test_time_augmentation': 'none',  # the figures in 'splits' are single view
-      'splits': splits,
+    'config': config.to_dict(),
+    'epochs': int(step // spe),
+    'steps': int(step),
+    'wall_s': round(meta['wall_s'], 2),
+    'train_images_per_s': round(timed_images / timed_s, 1) if timed_s else None,
+    'best_step': int(best_step),
+    'test_time_augmentation': 'none',  # the figures in 'splits' are single view
+    'splits': splits,
   }
   if tta:
     results['tta'] = tta  # mode -> split -> the same figures with that test-time augmentation
   if is_chief:
     path = os.path.join(workdir, 'results.json')
     paths.write_json(path, results, indent=1, default=_json_default)  # local or gs://
-    logging.info('wrote %s: %s accuracy %.4f, %s accuracy %.4f', path, config.data.eval_split,
-                 splits[config.data.eval_split]['accuracy'], config.data.test_split,
-                 splits[config.data.test_split]['accuracy'])
+    logging.info(
+      'wrote %s: %s accuracy %.4f, %s accuracy %.4f',
+      path,
+      config.data.eval_split,
+      splits[config.data.eval_split]['accuracy'],
+      config.data.test_split,
+      splits[config.data.test_split]['accuracy'],
+    )
   return results
 
 

@@ -41,6 +41,7 @@ class TrainState(train_state.TrainState):
   exponential moving average of the model's variables (params and the other collections) when
   `train.ema_decay` > 0 (None otherwise): evaluation, checkpoint selection and `load` use it.
   """
+
   model_state: Any = flax.struct.field(default_factory=dict)
   plateau: Any = None
   ema: Any = None
@@ -76,6 +77,7 @@ def update_ema(ema: Any, variables: Any, decay: float, step: jax.Array) -> Any:
 @dataclasses.dataclass(frozen=True)
 class StepContext:
   """Everything the steps close over: static model/config plus small constant arrays."""
+
   model: nn.Module
   augment_cfg: ml_collections.ConfigDict
   image_size: int
@@ -102,8 +104,9 @@ def takes_example_ids(model: nn.Module) -> bool:
 _CPU_CHUNK_IMAGES = 32
 
 
-def resolve_microbatch(requested: int, per_device_batch: int, backend: str,
-                       batch_statistics: bool = False) -> int:
+def resolve_microbatch(
+  requested: int, per_device_batch: int, backend: str, batch_statistics: bool = False
+) -> int:
   """Examples per device per gradient chunk (0: no chunking).
 
   -1 ('auto') chunks only on CPU, where XLA runs each op over the whole batch and the
@@ -114,26 +117,36 @@ def resolve_microbatch(requested: int, per_device_batch: int, backend: str,
   """
   if batch_statistics:
     if requested > 0:
-      raise ConfigError(f'config.train.microbatch_size={requested}: the model has batch '
-                        'statistics (BatchNorm), which gradient chunks would change; use -1 or 0')
+      raise ConfigError(
+        f'config.train.microbatch_size={requested}: the model has batch '
+        'statistics (BatchNorm), which gradient chunks would change; use -1 or 0'
+      )
     return 0
   if requested == -1:
     if backend != 'cpu':
       return 0
-    requested = max(d for d in range(1, per_device_batch + 1)
-                    if per_device_batch % d == 0 and d <= _CPU_CHUNK_IMAGES)
+    requested = max(
+      d
+      for d in range(1, per_device_batch + 1)
+      if per_device_batch % d == 0 and d <= _CPU_CHUNK_IMAGES
+    )
   if requested < 0:
     raise ConfigError(f'config.train.microbatch_size={requested}: expected -1 (auto), 0 or a size')
   if requested and per_device_batch % requested:
-    raise ConfigError(f'config.train.microbatch_size={requested} does not divide the per-device '
-                      f'batch of {per_device_batch}')
+    raise ConfigError(
+      f'config.train.microbatch_size={requested} does not divide the per-device '
+      f'batch of {per_device_batch}'
+    )
   return 0 if requested >= per_device_batch else requested
 
 
 def has_batch_statistics(model: nn.Module, image_size: int) -> bool:
   """Whether `model.init` returns collections besides 'params' (BatchNorm's 'batch_stats')."""
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False
+    )
+  )
   return any(name != 'params' for name in shapes)
 
 
@@ -141,9 +154,12 @@ def microbatch_for(config: ml_collections.ConfigDict, model: nn.Module) -> int:
   """The gradient chunk (`resolve_microbatch`) of `config` on this machine's devices; the
   evaluation of a trained model uses the same chunks, so its sums equal the training run's."""
   per_device_batch = max(config.train.batch_size // jax.device_count(), 1)
-  return resolve_microbatch(config.train.get('microbatch_size', 0), per_device_batch,
-                            jax.default_backend(),
-                            has_batch_statistics(model, config.model.image_size))
+  return resolve_microbatch(
+    config.train.get('microbatch_size', 0),
+    per_device_batch,
+    jax.default_backend(),
+    has_batch_statistics(model, config.model.image_size),
+  )
 
 
 def _warmup_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int) -> int:
@@ -156,8 +172,9 @@ def _warmup_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int, to
   return min(steps, total - 1)
 
 
-def learning_rate_schedule(train_cfg: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(
+  train_cfg: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
   """'constant' (no warmup), or a linear warmup from 0 followed by 'cosine' (to 0 at the last
   step), 'step' (times `decay_factor` at each of `decay_epochs`) or 'plateau' (constant here;
   `make_plateau`'s scale lowers it when PublicTest accuracy stalls)."""
@@ -175,10 +192,13 @@ def learning_rate_schedule(train_cfg: ml_collections.ConfigDict,
     factor = float(train_cfg.get('decay_factor', 0.1))
     epochs = tuple(train_cfg.get('decay_epochs', ()))
     if not 0 < factor <= 1 or not epochs or any(e <= 0 for e in epochs):
-      raise ConfigError(f'schedule=\'step\' needs config.train.decay_epochs (positive epochs, got '
-                        f'{epochs}) and decay_factor in (0, 1] (got {factor})')
+      raise ConfigError(
+        f"schedule='step' needs config.train.decay_epochs (positive epochs, got "
+        f'{epochs}) and decay_factor in (0, 1] (got {factor})'
+      )
     after = optax.piecewise_constant_schedule(
-        lr, {int(e * steps_per_epoch) - warmup: factor for e in sorted(epochs)})
+      lr, {int(e * steps_per_epoch) - warmup: factor for e in sorted(epochs)}
+    )
   else:  # plateau
     after = optax.constant_schedule(lr)
   if not warmup:
@@ -186,7 +206,9 @@ def learning_rate_schedule(train_cfg: ml_collections.ConfigDict,
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(
+  train_cfg: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
   """adamw (decoupled weight decay) or SGD with (Nesterov) momentum and PyTorch-style weight
   decay (added to the gradient); weight decay on kernels only."""
   name = train_cfg.get('optimizer', 'adamw')
@@ -194,18 +216,22 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -
     raise ConfigError(f'config.train.optimizer={name!r}: expected one of {OPTIMIZERS}')
   lr = learning_rate_schedule(train_cfg, steps_per_epoch)
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: path[-1].key == 'kernel', params)
+    lambda path, _: path[-1].key == 'kernel', params
+  )
   if name == 'adamw':
     return optax.adamw(lr, weight_decay=train_cfg.weight_decay, mask=decay_mask)
   momentum = float(train_cfg.get('momentum', 0.9))
   if not 0 <= momentum < 1:
     raise ConfigError(f'config.train.momentum={momentum}: expected a value in [0, 1)')
   return optax.chain(
-      optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask),
-      optax.sgd(lr, momentum=momentum or None, nesterov=bool(train_cfg.get('nesterov', True))))
+    optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask),
+    optax.sgd(lr, momentum=momentum or None, nesterov=bool(train_cfg.get('nesterov', True))),
+  )
 
 
-def make_plateau(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs | None:
+def make_plateau(
+  train_cfg: ml_collections.ConfigDict,
+) -> optax.GradientTransformationExtraArgs | None:
   """optax's reduce-on-plateau on the evaluation accuracy, once per evaluation (None unless
   schedule='plateau'): after `plateau_patience` evaluations without a new best the learning
   rate is multiplied by `plateau_factor`, as PyTorch's ReduceLROnPlateau(mode='max')."""
@@ -214,28 +240,43 @@ def make_plateau(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransfor
   factor = float(train_cfg.get('plateau_factor', 0.75))
   patience = int(train_cfg.get('plateau_patience', 5))
   if not 0 < factor < 1 or patience < 1:
-    raise ConfigError(f'config.train.plateau_factor={factor} must be in (0, 1) and '
-                      f'plateau_patience={patience} at least 1')
-  return optax.contrib.reduce_on_plateau(factor=factor, patience=patience, rtol=0.0, atol=1e-6,
-                                         min_scale=float(train_cfg.get('plateau_min_scale', 0.0)))
+    raise ConfigError(
+      f'config.train.plateau_factor={factor} must be in (0, 1) and '
+      f'plateau_patience={patience} at least 1'
+    )
+  return optax.contrib.reduce_on_plateau(
+    factor=factor,
+    patience=patience,
+    rtol=0.0,
+    atol=1e-6,
+    min_scale=float(train_cfg.get('plateau_min_scale', 0.0)),
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def update_plateau(plateau: optax.GradientTransformationExtraArgs, plateau_state: Any,
-                   accuracy: float) -> Any:
+def update_plateau(
+  plateau: optax.GradientTransformationExtraArgs, plateau_state: Any, accuracy: float
+) -> Any:
   """The plateau state after one evaluation (it minimises, so it is given -accuracy)."""
   return plateau.update(jnp.zeros(()), plateau_state, value=-jnp.asarray(accuracy, jnp.float32))[1]
 
 
-def create_train_state(ctx: StepContext, tx: optax.GradientTransformation,
-                       plateau: optax.GradientTransformationExtraArgs | None = None) -> TrainState:
+def create_train_state(
+  ctx: StepContext,
+  tx: optax.GradientTransformation,
+  plateau: optax.GradientTransformationExtraArgs | None = None,
+) -> TrainState:
   dummy = jnp.zeros((1, ctx.image_size, ctx.image_size, 1), jnp.float32)
   variables = dict(ctx.model.init(jax.random.key(ctx.seed), dummy, train=False))
   params = variables.pop('params')
-  return TrainState.create(apply_fn=ctx.model.apply, params=params, tx=tx,
-                           model_state=variables,
-                           plateau=plateau.init(params) if plateau is not None else None,
-                           ema={'params': params, **variables} if ctx.ema_decay > 0 else None)
+  return TrainState.create(
+    apply_fn=ctx.model.apply,
+    params=params,
+    tx=tx,
+    model_state=variables,
+    plateau=plateau.init(params) if plateau is not None else None,
+    ema={'params': params, **variables} if ctx.ema_decay > 0 else None,
+  )
 
 
 def example_keys(ctx: StepContext, step: jax.Array, batch_size: int, axis_name: str | None):
@@ -254,8 +295,9 @@ def l2_penalty(model: nn.Module, params: Any, scope: str = 'model') -> jax.Array
   if scope not in L2_SCOPES:
     raise ConfigError(f'config.train.l2_scope={scope!r}: expected one of {L2_SCOPES}')
   if scope == 'all':
-    kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
-               if path[-1].key == 'kernel']
+    kernels = [
+      x for path, x in jax.tree_util.tree_leaves_with_path(params) if path[-1].key == 'kernel'
+    ]
   else:
     kernels = l2_kernels(model, params)
   return sum((jnp.sum(jnp.square(k)) for k in kernels), jnp.float32(0))
@@ -268,6 +310,7 @@ def _chunked(fn, inputs, chunks: int, devices: int):
   per-device blocks (a batch sharded on the mesh's 'data' axis), so every chunk takes the
   same slice of each block: the scan stays device-local and needs no communication.
   """
+
   def split(a):
     a = a.reshape(devices, chunks, -1, *a.shape[1:])
     return a.swapaxes(0, 1).reshape(chunks, -1, *a.shape[3:])
@@ -302,12 +345,14 @@ def map_batch(fn, inputs, microbatch: int, axis_name: str | None):
 
 def _mixing(ctx: StepContext) -> bool:
   cfg = ctx.augment_cfg
-  return bool(cfg.enabled) and (float(getattr(cfg, 'mixup_alpha', 0.0)) > 0
-                                or float(getattr(cfg, 'cutmix_alpha', 0.0)) > 0)
+  return bool(cfg.enabled) and (
+    float(getattr(cfg, 'mixup_alpha', 0.0)) > 0 or float(getattr(cfg, 'cutmix_alpha', 0.0)) > 0
+  )
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], ctx: StepContext, axis_name: str | None = None
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a uint8 batch: augment on device, weighted CE + L2, the optimizer.
 
   With mixup/cutmix each example is mixed with its neighbour (2k <-> 2k+1, which stay in one
@@ -318,8 +363,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
   batch_size = images.shape[0]
   aug_keys, dropout_key, example_ids = example_keys(ctx, state.step, batch_size, axis_name)
   # FER+ probability mode trains on the vote distribution; otherwise one-hot labels.
-  targets = (batch['soft_label'] if 'soft_label' in batch
-             else jax.nn.one_hot(labels, ctx.num_classes))
+  targets = (
+    batch['soft_label'] if 'soft_label' in batch else jax.nn.one_hot(labels, ctx.num_classes)
+  )
   targets = optax.smooth_labels(targets, ctx.label_smoothing)
   weights = ctx.class_weights[labels]
   mixing = _mixing(ctx)
@@ -327,18 +373,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
   mutable = list(state.model_state)
 
   def weighted_ce_sum(params, images, targets, weights, aug_keys, example_ids):
-    x = augment.preprocess_batch(images, aug_keys, ctx.augment_cfg, out_size=ctx.image_size,
-                                 train=True, mean=ctx.mean, std=ctx.std)
+    x = augment.preprocess_batch(
+      images,
+      aug_keys,
+      ctx.augment_cfg,
+      out_size=ctx.image_size,
+      train=True,
+      mean=ctx.mean,
+      std=ctx.std,
+    )
     if mixing:
       x, targets = augment.mix_pairs(x, weights[:, None] * targets, aug_keys, ctx.augment_cfg)
     kwargs = {k: example_ids for k in extra}
     variables = {'params': params, **state.model_state}
     if mutable:
-      logits, new_model_state = ctx.model.apply(variables, x, train=True, mutable=mutable,
-                                               rngs={'dropout': dropout_key}, **kwargs)
+      logits, new_model_state = ctx.model.apply(
+        variables, x, train=True, mutable=mutable, rngs={'dropout': dropout_key}, **kwargs
+      )
     else:
-      logits = ctx.model.apply(variables, x, train=True, rngs={'dropout': dropout_key},
-                               **kwargs)
+      logits = ctx.model.apply(variables, x, train=True, rngs={'dropout': dropout_key}, **kwargs)
       new_model_state = {}
     if mixing:  # the targets carry the class weights
       ce = optax.softmax_cross_entropy(logits, targets)
@@ -347,30 +400,42 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
     return jnp.sum(ce), (logits, new_model_state)
 
   def chunk_grads(chunk):
-    (ce_sum, (logits, new_model_state)), grads = jax.value_and_grad(
-        weighted_ce_sum, has_aux=True)(state.params, *chunk)
+    (ce_sum, (logits, new_model_state)), grads = jax.value_and_grad(weighted_ce_sum, has_aux=True)(
+      state.params, *chunk
+    )
     return (ce_sum, grads), (logits, new_model_state)
 
   (ce_sum, grads), (logits, new_model_state) = map_batch(
-      chunk_grads, (images, targets, weights, aug_keys, example_ids), ctx.microbatch, axis_name)
+    chunk_grads, (images, targets, weights, aug_keys, example_ids), ctx.microbatch, axis_name
+  )
   # Keras class_weight: per-example weight, mean over the batch size (not over the weights).
   data_loss = ce_sum / batch_size
-  l2_loss, l2_grads = jax.value_and_grad(
-      lambda p: ctx.l2 * l2_penalty(ctx.model, p, ctx.l2_scope))(state.params)
+  l2_loss, l2_grads = jax.value_and_grad(lambda p: ctx.l2 * l2_penalty(ctx.model, p, ctx.l2_scope))(
+    state.params
+  )
   grads = jax.tree.map(lambda g, g2: g / batch_size + g2, grads, l2_grads)
-  metrics = {'loss': data_loss + l2_loss, 'data_loss': data_loss,
-             'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+  metrics = {
+    'loss': data_loss + l2_loss,
+    'data_loss': data_loss,
+    'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+  }
   if axis_name:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   if state.plateau is not None:
     updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, model_state=new_model_state)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    model_state=new_model_state,
+  )
   if state.ema is not None:
-    new_state = new_state.replace(ema=update_ema(state.ema, model_variables(new_state),
-                                                 ctx.ema_decay, state.step))
-  metrics['learning_rate_scale'] = (state.plateau.scale if state.plateau is not None
-                                    else jnp.float32(1))
+    new_state = new_state.replace(
+      ema=update_ema(state.ema, model_variables(new_state), ctx.ema_decay, state.step)
+    )
+  metrics['learning_rate_scale'] = (
+    state.plateau.scale if state.plateau is not None else jnp.float32(1)
+  )
   return new_state, metrics

@@ -30,6 +30,7 @@ CHECKPOINT_CHOICES = "'best', 'latest' or a step number"
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
   """A restored checkpoint: the model, its parameters and how its inputs were prepared."""
+
   workdir: str
   checkpoint: str  # as asked for: 'best', 'latest' or the step as a string
   step: int
@@ -79,19 +80,22 @@ def resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int) -> int:
   except ValueError:
     raise FerJaxError(f'checkpoint={spec!r}: expected {CHECKPOINT_CHOICES}') from None
   if step not in steps:
-    raise FerJaxError(f'{manager.directory}: no checkpoint at step {step}; kept steps: '
-                      f'{", ".join(map(str, steps))}')
+    raise FerJaxError(
+      f'{manager.directory}: no checkpoint at step {step}; kept steps: {", ".join(map(str, steps))}'
+    )
   return step
 
 
 def default_sharding() -> jax.sharding.Sharding:
   """Replicated over all devices on the training mesh's 'data' axis."""
   from fer_jax import parallel
+
   return parallel.replicated(parallel.make_mesh())
 
 
-def load(workdir: str, checkpoint: str | int = 'best', *,
-         sharding: jax.sharding.Sharding | None = None) -> TrainedModel:
+def load(
+  workdir: str, checkpoint: str | int = 'best', *, sharding: jax.sharding.Sharding | None = None
+) -> TrainedModel:
   """Restores the parameters and metadata of one checkpoint of `workdir`.
 
   The variables are those training evaluated: the moving average when `train.ema_decay` > 0.
@@ -118,14 +122,16 @@ def load(workdir: str, checkpoint: str | int = 'best', *,
     class_names = tuple(meta['class_names'])
     model = get_model(config.model, len(class_names))
     size = int(config.model.image_size)
-    shapes = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, size, size, 1), jnp.float32), train=False))
+    shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1), jnp.float32), train=False)
+    )
     sharding = sharding or default_sharding()
     # The train state keeps 'params' at its top and the other collections (BatchNorm's
     # 'batch_stats') under 'model_state'; a SeedCNN checkpoint from before model_state existed
     # has params only, which is all SeedCNN needs.
     abstract = lambda tree: jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree
+    )
     target = {'params': abstract(shapes['params'])}
     others = {k: v for k, v in shapes.items() if k != 'params'}
     if others:
@@ -136,17 +142,31 @@ def load(workdir: str, checkpoint: str | int = 'best', *,
       target = {'ema': abstract(dict(shapes))}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=restore_args, partial_restore=True)))
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        ),
+      )
     except (KeyError, ValueError) as e:
-      raise FerJaxError(f'{manager.directory} step {step}: the checkpoint does not match model '
-                        f'{config.model.name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})'
-                        ) from None
+      raise FerJaxError(
+        f'{manager.directory} step {step}: the checkpoint does not match model '
+        f'{config.model.name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})'
+      ) from None
   finally:
     manager.close()
   state = restored['state']
-  variables = (dict(state['ema']) if use_ema
-               else {'params': state['params'], **state.get('model_state', {})})
-  return TrainedModel(workdir=workdir, checkpoint=str(checkpoint), step=step, config=config,
-                      class_names=class_names, pixel_mean=float(meta['pixel_mean']),
-                      pixel_std=float(meta['pixel_std']), model=model, variables=variables)
+  variables = (
+    dict(state['ema']) if use_ema else {'params': state['params'], **state.get('model_state', {})}
+  )
+  return TrainedModel(
+    workdir=workdir,
+    checkpoint=str(checkpoint),
+    step=step,
+    config=config,
+    class_names=class_names,
+    pixel_mean=float(meta['pixel_mean']),
+    pixel_std=float(meta['pixel_std']),
+    model=model,
+    variables=variables,
+  )

@@ -47,6 +47,7 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
   """
   from experiments import synthetic
   from fer_jax import train
+
   c = synthetic.get_config()
   c.data.synthetic_train = 384
   c.data.synthetic_test = 100
@@ -64,6 +65,7 @@ def synthetic_config(*, train_examples: int, test_examples: int, **train):
   """experiments/synthetic.py shrunk to `train_examples` / `test_examples` faces per split,
   with `config.train` overrides: the end-to-end tests' common starting point."""
   from experiments import synthetic
+
   c = synthetic.get_config()
   c.data.synthetic_train = train_examples
   c.data.synthetic_test = test_examples

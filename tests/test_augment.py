@@ -15,6 +15,7 @@ from fer_jax.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
   """An augment config (hashable, so it can be a static jit argument)."""
+
   enabled: bool = True
   flip: bool = False
   rotation_deg: float = 0.0
@@ -46,8 +47,11 @@ def _warp(img_u8: np.ndarray, *params, out_size=None) -> np.ndarray:
   return np.asarray(augment.warp(jnp.asarray(_float(img_u8)), m, size))
 
 
-_jit_preprocess = jax.jit(augment.preprocess_batch, static_argnums=(2,),
-                          static_argnames=('out_size', 'train', 'mean', 'std'))
+_jit_preprocess = jax.jit(
+  augment.preprocess_batch,
+  static_argnums=(2,),
+  static_argnames=('out_size', 'train', 'mean', 'std'),
+)
 
 
 def _pre(batch, keys, cfg, **kwargs) -> np.ndarray:
@@ -135,8 +139,9 @@ def test_sampled_parameters_respect_ranges():
 
 def test_values_stay_in_unit_range_with_strong_augmentation():
   batch = jnp.asarray(np.stack([_image(seed=s) for s in range(16)]))
-  cfg = _cfg(flip=True, rotation_deg=45.0, zoom=0.5, shift=0.3, shear_deg=30.0,
-             brightness=0.9, contrast=0.9)
+  cfg = _cfg(
+    flip=True, rotation_deg=45.0, zoom=0.5, shift=0.3, shear_deg=30.0, brightness=0.9, contrast=0.9
+  )
   for out_size in (48, 64):
     out = _pre(batch, _keys(16), cfg, out_size=out_size, train=True)
     assert out.dtype == np.float32 and out.shape == (16, out_size, out_size, 1)
@@ -161,18 +166,17 @@ def test_result_does_not_depend_on_batch_split():
   batch = jnp.asarray(np.stack([_image(seed=s) for s in range(8)]))
   keys = _keys(8)
   full = _pre(batch, keys, cfg, out_size=48, train=True)
-  halves = [_pre(batch[s], keys[s], cfg, out_size=48, train=True)
-            for s in (slice(0, 4), slice(4, 8))]
+  halves = [
+    _pre(batch[s], keys[s], cfg, out_size=48, train=True) for s in (slice(0, 4), slice(4, 8))
+  ]
   np.testing.assert_array_equal(full, np.concatenate(halves))
 
 
 def test_eval_is_deterministic_and_ignores_keys():
   cfg = _cfg(flip=True, rotation_deg=30.0, brightness=0.5, standardize='dataset')
   batch = jnp.asarray(np.stack([_image(seed=s) for s in range(4)]))
-  run = lambda keys, size: _pre(batch, keys, cfg, out_size=size, train=False, mean=0.5,
-                                std=0.25)
-  np.testing.assert_allclose(run(None, 48), (_float(np.asarray(batch)) - 0.5) / 0.25,
-                             atol=1e-6)
+  run = lambda keys, size: _pre(batch, keys, cfg, out_size=size, train=False, mean=0.5, std=0.25)
+  np.testing.assert_allclose(run(None, 48), (_float(np.asarray(batch)) - 0.5) / 0.25, atol=1e-6)
   np.testing.assert_array_equal(run(None, 150), run(_keys(4, 7), 150))
   np.testing.assert_array_equal(run(_keys(4, 1), 150), run(_keys(4, 2), 150))
 
@@ -237,8 +241,9 @@ def test_invalid_config_and_missing_keys_raise():
   with pytest.raises(ConfigError, match='rotation_deg'):
     augment.preprocess_batch(batch, _keys(2), _cfg(rotation_deg=-5.0), out_size=48, train=True)
   with pytest.raises(ConfigError, match='std'):
-    augment.preprocess_batch(batch, None, _cfg(standardize='dataset'), out_size=48,
-                             train=False, mean=0.5, std=0.0)
+    augment.preprocess_batch(
+      batch, None, _cfg(standardize='dataset'), out_size=48, train=False, mean=0.5, std=0.0
+    )
   with pytest.raises(ValueError, match='one PRNG key per example'):
     augment.preprocess_batch(batch, None, _cfg(flip=True), out_size=48, train=True)
 
@@ -247,14 +252,25 @@ def test_invalid_config_and_missing_keys_raise():
 def test_flip_only_shortcut_equals_the_affine_resample(out_size):
   """Flip-only skips the general affine warp (a pixel flip, then the separable resize);
   the pixels must match warp's."""
-  cfg = ml_collections.ConfigDict(dict(enabled=True, flip=True, rotation_deg=0.0, zoom=0.0,
-                                       shift=0.0, shear_deg=0.0, brightness=0.0, contrast=0.0,
-                                       standardize='none'))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      enabled=True,
+      flip=True,
+      rotation_deg=0.0,
+      zoom=0.0,
+      shift=0.0,
+      shear_deg=0.0,
+      brightness=0.0,
+      contrast=0.0,
+      standardize='none',
+    )
+  )
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 48, 48, 1), np.uint8))
   keys = jax.random.split(jax.random.key(3), 16)
   fast = augment.preprocess_batch(images, keys, cfg, out_size=out_size, train=True)
-  warped = jax.vmap(lambda im, k: augment.warp(im, augment.sample_affine(k, cfg, out_size),
-                                               out_size))(augment.rescale(images), keys)
+  warped = jax.vmap(
+    lambda im, k: augment.warp(im, augment.sample_affine(k, cfg, out_size), out_size)
+  )(augment.rescale(images), keys)
   # warp computes its sample positions in float32, `resize` its weights in float64: they
   # agree to a few 1e-6 (a pixel level is 1/255 = 4e-3).
   np.testing.assert_allclose(np.asarray(fast), np.asarray(warped), atol=1e-5)
@@ -268,8 +284,9 @@ def test_flip_only_shortcut_equals_the_affine_resample(out_size):
 @pytest.mark.parametrize('size_in,size_out', [(48, 150), (48, 48), (40, 48), (48, 37)])
 def test_resize_equals_identity_warp(size_in, size_out):
   image = jax.random.uniform(jax.random.key(4), (size_in, size_in, 2))
-  np.testing.assert_allclose(augment.resize(image, size_out),
-                             augment.warp(image, jnp.eye(3), size_out), atol=1e-5)
+  np.testing.assert_allclose(
+    augment.resize(image, size_out), augment.warp(image, jnp.eye(3), size_out), atol=1e-5
+  )
 
 
 # --- Crops, random erasing, mixup / CutMix --------------------------------------------------
@@ -278,6 +295,7 @@ def test_resize_equals_identity_warp(size_in, size_out):
 @dataclasses.dataclass(frozen=True)
 class _NewCfg(_Cfg):
   """_Cfg plus the recipe fields (which _Cfg lacks, like configs saved before them)."""
+
   crop_fraction: float = 0.0
   crop_scale: tuple = (1.0, 1.0)
   erase_prob: float = 0.0
@@ -297,8 +315,9 @@ def _bilinear(img: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
   y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
   fy, fx = (ys - y0)[..., None], (xs - x0)[..., None]
   at = lambda y, x: img[np.clip(y, 0, h - 1), np.clip(x, 0, w - 1)]
-  return ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x0 + 1))
-          + fy * ((1 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1)))
+  return (1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x0 + 1)) + fy * (
+    (1 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1)
+  )
 
 
 def test_new_fields_default_to_off_and_change_nothing():
@@ -307,8 +326,10 @@ def test_new_fields_default_to_off_and_change_nothing():
   for old in (_Cfg(), _Cfg(flip=True), _Cfg(flip=True, rotation_deg=10.0, contrast=0.2)):
     new = _NewCfg(**dataclasses.asdict(old))
     for train, size in ((True, 48), (True, 64), (False, 48), (False, 64)):
-      np.testing.assert_array_equal(_pre(batch, keys, new, out_size=size, train=train),
-                                    _pre(batch, keys, old, out_size=size, train=train))
+      np.testing.assert_array_equal(
+        _pre(batch, keys, new, out_size=size, train=train),
+        _pre(batch, keys, old, out_size=size, train=train),
+      )
   assert augment.crop_side(48, _Cfg()) == 48 and augment.crop_side(48, _NewCfg()) == 48
   x, t = jnp.ones((3, 4, 4, 1)), jnp.eye(3)
   mixed = augment.mix_pairs(x, t, _keys(3), _Cfg())
@@ -337,15 +358,23 @@ def test_centre_crop_is_an_exact_slice():
 def test_crop_matrix_with_integer_offsets_is_an_exact_subwindow():
   img = _float(_image(channels=2))
   offsets = jnp.asarray([(x0, y0) for x0 in range(9) for y0 in range(9)], jnp.float32)
-  crops = jax.jit(jax.vmap(lambda o: augment.warp(
-      jnp.asarray(img), augment.crop_matrix(o[0], o[1], 40.0, 40.0, 48, 48, 40), 40)))(offsets)
+  crops = jax.jit(
+    jax.vmap(
+      lambda o: augment.warp(
+        jnp.asarray(img), augment.crop_matrix(o[0], o[1], 40.0, 40.0, 48, 48, 40), 40
+      )
+    )
+  )(offsets)
   for (x0, y0), out in zip(np.asarray(offsets).astype(int), np.asarray(crops)):
-    np.testing.assert_allclose(out, img[y0:y0 + 40, x0:x0 + 40], atol=1e-5)
+    np.testing.assert_allclose(out, img[y0 : y0 + 40, x0 : x0 + 40], atol=1e-5)
   # A non-square window shrunk to another size equals the plain resize of the slice (when
   # enlarging, warp's border samples read the real pixels beyond the window, not its edge).
   m = augment.crop_matrix(3.0, 5.0, 30.0, 40.0, 48, 48, 24)
-  np.testing.assert_allclose(augment.warp(jnp.asarray(img), m, 24),
-                             augment.resize(jnp.asarray(img[5:45, 3:33]), 24), atol=1e-5)
+  np.testing.assert_allclose(
+    augment.warp(jnp.asarray(img), m, 24),
+    augment.resize(jnp.asarray(img[5:45, 3:33]), 24),
+    atol=1e-5,
+  )
 
 
 def test_random_crop_is_a_subwindow_and_offsets_cover_the_range():
@@ -353,14 +382,16 @@ def test_random_crop_is_a_subwindow_and_offsets_cover_the_range():
   batch = np.stack([_image(seed=s) for s in range(16)])
   keys = _keys(16)
   out = _pre(batch, keys, cfg, out_size=40, train=True)
-  x0, y0, cw, ch = (np.asarray(v) for v in jax.vmap(
-      lambda k: augment.sample_crop(k, cfg, 48, 48))(keys))
+  x0, y0, cw, ch = (
+    np.asarray(v) for v in jax.vmap(lambda k: augment.sample_crop(k, cfg, 48, 48))(keys)
+  )
   np.testing.assert_array_equal(cw, 40.0)
   np.testing.assert_array_equal(ch, 40.0)
   grid = np.arange(40, dtype=np.float64)
   for i in range(16):
-    ref = _bilinear(_float(batch[i]).astype(np.float64), y0[i] + grid[:, None],
-                    x0[i] + grid[None, :])
+    ref = _bilinear(
+      _float(batch[i]).astype(np.float64), y0[i] + grid[:, None], x0[i] + grid[None, :]
+    )
     np.testing.assert_allclose(out[i], ref, atol=1e-5)
   many = jax.jit(jax.vmap(lambda k: augment.sample_crop(k, cfg, 48, 48)[:2]))(_keys(4000, 1))
   for v in map(np.asarray, many):
@@ -370,8 +401,9 @@ def test_random_crop_is_a_subwindow_and_offsets_cover_the_range():
 
 def test_random_crop_scale_and_oversized_crops():
   cfg = _NewCfg(crop_fraction=_CROP, crop_scale=(0.5, 1.0))
-  x0, y0, cw, ch = (np.asarray(v) for v in jax.vmap(
-      lambda k: augment.sample_crop(k, cfg, 48, 48))(_keys(1000)))
+  x0, y0, cw, ch = (
+    np.asarray(v) for v in jax.vmap(lambda k: augment.sample_crop(k, cfg, 48, 48))(_keys(1000))
+  )
   np.testing.assert_array_equal(cw, ch)
   assert cw.min() >= 40 * np.sqrt(0.5) - 1e-4 and cw.max() <= 40 + 1e-4 and np.ptp(cw) > 10
   assert np.all(x0 >= 0) and np.all(x0 + cw <= 48 + 1e-4)
@@ -386,21 +418,26 @@ def test_random_crop_is_composed_before_flip_in_one_resample():
   batch = np.stack([_image(seed=s) for s in range(16)])
   keys = _keys(16, 2)
   out = _pre(batch, keys, cfg, out_size=40, train=True)
-  x0, y0 = (np.asarray(v) for v in jax.vmap(lambda k: augment.sample_crop(k, cfg, 48, 48)[:2])(keys))
+  x0, y0 = (
+    np.asarray(v) for v in jax.vmap(lambda k: augment.sample_crop(k, cfg, 48, 48)[:2])(keys)
+  )
   flips = np.asarray(jax.vmap(augment.flip_draw)(keys))
   assert 0 < flips.sum() < 16
   grid = np.arange(40, dtype=np.float64)
   for i in range(16):
-    ref = _bilinear(_float(batch[i]).astype(np.float64), y0[i] + grid[:, None],
-                    x0[i] + grid[None, :])
+    ref = _bilinear(
+      _float(batch[i]).astype(np.float64), y0[i] + grid[:, None], x0[i] + grid[None, :]
+    )
     np.testing.assert_allclose(out[i], ref[:, ::-1] if flips[i] else ref, atol=1e-5)
   # With more geometry: exactly warp(sample_affine @ crop), one interpolation.
   cfg = dataclasses.replace(cfg, rotation_deg=20.0, zoom=0.1, crop_scale=(0.6, 1.0))
   out = _pre(batch, keys, cfg, out_size=56, train=True)
+
   def ref_one(image, key):
     crop = augment.crop_matrix(*augment.sample_crop(key, cfg, 48, 48), 48, 48, 56)
     m = jnp.matmul(augment.sample_affine(key, cfg, 56), crop, precision='highest')
     return augment.warp(image, m, 56)
+
   ref = jax.jit(jax.vmap(ref_one))(augment.rescale(jnp.asarray(batch)), keys)
   np.testing.assert_allclose(out, np.asarray(ref), atol=1e-6)
 
@@ -409,7 +446,7 @@ def _rectangle(mask: np.ndarray) -> tuple[int, int]:
   """(height, width) of the True region, asserting it is one filled rectangle."""
   rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
   assert rows.size and cols.size
-  box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+  box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
   assert box.all() and mask.sum() == box.size
   return box.shape
 
@@ -420,7 +457,8 @@ def test_random_erasing():
   keys = _keys(32)
   plain = _pre(batch, keys, _NewCfg(flip=True), out_size=48, train=True)
   np.testing.assert_array_equal(
-      _pre(batch, keys, _NewCfg(flip=True, erase_prob=0.0), out_size=48, train=True), plain)
+    _pre(batch, keys, _NewCfg(flip=True, erase_prob=0.0), out_size=48, train=True), plain
+  )
   cfg = _NewCfg(flip=True, erase_prob=1.0, erase_area=(0.05, 0.2), erase_ratio=(0.5, 2.0))
   out = _pre(batch, keys, cfg, out_size=48, train=True)
   np.testing.assert_array_equal(out, _pre(batch, keys, cfg, out_size=48, train=True))
@@ -431,7 +469,7 @@ def test_random_erasing():
     assert (erased.all(-1) | ~erased.any(-1)).all()  # all channels together
     eh, ew = _rectangle(erased[..., 0])
     assert np.all(o[erased] == 0) and 0.4 <= eh / ew <= 2.5
-    fractions.append(eh * ew / 48 ** 2)
+    fractions.append(eh * ew / 48**2)
   fractions = np.array(fractions)
   assert fractions.min() >= 0.05 - 0.01 and fractions.max() <= 0.2 + 0.01
   assert np.ptp(fractions) > 0.05
@@ -446,7 +484,7 @@ def test_random_erasing():
   for o, mask, e in zip(out, masks, erased):
     if e:
       _rectangle(mask[..., 0])
-      assert np.all(o[mask] == 0) and mask[..., 0].sum() / 48 ** 2 <= 0.33 + 0.01
+      assert np.all(o[mask] == 0) and mask[..., 0].sum() / 48**2 <= 0.33 + 0.01
   np.testing.assert_allclose(run(False), ref, atol=1e-6)
 
 
@@ -468,14 +506,16 @@ def test_mixup_mixes_pairs_linearly():
   other = np.ones_like(tm, bool)
   other[np.arange(16), np.arange(16)] = other[np.arange(16), partner] = False
   assert np.all(tm[other] == 0)
-  np.testing.assert_allclose(xm, lam[:, None, None, None] * x
-                             + (1 - lam[:, None, None, None]) * x[partner], atol=1e-5)
+  np.testing.assert_allclose(
+    xm, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[partner], atol=1e-5
+  )
 
 
 def test_cutmix_lambda_is_the_fraction_kept():
   b = 16
-  x = np.broadcast_to(np.arange(1, b + 1, dtype=np.float32)[:, None, None, None],
-                      (b, 12, 10, 1)).copy()
+  x = np.broadcast_to(
+    np.arange(1, b + 1, dtype=np.float32)[:, None, None, None], (b, 12, 10, 1)
+  ).copy()
   xm, tm = _mix(x, np.eye(b, dtype=np.float32), _keys(b), _NewCfg(cutmix_alpha=1.0))
   partner = np.arange(b) ^ 1
   lam = tm[np.arange(b), np.arange(b)]
@@ -532,11 +572,22 @@ def test_mix_pairs_is_deterministic_and_independent_of_the_split():
     augment.mix_pairs(jnp.asarray(x[:5]), jnp.asarray(t[:5]), keys[:5], cfg)
 
 
-@pytest.mark.parametrize('field,value', [
-    ('crop_fraction', 1.5), ('crop_fraction', -0.1), ('crop_scale', (0.0, 1.0)),
-    ('crop_scale', (0.9, 0.5)), ('crop_scale', (1.0,)), ('erase_prob', 1.2),
-    ('erase_area', (0.1, 1.5)), ('erase_ratio', (0.0, 2.0)), ('mixup_alpha', -1.0),
-    ('cutmix_alpha', float('nan')), ('mix_prob', 2.0)])
+@pytest.mark.parametrize(
+  'field,value',
+  [
+    ('crop_fraction', 1.5),
+    ('crop_fraction', -0.1),
+    ('crop_scale', (0.0, 1.0)),
+    ('crop_scale', (0.9, 0.5)),
+    ('crop_scale', (1.0,)),
+    ('erase_prob', 1.2),
+    ('erase_area', (0.1, 1.5)),
+    ('erase_ratio', (0.0, 2.0)),
+    ('mixup_alpha', -1.0),
+    ('cutmix_alpha', float('nan')),
+    ('mix_prob', 2.0),
+  ],
+)
 def test_invalid_recipe_fields_raise_one_line(field, value):
   cfg = dataclasses.replace(_NewCfg(), **{field: value})
   with pytest.raises(ConfigError, match=f'augment.{field}') as err:

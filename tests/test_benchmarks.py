@@ -13,40 +13,104 @@ def _last_json(stdout: str) -> dict:
 
 def test_train_throughput_prints_its_settings():
   out = subprocess.run(
-      [sys.executable, 'benchmarks/train_throughput.py', '--size', '48', '--batch', '8',
-       '--windows', '2', '--steps-per-window', '1'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      'benchmarks/train_throughput.py',
+      '--size',
+      '48',
+      '--batch',
+      '8',
+      '--windows',
+      '2',
+      '--steps-per-window',
+      '1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   result = _last_json(out.stdout)
   assert result['images_per_s'] > 0 and len(result['windows']) == 2
   assert (result['size'], result['batch'], result['augment']) == (48, 8, True)
-  for key in ('devices', 'dtype', 'lowering', 'lowering_resolved', 'parallel', 'microbatch',
-              'malloc_tuned'):
+  for key in (
+    'devices',
+    'dtype',
+    'lowering',
+    'lowering_resolved',
+    'parallel',
+    'microbatch',
+    'malloc_tuned',
+  ):
     assert key in result
 
 
 def test_train_throughput_times_zoo_models_in_alternation():
   out = subprocess.run(
-      [sys.executable, 'benchmarks/train_throughput.py', '--model', 'seed_cnn', 'vgg_fer_compact',
-       '--lowering', 'auto', '--width', '0.125', '--size', '16', '--batch', '4', '--windows', '2',
-       '--steps-per-window', '1'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      'benchmarks/train_throughput.py',
+      '--model',
+      'seed_cnn',
+      'vgg_fer_compact',
+      '--lowering',
+      'auto',
+      '--width',
+      '0.125',
+      '--size',
+      '16',
+      '--batch',
+      '4',
+      '--windows',
+      '2',
+      '--steps-per-window',
+      '1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
-  assert [(l['zoo_name'], l['model']) for l in lines] == [('seed_cnn', 'seed_cnn'),
-                                                          ('vgg_fer_compact', 'vgg_fer')]
+  assert [(l['zoo_name'], l['model']) for l in lines] == [
+    ('seed_cnn', 'seed_cnn'),
+    ('vgg_fer_compact', 'vgg_fer'),
+  ]
   assert lines[1]['width'] == 0.125 and lines[1]['size'] == 16  # cpu_budget's model, shrunk
   assert all(l['images_per_s'] > 0 and len(l['windows']) == 2 and l['augment'] for l in lines)
   order = [l.split(':')[0] for l in out.stderr.splitlines() if l.startswith('window ')]
-  assert order == ['window 0 seed_cnn auto', 'window 0 vgg_fer_compact auto',
-                   'window 1 seed_cnn auto', 'window 1 vgg_fer_compact auto']
+  assert order == [
+    'window 0 seed_cnn auto',
+    'window 0 vgg_fer_compact auto',
+    'window 1 seed_cnn auto',
+    'window 1 vgg_fer_compact auto',
+  ]
 
 
 def test_forward_backward_prints_one_line_per_lowering():
   out = subprocess.run(
-      [sys.executable, 'benchmarks/forward_backward.py', '--config', 'experiments/cpu_budget.py',
-       '--lowering', 'auto', 'xla', '--batch', '4', '--width', '0.125', '--calls', '1'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      'benchmarks/forward_backward.py',
+      '--config',
+      'experiments/cpu_budget.py',
+      '--lowering',
+      'auto',
+      'xla',
+      '--batch',
+      '4',
+      '--width',
+      '0.125',
+      '--calls',
+      '1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
   assert [l['lowering'] for l in lines] == ['auto', 'xla']
@@ -55,9 +119,25 @@ def test_forward_backward_prints_one_line_per_lowering():
 
 def test_compare_keras_without_tensorflow_reports_fer_jax_only(tmp_path):
   out = subprocess.run(
-      [sys.executable, 'benchmarks/compare_keras.py', '--rounds', '1', '--rows', '48x8',
-       '--windows', '1', '--steps-per-window', '1', '--keras-python', str(tmp_path / 'no-python')],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      'benchmarks/compare_keras.py',
+      '--rounds',
+      '1',
+      '--rows',
+      '48x8',
+      '--windows',
+      '1',
+      '--steps-per-window',
+      '1',
+      '--keras-python',
+      str(tmp_path / 'no-python'),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   result = _last_json(out.stdout)
   assert result['keras_skipped'] and 'does not exist' in result['keras_skipped']
@@ -70,12 +150,18 @@ def test_compare_keras_without_tensorflow_reports_fer_jax_only(tmp_path):
 
 def test_conv_kernels_benchmark_prints_a_row_per_shape():
   from fer_jax import native
+
   if not native.available():
     import pytest
+
     pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
   out = subprocess.run(
-      [sys.executable, 'benchmarks/conv_kernels.py', '--reps', '1', '--only', 'c2f48,c1dk48'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [sys.executable, 'benchmarks/conv_kernels.py', '--reps', '1', '--only', 'c2f48,c1dk48'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   rows = _last_json(out.stdout)['rows']
   assert [r['row'] for r in rows] == ['c2f48', 'c1dk48']
@@ -84,9 +170,25 @@ def test_conv_kernels_benchmark_prints_a_row_per_shape():
 
 def test_ablations_report_each_variant_against_the_default():
   out = subprocess.run(
-      [sys.executable, 'benchmarks/ablations.py', '--rounds', '1', '--rows', '48x8', '--only',
-       'async,whole_batch', '--windows', '1', '--steps-per-window', '1'],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      'benchmarks/ablations.py',
+      '--rounds',
+      '1',
+      '--rows',
+      '48x8',
+      '--only',
+      'async,whole_batch',
+      '--windows',
+      '1',
+      '--steps-per-window',
+      '1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   summary = _last_json(out.stdout)['summary']
   assert [s['variant'] for s in summary] == ['default', 'async', 'whole_batch']

@@ -19,8 +19,8 @@ class Builder:
   def __call__(self):
     self.calls += 1
     arrays = {
-        'images': np.full((5, 4, 4), self.value, np.uint8),
-        'labels': np.arange(5, dtype=np.int32) * self.value,
+      'images': np.full((5, 4, 4), self.value, np.uint8),
+      'labels': np.arange(5, dtype=np.int32) * self.value,
     }
     return arrays, {'skipped': {'reason': self.value}, 'n': 5}
 
@@ -153,8 +153,9 @@ def test_unreadable_entry_is_rebuilt(source, tmp_path, caplog, damage):
   [name] = entries(cache_dir)
   path = cache_dir / name
   data = path.read_bytes()
-  path.write_bytes({'truncate': data[:len(data) // 2], 'garbage': b'not a zip' * 10,
-                    'empty': b''}[damage])
+  path.write_bytes(
+    {'truncate': data[: len(data) // 2], 'garbage': b'not a zip' * 10, 'empty': b''}[damage]
+  )
   build = Builder(7)
   with caplog.at_level(logging.WARNING):
     arrays, meta = get(source, cache_dir, build)

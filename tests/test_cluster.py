@@ -8,7 +8,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax._src import clusters
@@ -19,11 +18,24 @@ from fer_jax.errors import FerJaxError
 from tests.conftest import REPO
 from tests.test_multihost import _free_port, _kill_all
 
-SLURM_KEYS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
-              'SLURM_LOCALID', 'SLURM_STEP_NUM_NODES', 'SLURM_NODEID', 'SLURM_GPUS_ON_NODE',
-              'SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE', 'JAX_LOCAL_DEVICE_IDS',
-              'JAX_COORDINATOR_PORT', 'TPU_WORKER_HOSTNAMES', 'TPU_WORKER_ID',
-              'TPU_PROCESS_ADDRESSES', 'OMPI_MCA_orte_hnp_uri')
+SLURM_KEYS = (
+  'SLURM_JOB_ID',
+  'SLURM_STEP_NODELIST',
+  'SLURM_NTASKS',
+  'SLURM_PROCID',
+  'SLURM_LOCALID',
+  'SLURM_STEP_NUM_NODES',
+  'SLURM_NODEID',
+  'SLURM_GPUS_ON_NODE',
+  'SLURM_STEP_TASKS_PER_NODE',
+  'SLURM_TASKS_PER_NODE',
+  'JAX_LOCAL_DEVICE_IDS',
+  'JAX_COORDINATOR_PORT',
+  'TPU_WORKER_HOSTNAMES',
+  'TPU_WORKER_ID',
+  'TPU_PROCESS_ADDRESSES',
+  'OMPI_MCA_orte_hnp_uri',
+)
 
 
 def readme_sbatch() -> dict[str, int]:
@@ -36,19 +48,26 @@ def readme_sbatch() -> dict[str, int]:
 def fake_slurm(monkeypatch, *, nodes, tasks_per_node, gpus_per_node, proc_id):
   for key in SLURM_KEYS:
     monkeypatch.delenv(key, raising=False)
-  env = {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': f'gpu[001-{nodes:03d}]',
-         'SLURM_NTASKS': str(nodes * tasks_per_node), 'SLURM_PROCID': str(proc_id),
-         'SLURM_LOCALID': str(proc_id % tasks_per_node), 'SLURM_STEP_NUM_NODES': str(nodes),
-         'SLURM_NODEID': str(proc_id // tasks_per_node), 'SLURM_GPUS_ON_NODE': str(gpus_per_node),
-         'SLURM_STEP_TASKS_PER_NODE': f'{tasks_per_node}(x{nodes})'}
+  env = {
+    'SLURM_JOB_ID': '4242',
+    'SLURM_STEP_NODELIST': f'gpu[001-{nodes:03d}]',
+    'SLURM_NTASKS': str(nodes * tasks_per_node),
+    'SLURM_PROCID': str(proc_id),
+    'SLURM_LOCALID': str(proc_id % tasks_per_node),
+    'SLURM_STEP_NUM_NODES': str(nodes),
+    'SLURM_NODEID': str(proc_id // tasks_per_node),
+    'SLURM_GPUS_ON_NODE': str(gpus_per_node),
+    'SLURM_STEP_TASKS_PER_NODE': f'{tasks_per_node}(x{nodes})',
+  }
   for k, v in env.items():
     monkeypatch.setenv(k, v)
 
 
 def detect():
   """What jax.distributed.initialize() would use with no arguments."""
-  return clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None,
-                                                                   None)
+  return clusters.ClusterEnv.auto_detect_unset_distributed_params(
+    None, None, None, None, None, None
+  )
 
 
 def test_readme_slurm_recipe_uses_every_gpu_through_jax_detection(monkeypatch):
@@ -84,11 +103,15 @@ def test_tpu_initialize_failure_is_an_error(monkeypatch):
   monkeypatch.setattr(cloud_tpu_cluster, 'running_in_cloud_tpu_vm', True)
   monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1,w2,w3')
   monkeypatch.setenv('TPU_WORKER_ID', '2')
-  for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('MEGASCALE_NUM_SLICES', '1'),
-                     ('MEGASCALE_SLICE_ID', '0')):  # no metadata server here
+  for key, value in (
+    ('TPU_SKIP_MDS_QUERY', '1'),
+    ('MEGASCALE_NUM_SLICES', '1'),
+    ('MEGASCALE_SLICE_ID', '0'),
+  ):  # no metadata server here
     monkeypatch.setenv(key, value)
-  present = [c for c in clusters.ClusterEnv._cluster_types
-             if not c.opt_in_only_method and c.is_env_present()]
+  present = [
+    c for c in clusters.ClusterEnv._cluster_types if not c.opt_in_only_method and c.is_env_present()
+  ]
   assert present and present[0] is cloud_tpu_cluster.GkeTpuCluster
   assert present[0].get_process_id() == 2 and present[0].get_process_count() == 4
   monkeypatch.setattr(parallel, 'on_cloud_tpu_vm', lambda: True)
@@ -124,29 +147,44 @@ def test_mesh_comes_from_jax_make_mesh(monkeypatch):
 def test_native_lowering_checkpoint_runs_xla_conv_off_cpu(tmp_path, monkeypatch, caplog):
   """A checkpoint trained with lowering='native' is evaluated under a forced non-CPU resolution:
   no FFI custom call (CPU-only targets) is left in the program, the numbers are the same."""
-  from fer_jax import checkpointing, evaluate
-  from fer_jax import native
+  from fer_jax import checkpointing, evaluate, native
   from fer_jax import workdir as workdir_lib
   from fer_jax.data.types import Split
   from fer_jax.models import get_model, layers
+
   if not native.available():
     pytest.skip(f'C++ kernels unavailable: {native.unavailable_reason()}')
   from experiments import synthetic
+
   config = synthetic.get_config()
   config.model.lowering = 'native'
   model = get_model(config.model, 7)
   params = model.init(jax.random.key(0), jnp.zeros((1, 48, 48, 1)), train=False)['params']
   manager = checkpointing.make_manager(str(tmp_path), keep_latest=1, keep_best=1)
   import orbax.checkpoint as ocp
-  manager.save(1, args=ocp.args.Composite(
+
+  manager.save(
+    1,
+    args=ocp.args.Composite(
       state=ocp.args.StandardSave({'params': params}),
-      meta=ocp.args.JsonSave({'config': config.to_dict(), 'class_names': [str(i) for i in range(7)],
-                              'pixel_mean': 0.5, 'pixel_std': 0.25})), metrics={'accuracy': 0.0})
+      meta=ocp.args.JsonSave(
+        {
+          'config': config.to_dict(),
+          'class_names': [str(i) for i in range(7)],
+          'pixel_mean': 0.5,
+          'pixel_std': 0.25,
+        }
+      ),
+    ),
+    metrics={'accuracy': 0.0},
+  )
   manager.wait_until_finished()
   manager.close()
   rng = np.random.default_rng(0)
-  split = Split(images=rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
-                labels=rng.integers(0, 7, 8).astype(np.int32))
+  split = Split(
+    images=rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
+    labels=rng.integers(0, 7, 8).astype(np.int32),
+  )
 
   def run():
     trained = workdir_lib.load(str(tmp_path), 'latest')
@@ -174,13 +212,24 @@ def test_two_processes_on_different_workdirs_stop_clearly(tmp_path):
   try:
     for pid in range(2):
       log = tmp_path / f'p{pid}.log'
-      args = [sys.executable, 'launch.py', '--config', 'experiments/synthetic.py',
-              '--config.data.synthetic_train=64', '--config.data.synthetic_test=16',
-              '--config.train.batch_size=8', f'--workdir={tmp_path / f"host{pid}"}',
-              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-              f'--process_id={pid}']
-      env = {**__import__('os').environ, 'JAX_PLATFORMS': 'cpu',
-             'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+      args = [
+        sys.executable,
+        'launch.py',
+        '--config',
+        'experiments/synthetic.py',
+        '--config.data.synthetic_train=64',
+        '--config.data.synthetic_test=16',
+        '--config.train.batch_size=8',
+        f'--workdir={tmp_path / f"host{pid}"}',
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={pid}',
+      ]
+      env = {
+        **__import__('os').environ,
+        'JAX_PLATFORMS': 'cpu',
+        'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+      }
       with open(log, 'w') as f:
         procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
       logs.append(log)
@@ -190,8 +239,9 @@ def test_two_processes_on_different_workdirs_stop_clearly(tmp_path):
   texts = [l.read_text() for l in logs]
   for code, text in zip(codes, texts):
     assert code == 1, text[-2000:]
-    assert re.search(r'error: workdir .*host\d is not shared: process\(es\) 1 cannot read', text), \
-        text[-2000:]
+    assert re.search(r'error: workdir .*host\d is not shared: process\(es\) 1 cannot read', text), (
+      text[-2000:]
+    )
   assert not list((tmp_path / 'host0').glob('checkpoints/*'))  # stopped before training
 
 
@@ -199,19 +249,30 @@ def test_cpu_runtime_tweaks_only_for_the_cpu_backend(monkeypatch):
   """malloc re-exec and inline dispatch are XLA:CPU fixes: not applied where JAX will use an
   accelerator (JAX_PLATFORMS, or an installed plugin), decided before JAX starts."""
   import importlib.util
-  from fer_jax import runtime
+
   from jax._src import xla_bridge
+
+  from fer_jax import runtime
+
   monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
-  for key in ('FER_JAX_MALLOC_TUNED', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_',
-              'MALLOC_TOP_PAD_', 'FER_JAX_ASYNC_DISPATCH'):
+  for key in (
+    'FER_JAX_MALLOC_TUNED',
+    'MALLOC_MMAP_THRESHOLD_',
+    'MALLOC_TRIM_THRESHOLD_',
+    'MALLOC_TOP_PAD_',
+    'FER_JAX_ASYNC_DISPATCH',
+  ):
     monkeypatch.delenv(key, raising=False)
   monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
   assert not runtime.cpu_backend_expected()
   assert runtime.tuned_environ() is None and not runtime.inline_cpu_dispatch()
   monkeypatch.delenv('JAX_PLATFORMS')
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, 'find_spec',
-                      lambda name, *a: object() if name == 'jax_cuda12_plugin' else real(name, *a))
+  monkeypatch.setattr(
+    importlib.util,
+    'find_spec',
+    lambda name, *a: object() if name == 'jax_cuda12_plugin' else real(name, *a),
+  )
   assert not runtime.cpu_backend_expected() and runtime.tuned_environ() is None
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   assert runtime.cpu_backend_expected()

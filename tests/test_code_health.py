@@ -30,25 +30,37 @@ def test_no_module_imports_private_names_or_private_jax():
       if module.startswith('fer_jax') and any(n.startswith('_') for n in names):
         bad.append(f'{path.name}: from {module} import {names}')
     # `module._name` for any fer_jax module (files, packages) other than this file's own.
-    modules = {p.stem for p in PACKAGE.rglob('*.py')} | {p.name for p in PACKAGE.iterdir()
-                                                          if p.is_dir()}
+    modules = {p.stem for p in PACKAGE.rglob('*.py')} | {
+      p.name for p in PACKAGE.iterdir() if p.is_dir()
+    }
     for node in ast.walk(ast.parse(path.read_text())):
-      if (isinstance(node, ast.Attribute) and node.attr.startswith('_')
-          and not node.attr.startswith('__') and isinstance(node.value, ast.Name)
-          and node.value.id in modules - {path.stem}):
+      if (
+        isinstance(node, ast.Attribute)
+        and node.attr.startswith('_')
+        and not node.attr.startswith('__')
+        and isinstance(node.value, ast.Name)
+        and node.value.id in modules - {path.stem}
+      ):
         bad.append(f'{path.name}: {node.value.id}.{node.attr}')
   assert not bad, bad
 
 
-@pytest.mark.parametrize('environ, applies', [
+@pytest.mark.parametrize(
+  'environ, applies',
+  [
     ({}, True),
     ({'FER_JAX_MALLOC_TUNED': '1'}, False),  # launch.py re-executed with MALLOC_* already
     ({'FER_JAX_MALLOC_TUNED': '0'}, False),  # opted out
     ({'MALLOC_TOP_PAD_': '0'}, False),  # the user's own settings win
-])
+  ],
+)
 def test_tune_malloc_is_a_no_op_after_launch_py(monkeypatch, environ, applies):
-  for key in ('FER_JAX_MALLOC_TUNED', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_',
-              'MALLOC_TOP_PAD_'):
+  for key in (
+    'FER_JAX_MALLOC_TUNED',
+    'MALLOC_MMAP_THRESHOLD_',
+    'MALLOC_TRIM_THRESHOLD_',
+    'MALLOC_TOP_PAD_',
+  ):
     monkeypatch.delenv(key, raising=False)
   for key, value in environ.items():
     monkeypatch.setenv(key, value)
@@ -84,6 +96,7 @@ def test_inline_cpu_dispatch_sets_the_public_option(monkeypatch):
 
 def test_the_cpu_kernels_are_prepared_when_the_model_is_built():
   from experiments import base
+
   native.unavailable_reason.cache_clear()
   models.get_model(base.get_config().model, 7)  # lowering 'auto' on the CPU
   assert native.unavailable_reason.cache_info().currsize == 1  # decided here, not at tracing
@@ -91,6 +104,7 @@ def test_the_cpu_kernels_are_prepared_when_the_model_is_built():
 
 def test_a_missing_declared_dependency_fails_in_ci_and_skips_elsewhere(monkeypatch):
   from tests.conftest import require
+
   monkeypatch.setenv('CI', '1')
   with pytest.raises(pytest.fail.Exception, match='declared dependency'):
     require('fer_jax_no_such_module')

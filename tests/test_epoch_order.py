@@ -27,8 +27,9 @@ def test_each_epoch_is_a_fresh_permutation_without_its_remainder():
     assert len(set(order)) == 100  # 10 full batches, 3 examples dropped
     np.testing.assert_array_equal(order, it.epoch_order(e)[:100])
   assert not np.array_equal(epochs[0], epochs[1])
-  assert not np.array_equal(epochs[0], EpochBatches(make_split(103), global_batch=10,
-                                                    seed=4).epoch_order(0)[:100])
+  assert not np.array_equal(
+    epochs[0], EpochBatches(make_split(103), global_batch=10, seed=4).epoch_order(0)[:100]
+  )
   it.close()
 
 
@@ -38,8 +39,18 @@ def test_seek_resumes_exactly_and_process_slices_tile_the_global_batch():
   resumed = EpochBatches(make_split(96), global_batch=12, seed=1, start_step=0)
   resumed.seek(13)
   assert [list(ids(next(resumed))) for _ in range(7)] == [list(b) for b in expected[13:]]
-  parts = [EpochBatches(make_split(96), global_batch=12, seed=1, process_index=p, process_count=3,
-                        start_step=13, prefetch=False) for p in range(3)]
+  parts = [
+    EpochBatches(
+      make_split(96),
+      global_batch=12,
+      seed=1,
+      process_index=p,
+      process_count=3,
+      start_step=13,
+      prefetch=False,
+    )
+    for p in range(3)
+  ]
   for step in range(13, 20):
     np.testing.assert_array_equal(np.concatenate([ids(next(p)) for p in parts]), expected[step])
   with pytest.raises(ValueError, match='not divisible by 5 processes'):

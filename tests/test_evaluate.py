@@ -15,7 +15,6 @@ from PIL import Image
 from fer_jax import evaluate, evaluation, trained_model
 from fer_jax.data.types import FER2013_CLASSES
 from fer_jax.errors import ConfigError, FerJaxError
-
 from tests.conftest import REPO
 
 
@@ -68,9 +67,23 @@ def test_none_equals_the_training_loops_evaluation(trained, trained_workdir):
 def test_cli_private_test_equals_the_training_runs_figures(trained_workdir, tmp_path):
   work = tmp_path / 'w'
   shutil.copytree(trained_workdir, work)
-  out = subprocess.run([sys.executable, '-m', 'fer_jax.evaluate', f'--workdir={work}',
-                        '--split', 'PrivateTest', '--tta', 'none'],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'fer_jax.evaluate',
+      f'--workdir={work}',
+      '--split',
+      'PrivateTest',
+      '--tta',
+      'none',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ),
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   saved = json.loads((work / 'eval' / 'PrivateTest_best_none.json').read_text())
   expected = json.loads((work / 'results.json').read_text())['splits']['PrivateTest']
@@ -81,8 +94,10 @@ def test_flip_averages_image_and_mirror(trained, private_test):
   images = private_test.images[:16]
   none = jax.jit(_probs_fn(trained, 'none'))
   flip = jax.jit(_probs_fn(trained, 'flip'))
-  expected = (np.asarray(none(trained.variables, images)) +
-              np.asarray(none(trained.variables, images[:, :, ::-1]))) / 2
+  expected = (
+    np.asarray(none(trained.variables, images))
+    + np.asarray(none(trained.variables, images[:, :, ::-1]))
+  ) / 2
   np.testing.assert_allclose(np.asarray(flip(trained.variables, images)), expected, atol=1e-6)
 
 
@@ -93,7 +108,7 @@ def test_tencrop_averages_the_ten_static_crops(trained, private_test):
   pixels = images.astype(np.float32)
   total = 0
   for top, left in ((0, 0), (0, 6), (6, 0), (6, 6), (3, 3)):
-    crop = jax.image.resize(pixels[:, top:top + 42, left:left + 42], (8, 48, 48, 1), 'linear')
+    crop = jax.image.resize(pixels[:, top : top + 42, left : left + 42], (8, 48, 48, 1), 'linear')
     for view in (crop, crop[:, :, ::-1]):
       total = total + np.asarray(none(trained.variables, view))
   np.testing.assert_allclose(np.asarray(tencrop(trained.variables, images)), total / 10, atol=1e-5)
@@ -118,8 +133,9 @@ def test_image_folders_give_the_same_numbers(trained, private_test, tmp_path):
   assert 'image folder' in single['data']
   # The Kaggle root (train/ and test/): test/ serves as PrivateTest.
   _write_class_folders(tmp_path / 'fer' / 'train', private_test, limit=30)
-  root, _, _ = evaluate.evaluate(trained, split='PrivateTest', tta='flip',
-                                 data_path=str(tmp_path / 'fer'))
+  root, _, _ = evaluate.evaluate(
+    trained, split='PrivateTest', tta='flip', data_path=str(tmp_path / 'fer')
+  )
   assert root['confusion_matrix'] == direct['confusion_matrix']
 
 
@@ -137,9 +153,22 @@ def test_unknown_checkpoint_and_split_are_one_line_errors(trained_workdir, train
 def test_cli_prints_table_and_writes_json(trained_workdir, tmp_path):
   work = tmp_path / 'w'
   shutil.copytree(trained_workdir, work)
-  out = subprocess.run([sys.executable, '-m', 'fer_jax.evaluate', f'--workdir={work}',
-                        '--tta=tencrop', '--checkpoint=latest', '--split=PublicTest'],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'fer_jax.evaluate',
+      f'--workdir={work}',
+      '--tta=tencrop',
+      '--checkpoint=latest',
+      '--split=PublicTest',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ),
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'test-time augmentation: tencrop (10 views)' in out.stdout
   assert 'macro_f1' in out.stdout and 'surprise' in out.stdout
@@ -147,7 +176,12 @@ def test_cli_prints_table_and_writes_json(trained_workdir, tmp_path):
   assert saved['test_time_augmentation'] == 'tencrop' and saved['step'] == 24
   assert np.asarray(saved['confusion_matrix']).sum() == saved['num_examples'] == 100
   assert len(saved['per_class_f1']) == 7 and saved['class_names'][3] == 'happy'
-  bad = subprocess.run([sys.executable, '-m', 'fer_jax.evaluate', f'--workdir={work}',
-                        '--checkpoint=7'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+    [sys.executable, '-m', 'fer_jax.evaluate', f'--workdir={work}', '--checkpoint=7'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode == 1
   assert 'error:' in bad.stderr and 'step 7' in bad.stderr and 'Traceback' not in bad.stderr

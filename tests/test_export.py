@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ from experiments import synthetic, vgg_fer2013  # noqa: E402
 from fer_jax import evaluation, export, predict, train  # noqa: E402
 from fer_jax.data.synthetic import render_faces  # noqa: E402
 from fer_jax.errors import FerJaxError  # noqa: E402
-
 from tests.conftest import REPO  # noqa: E402
 
 N_IMAGES = 256
@@ -118,8 +116,11 @@ def test_float_input_gives_the_uint8_probabilities(exports, images, tmp_path):
   session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
   assert session.get_inputs()[0].type == 'tensor(float)'
   uint8 = ort.InferenceSession(onnx_path, providers=['CPUExecutionProvider'])
-  np.testing.assert_allclose(session.run(None, {'images': images[:32].astype(np.float32)})[0],
-                             uint8.run(None, {'images': images[:32]})[0], atol=1e-6)
+  np.testing.assert_allclose(
+    session.run(None, {'images': images[:32].astype(np.float32)})[0],
+    uint8.run(None, {'images': images[:32]})[0],
+    atol=1e-6,
+  )
 
 
 def test_unconvertible_operation_is_named():
@@ -141,9 +142,21 @@ def test_bad_arguments_are_one_line_errors(trained_workdir, tmp_path):
 
 def test_cli_writes_stablehlo(trained_workdir, tmp_path):
   out = tmp_path / 'model.stablehlo'
-  run = subprocess.run([sys.executable, '-m', 'fer_jax.export', f'--workdir={trained_workdir}',
-                        '--format=stablehlo', f'--out={out}'], capture_output=True, text=True,
-                       cwd=REPO, env={**os.environ, 'PYTHONPATH': str(REPO)}, timeout=300)
+  run = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'fer_jax.export',
+      f'--workdir={trained_workdir}',
+      '--format=stablehlo',
+      f'--out={out}',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**os.environ, 'PYTHONPATH': str(REPO)},
+    timeout=300,
+  )
   assert run.returncode == 0, run.stderr
   assert 'wrote' in run.stdout and out.stat().st_size > 10_000
   assert json.loads((tmp_path / 'model.stablehlo.json').read_text())['model'] == 'seed_cnn'
@@ -151,6 +164,7 @@ def test_cli_writes_stablehlo(trained_workdir, tmp_path):
 
 def test_predictor_on_onnx_equals_the_workdir(trained_workdir, onnx_model):
   from skimage import data
+
   by_jax = predict.Predictor(str(trained_workdir)).predict_image(data.astronaut())
   by_onnx = predict.Predictor(model=onnx_model).predict_image(data.astronaut())
   assert len(by_onnx) == 1 and by_onnx[0]['box'] == by_jax[0]['box']
@@ -166,24 +180,32 @@ def test_predictor_on_onnx_equals_the_workdir(trained_workdir, onnx_model):
 def test_predict_model_never_imports_jax(onnx_model, tmp_path):
   from PIL import Image
   from skimage import data
+
   photo = tmp_path / 'astronaut.jpg'
   Image.fromarray(data.astronaut()).save(photo)
   script = (
-      'import sys, time\n'
-      't = time.perf_counter()\n'
-      'from fer_jax import predict\n'
-      f'p = predict.Predictor(model={onnx_model!r})\n'
-      f'faces = p.predict_image(predict.read_image({str(photo)!r}))\n'
-      'print(time.perf_counter() - t, len(faces), "jax" in sys.modules, "jaxlib" in sys.modules)\n'
-      'sys.argv = ["predict", "--model", ' + repr(onnx_model) + ', ' + repr(str(photo)) + ']\n'
-      'from absl import app\n'
-      'predict._define_flags()\n'
-      'try:\n'
-      '  app.run(predict.main)\n'
-      'finally:\n'
-      '  print("jax" in sys.modules)\n')
-  run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, 'PYTHONPATH': str(REPO)}, timeout=120)
+    'import sys, time\n'
+    't = time.perf_counter()\n'
+    'from fer_jax import predict\n'
+    f'p = predict.Predictor(model={onnx_model!r})\n'
+    f'faces = p.predict_image(predict.read_image({str(photo)!r}))\n'
+    'print(time.perf_counter() - t, len(faces), "jax" in sys.modules, "jaxlib" in sys.modules)\n'
+    'sys.argv = ["predict", "--model", ' + repr(onnx_model) + ', ' + repr(str(photo)) + ']\n'
+    'from absl import app\n'
+    'predict._define_flags()\n'
+    'try:\n'
+    '  app.run(predict.main)\n'
+    'finally:\n'
+    '  print("jax" in sys.modules)\n'
+  )
+  run = subprocess.run(
+    [sys.executable, '-c', script],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**os.environ, 'PYTHONPATH': str(REPO)},
+    timeout=120,
+  )
   assert run.returncode == 0, run.stderr
   first, record, last = run.stdout.strip().splitlines()
   seconds, n_faces, jax_loaded, jaxlib_loaded = first.split()

@@ -22,21 +22,25 @@ def _steps(microbatch: int, mode: str):
   c.train.schedule = 'constant'
   c.augment.rotation_deg = 10.0  # a real resample, not only flips
   c.model.dropout = (0.25, 0.25, 0.5)
-  ctx = make_step_context(c, num_classes=7, weights=np.linspace(0.5, 2, 7).astype(np.float32),
-                          mean=0.5, std=0.25)
+  ctx = make_step_context(
+    c, num_classes=7, weights=np.linspace(0.5, 2, 7).astype(np.float32), mean=0.5, std=0.25
+  )
   mesh = parallel.make_mesh()
   # Plain SGD: the update is the gradient itself (adam would amplify float noise in tiny
   # gradients into sign flips of the update).
-  state = jax.jit(lambda: create_train_state(ctx, optax.sgd(1.0)),
-                  out_shardings=parallel.replicated(mesh))()
+  state = jax.jit(
+    lambda: create_train_state(ctx, optax.sgd(1.0)), out_shardings=parallel.replicated(mesh)
+  )()
   steps = compile_steps(ctx, mode, mesh)
   return ctx, steps, steps.prepare_state(state)
 
 
 def _batch(n, seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': rng.integers(0, 256, (n, 48, 48, 1), dtype=np.uint8),
-          'label': rng.integers(0, 7, n).astype(np.int32)}
+  return {
+    'image': rng.integers(0, 256, (n, 48, 48, 1), dtype=np.uint8),
+    'label': rng.integers(0, 7, n).astype(np.int32),
+  }
 
 
 def _rel_diff(a, b):
@@ -76,7 +80,9 @@ def test_chunked_eval_equals_whole_batch():
   assert float(outs[4]['loss_sum']) == pytest.approx(float(outs[0]['loss_sum']), rel=1e-5)
 
 
-@pytest.mark.parametrize('requested,per_device,backend,expected', [
+@pytest.mark.parametrize(
+  'requested,per_device,backend,expected',
+  [
     (-1, 64, 'cpu', 32),
     (-1, 256, 'cpu', 32),
     (-1, 40, 'cpu', 20),  # the largest divisor of the batch up to 32
@@ -85,7 +91,8 @@ def test_chunked_eval_equals_whole_batch():
     (-1, 8, 'cpu', 0),
     (0, 64, 'cpu', 0),
     (16, 64, 'tpu', 16),
-])
+  ],
+)
 def test_resolve_microbatch(requested, per_device, backend, expected):
   assert resolve_microbatch(requested, per_device, backend) == expected
 

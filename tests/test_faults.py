@@ -19,16 +19,25 @@ import pytest
 
 from fer_jax import checkpointing, train
 from fer_jax.errors import FerJaxError
-
 from tests.conftest import REPO, synthetic_config
 
 
 def tiny_config(**train_overrides):
   """4 steps an epoch, a checkpoint every 2 steps, a constant learning rate."""
-  return synthetic_config(train_examples=64, test_examples=32, **{
-      'batch_size': 16, 'eval_batch_size': 32, 'epochs': 2, 'schedule': 'constant',
-      'warmup_epochs': 0.0, 'log_every_steps': 4, 'checkpoint_every_steps': 2,
-      **train_overrides})
+  return synthetic_config(
+    train_examples=64,
+    test_examples=32,
+    **{
+      'batch_size': 16,
+      'eval_batch_size': 32,
+      'epochs': 2,
+      'schedule': 'constant',
+      'warmup_epochs': 0.0,
+      'log_every_steps': 4,
+      'checkpoint_every_steps': 2,
+      **train_overrides,
+    },
+  )
 
 
 def read_only_manager(workdir) -> ocp.CheckpointManager:
@@ -39,8 +48,9 @@ def restore_params(workdir, step: int):
   """The step's parameters and metadata, read without a target (raises if unreadable)."""
   manager = read_only_manager(workdir)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
   finally:
     manager.close()
   assert restored['meta']['class_names']
@@ -87,21 +97,28 @@ def damage(workdir: pathlib.Path, step: int, how: str) -> pathlib.Path:
 # --- NaN / Inf -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('every, expected', [
+@pytest.mark.parametrize(
+  'every, expected',
+  [
     # Step 5's loss is finite (good parameters) but its update, with an infinite learning rate,
     # is not: a checkpoint due after step 5 is refused, else step 6's loss stops the run.
     (1, r'the parameters became non-finite at step 5'),
     (2, r'loss became (nan|inf) at step 6'),
-])
-def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, four_steps, every,
-                                                                     expected):
+  ],
+)
+def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(
+  tmp_path, four_steps, every, expected
+):
   workdir = copy_of(four_steps, tmp_path)
   config = tiny_config(learning_rate=float('inf'), checkpoint_every_steps=every)
   with pytest.raises(FerJaxError) as info:
     train.train_and_evaluate(config, str(workdir))
   message = str(info.value)
-  assert re.fullmatch(expected + r': training diverged \(lower config.train.learning_rate\?\); '
-                      r'the last good checkpoint is step 4', message), message
+  assert re.fullmatch(
+    expected + r': training diverged \(lower config.train.learning_rate\?\); '
+    r'the last good checkpoint is step 4',
+    message,
+  ), message
   assert saved_steps(workdir) == [2, 4]  # nothing newer was written
   for leaf in jax.tree.leaves(restore_params(workdir, 4)):
     assert np.all(np.isfinite(leaf))
@@ -110,8 +127,9 @@ def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, fou
 # --- Damaged checkpoints -------------------------------------------------------------------------
 
 
-def test_unreadable_latest_checkpoint_falls_back_to_the_newest_readable(tmp_path, four_steps,
-                                                                        caplog):
+def test_unreadable_latest_checkpoint_falls_back_to_the_newest_readable(
+  tmp_path, four_steps, caplog
+):
   # (A deleted file is the other damage: see the next test, where it makes step 4 unreadable.)
   caplog.set_level(logging.INFO)
   workdir = copy_of(four_steps, tmp_path)
@@ -146,34 +164,52 @@ def test_no_readable_checkpoint_stops_unless_asked_to_restart(tmp_path, four_ste
   assert saved_steps(workdir) == [2]
   assert sorted(p.name for p in (workdir / checkpointing.UNREADABLE_DIR).glob('*/*')) == ['2', '4']
   # Really from scratch: the same step-2 parameters as the first run's.
-  for a, b in zip(jax.tree.leaves(restore_params(workdir, 2)),
-                  jax.tree.leaves(restore_params(four_steps, 2))):
+  for a, b in zip(
+    jax.tree.leaves(restore_params(workdir, 2)), jax.tree.leaves(restore_params(four_steps, 2))
+  ):
     np.testing.assert_array_equal(a, b)
 
 
 # --- SIGKILL -------------------------------------------------------------------------------------
 
-KILL_FLAGS = ('--config', 'experiments/synthetic.py', '--config.data.synthetic_train=256',
-              '--config.data.synthetic_test=32', '--config.train.batch_size=16',
-              '--config.train.eval_batch_size=32', '--config.train.epochs=3',
-              '--config.train.log_every_steps=1', '--config.train.checkpoint_every_steps=3',
-              '--config.train.keep_latest=2')
+KILL_FLAGS = (
+  '--config',
+  'experiments/synthetic.py',
+  '--config.data.synthetic_train=256',
+  '--config.data.synthetic_test=32',
+  '--config.train.batch_size=16',
+  '--config.train.eval_batch_size=32',
+  '--config.train.epochs=3',
+  '--config.train.log_every_steps=1',
+  '--config.train.checkpoint_every_steps=3',
+  '--config.train.keep_latest=2',
+)
 _TRAINING = re.compile(r'step \d+/\d+ ')
 _TMP = '.orbax-checkpoint-tmp'
 
 
 def _env(tmp_path: pathlib.Path) -> dict:
   # A shared persistent compilation cache: the restarts skip most of the compiling.
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-              JAX_PLATFORMS='cpu', FER_JAX_CACHE=str(tmp_path / 'cache'),
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    JAX_PLATFORMS='cpu',
+    FER_JAX_CACHE=str(tmp_path / 'cache'),
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
 
 
 def _run_to_end(workdir: pathlib.Path, env: dict) -> None:
-  out = subprocess.run([sys.executable, 'launch.py', *KILL_FLAGS, f'--workdir={workdir}'],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, 'launch.py', *KILL_FLAGS, f'--workdir={workdir}'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -186,9 +222,14 @@ def _saving(checkpoints: pathlib.Path) -> bool:
 
 def _start_and_kill(workdir: pathlib.Path, env: dict, during_save: bool, delay: float) -> bool:
   """Starts a run and SIGKILLs it once training is under way; returns whether a save was on."""
-  proc = subprocess.Popen([sys.executable, 'launch.py', *KILL_FLAGS, f'--workdir={workdir}'],
-                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    [sys.executable, 'launch.py', *KILL_FLAGS, f'--workdir={workdir}'],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   training = threading.Event()
   tail: list[str] = []
 
@@ -209,7 +250,9 @@ def _start_and_kill(workdir: pathlib.Path, env: dict, during_save: bool, delay: 
         break
       time.sleep(0.002)
     saving = _saving(checkpoints)
-    assert proc.poll() is None, 'the run finished before it could be killed:\n' + ''.join(tail[-30:])
+    assert proc.poll() is None, 'the run finished before it could be killed:\n' + ''.join(
+      tail[-30:]
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     return saving
@@ -236,8 +279,9 @@ def test_sigkill_at_random_points_then_resume_equals_a_straight_run(tmp_path):
   _run_to_end(killed, env)
   step = saved_steps(straight)[-1]
   assert saved_steps(killed)[-1] == step == 48
-  for a, b in zip(jax.tree.leaves(restore_params(straight, step)),
-                  jax.tree.leaves(restore_params(killed, step))):
+  for a, b in zip(
+    jax.tree.leaves(restore_params(straight, step)), jax.tree.leaves(restore_params(killed, step))
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -247,11 +291,13 @@ def test_a_diverged_run_restores_sigterm_and_leaves_no_threads(tmp_path):
   handler = signal.getsignal(signal.SIGTERM)
   before = set(threading.enumerate())
   with pytest.raises(FerJaxError, match='diverged'):
-    train.train_and_evaluate(tiny_config(learning_rate=float('inf'), checkpoint_every_steps=1),
-                             str(tmp_path))
+    train.train_and_evaluate(
+      tiny_config(learning_rate=float('inf'), checkpoint_every_steps=1), str(tmp_path)
+    )
   assert signal.getsignal(signal.SIGTERM) is handler
   deadline = time.time() + 5
   while (left := [t.name for t in set(threading.enumerate()) - before if t.is_alive()]) and (
-      time.time() < deadline):
+    time.time() < deadline
+  ):
     time.sleep(0.05)
   assert not left, left

@@ -31,8 +31,9 @@ def row_text(label, pixels, usage) -> str:
   return f'{label},{" ".join(map(str, pixels))},{usage}'
 
 
-def write_csv(path, lines, *, header=HEADER, newline='\n', bom=False, gz=False,
-              final_newline=True) -> str:
+def write_csv(
+  path, lines, *, header=HEADER, newline='\n', bom=False, gz=False, final_newline=True
+) -> str:
   text = newline.join(([header] if header is not None else []) + list(lines))
   if final_newline:
     text += newline
@@ -121,12 +122,12 @@ def test_tolerated_field_variants(tmp_path):
   labels, pixels, usage = make_rows(6, seed=2)
   p = [' '.join(map(str, px)) for px in pixels]
   lines = [
-      f'{labels[0]},"{p[0]}",{usage[0]}',
-      f'"{labels[1]}", {p[1]} ,"{usage[1]}"',
-      f'{labels[2]},{p[2].replace(" ", "  ")},{usage[2]}',
-      f'{labels[3]},{p[3].replace(" ", chr(9))},{usage[3]}',
-      f'{labels[4]},{" ".join(f"{v:03d}" for v in pixels[4])},{usage[4]}',  # leading zeros
-      f'{labels[5]},{p[5]},{usage[5]}',
+    f'{labels[0]},"{p[0]}",{usage[0]}',
+    f'"{labels[1]}", {p[1]} ,"{usage[1]}"',
+    f'{labels[2]},{p[2].replace(" ", "  ")},{usage[2]}',
+    f'{labels[3]},{p[3].replace(" ", chr(9))},{usage[3]}',
+    f'{labels[4]},{" ".join(f"{v:03d}" for v in pixels[4])},{usage[4]}',  # leading zeros
+    f'{labels[5]},{p[5]},{usage[5]}',
   ]
   check_parsed(parse_fer2013_csv(write_csv(tmp_path / 'f.csv', lines)), 6, seed=2)
 
@@ -152,55 +153,78 @@ def _with_pixels(line: str, edit) -> str:
 def _set_pixel(i, value):
   def edit(toks):
     toks[i] = value
+
   return edit
 
 
 BAD_ROWS = {
-    'pixel_count_2303': (lambda l: _with_pixels(l, lambda t: t.pop()),
-                         'pixel count 2303 (expected 2304)'),
-    'pixel_count_2305': (lambda l: _with_pixels(l, lambda t: t.append('7')),
-                         'pixel count 2305 (expected 2304)'),
-    'pixel_256': (lambda l: _with_pixels(l, _set_pixel(10, '256')), "pixel 11 of 2304 is '256'"),
-    'pixel_999': (lambda l: _with_pixels(l, _set_pixel(0, '999')), "pixel 1 of 2304 is '999'"),
-    'pixel_last_300': (lambda l: _with_pixels(l, _set_pixel(2303, '300')),
-                       "pixel 2304 of 2304 is '300'"),
-    'pixel_last_long': (lambda l: _with_pixels(l, _set_pixel(2303, '1255')),
-                        "pixel 2304 of 2304 is '1255'"),
-    'pixel_1000': (lambda l: _with_pixels(l, _set_pixel(5, '1000')), "pixel 6 of 2304 is '1000'"),
-    'pixel_negative': (lambda l: _with_pixels(l, _set_pixel(2303, '-1')),
-                       "pixel 2304 of 2304 is '-1'"),
-    'pixel_float': (lambda l: _with_pixels(l, _set_pixel(3, '1.5')), "pixel 4 of 2304 is '1.5'"),
-    'pixel_word': (lambda l: _with_pixels(l, _set_pixel(100, 'abc')),
-                   "pixel 101 of 2304 is 'abc'"),
-    'pixels_empty': (lambda l: '3,,Training', 'pixel count 0 (expected 2304)'),
-    # A value replaced by nothing: the row still has 2,303 spaces.
-    'pixel_empty_inside': (lambda l: _with_pixels(l, _set_pixel(5, '')),
-                           'pixel count 2303 (expected 2304)'),
-    'pixel_empty_first': (lambda l: _with_pixels(l, _set_pixel(0, '')),
-                          'pixel count 2303 (expected 2304)'),
-    'pixel_empty_last': (lambda l: _with_pixels(l, _set_pixel(2303, '')),
-                         'pixel count 2303 (expected 2304)'),
-    # An empty value after a '1' and a 5-digit one: the row's digit and space counts match
-    # 2,304 values of <= 3 digits, and the empty value's 3-byte window reads as <= 255.
-    'pixel_empty_and_long': (lambda l: _with_pixels(l, lambda t: t.__setitem__(
-        slice(3, 10), ['00042'] + t[4:8] + ['1', ''])), 'pixel count 2303 (expected 2304)'),
-    'emotion_7': (lambda l: '7' + l[1:], "emotion '7' (expected an integer 0..6)"),
-    'emotion_negative': (lambda l: '-1' + l[1:], "emotion '-1'"),
-    'emotion_blank': (lambda l: l[1:], "emotion ''"),
-    'emotion_word': (lambda l: 'x' + l[1:], "emotion 'x'"),
-    'emotion_two_digits': (lambda l: '1' + l, "emotion '1"),
-    'emotion_float': (lambda l: l[0] + '.0' + l[1:], "emotion '"),
-    'usage_unknown': (lambda l: l.rsplit(',', 1)[0] + ',Validation', "Usage 'Validation'"),
-    'usage_blank': (lambda l: l.rsplit(',', 1)[0] + ',', "Usage ''"),
-    'usage_case': (lambda l: l.rsplit(',', 1)[0] + ',training', "Usage 'training'"),
-    'missing_column': (lambda l: l.rsplit(',', 1)[0], '2 columns (expected 3'),
-    'extra_column': (lambda l: l + ',extra', '4 columns (expected 3'),
-    'one_column': (lambda l: 'garbage', '1 column (expected 3'),
+  'pixel_count_2303': (
+    lambda l: _with_pixels(l, lambda t: t.pop()),
+    'pixel count 2303 (expected 2304)',
+  ),
+  'pixel_count_2305': (
+    lambda l: _with_pixels(l, lambda t: t.append('7')),
+    'pixel count 2305 (expected 2304)',
+  ),
+  'pixel_256': (lambda l: _with_pixels(l, _set_pixel(10, '256')), "pixel 11 of 2304 is '256'"),
+  'pixel_999': (lambda l: _with_pixels(l, _set_pixel(0, '999')), "pixel 1 of 2304 is '999'"),
+  'pixel_last_300': (
+    lambda l: _with_pixels(l, _set_pixel(2303, '300')),
+    "pixel 2304 of 2304 is '300'",
+  ),
+  'pixel_last_long': (
+    lambda l: _with_pixels(l, _set_pixel(2303, '1255')),
+    "pixel 2304 of 2304 is '1255'",
+  ),
+  'pixel_1000': (lambda l: _with_pixels(l, _set_pixel(5, '1000')), "pixel 6 of 2304 is '1000'"),
+  'pixel_negative': (
+    lambda l: _with_pixels(l, _set_pixel(2303, '-1')),
+    "pixel 2304 of 2304 is '-1'",
+  ),
+  'pixel_float': (lambda l: _with_pixels(l, _set_pixel(3, '1.5')), "pixel 4 of 2304 is '1.5'"),
+  'pixel_word': (lambda l: _with_pixels(l, _set_pixel(100, 'abc')), "pixel 101 of 2304 is 'abc'"),
+  'pixels_empty': (lambda l: '3,,Training', 'pixel count 0 (expected 2304)'),
+  # A value replaced by nothing: the row still has 2,303 spaces.
+  'pixel_empty_inside': (
+    lambda l: _with_pixels(l, _set_pixel(5, '')),
+    'pixel count 2303 (expected 2304)',
+  ),
+  'pixel_empty_first': (
+    lambda l: _with_pixels(l, _set_pixel(0, '')),
+    'pixel count 2303 (expected 2304)',
+  ),
+  'pixel_empty_last': (
+    lambda l: _with_pixels(l, _set_pixel(2303, '')),
+    'pixel count 2303 (expected 2304)',
+  ),
+  # An empty value after a '1' and a 5-digit one: the row's digit and space counts match
+  # 2,304 values of <= 3 digits, and the empty value's 3-byte window reads as <= 255.
+  'pixel_empty_and_long': (
+    lambda l: _with_pixels(
+      l, lambda t: t.__setitem__(slice(3, 10), ['00042'] + t[4:8] + ['1', ''])
+    ),
+    'pixel count 2303 (expected 2304)',
+  ),
+  'emotion_7': (lambda l: '7' + l[1:], "emotion '7' (expected an integer 0..6)"),
+  'emotion_negative': (lambda l: '-1' + l[1:], "emotion '-1'"),
+  'emotion_blank': (lambda l: l[1:], "emotion ''"),
+  'emotion_word': (lambda l: 'x' + l[1:], "emotion 'x'"),
+  'emotion_two_digits': (lambda l: '1' + l, "emotion '1"),
+  'emotion_float': (lambda l: l[0] + '.0' + l[1:], "emotion '"),
+  'usage_unknown': (lambda l: l.rsplit(',', 1)[0] + ',Validation', "Usage 'Validation'"),
+  'usage_blank': (lambda l: l.rsplit(',', 1)[0] + ',', "Usage ''"),
+  'usage_case': (lambda l: l.rsplit(',', 1)[0] + ',training', "Usage 'training'"),
+  'missing_column': (lambda l: l.rsplit(',', 1)[0], '2 columns (expected 3'),
+  'extra_column': (lambda l: l + ',extra', '4 columns (expected 3'),
+  'one_column': (lambda l: 'garbage', '1 column (expected 3'),
 }
 
 
-@pytest.mark.parametrize('row,gz', [(0, False), (15, False), (29, False), (15, True)],
-                         ids=['first', 'middle', 'last', 'middle_gz'])
+@pytest.mark.parametrize(
+  'row,gz',
+  [(0, False), (15, False), (29, False), (15, True)],
+  ids=['first', 'middle', 'last', 'middle_gz'],
+)
 @pytest.mark.parametrize('case', sorted(BAD_ROWS))
 def test_bad_row_reports_file_and_line(tmp_path, small_blocks, case, row, gz):
   lines = good_lines(30)
@@ -234,18 +258,24 @@ def test_reports_first_bad_line(tmp_path, small_blocks):
 
 def test_skip_bad_rows_counts_exactly(tmp_path, small_blocks, caplog):
   lines = good_lines(25)
-  bad = {1: 'pixel_count_2303', 7: 'pixel_count_2303', 8: 'emotion_7', 13: 'pixel_word',
-         20: 'pixel_256', 24: 'extra_column'}
+  bad = {
+    1: 'pixel_count_2303',
+    7: 'pixel_count_2303',
+    8: 'emotion_7',
+    13: 'pixel_word',
+    20: 'pixel_256',
+    24: 'extra_column',
+  }
   for i, case in bad.items():
     lines[i] = BAD_ROWS[case][0](lines[i])
   path = write_csv(tmp_path / 'f.csv', lines)
   with caplog.at_level(logging.WARNING):
     parsed = parse_fer2013_csv(path, skip_bad_rows=True)
   assert parsed.skipped == {
-      'pixel count 2303 (expected 2304)': 2,
-      "emotion '7' (expected an integer 0..6)": 1,
-      'pixel value not an integer 0..255': 2,
-      '4 columns (expected 3: emotion,pixels,Usage)': 1,
+    'pixel count 2303 (expected 2304)': 2,
+    "emotion '7' (expected an integer 0..6)": 1,
+    'pixel value not an integer 0..255': 2,
+    '4 columns (expected 3: emotion,pixels,Usage)': 1,
   }
   assert parsed.rows_read == 25
   keep = [i for i in range(25) if i not in bad]
@@ -303,8 +333,16 @@ def test_header_only(tmp_path, final_newline):
     parse_fer2013_csv(path, skip_bad_rows=True)
 
 
-@pytest.mark.parametrize('header', ['emotion,pixels', 'emotion,pixels,Usage,extra',
-                                    'Emotion,Pixels,Usage', 'emotion, Usage, pixels', ''])
+@pytest.mark.parametrize(
+  'header',
+  [
+    'emotion,pixels',
+    'emotion,pixels,Usage,extra',
+    'Emotion,Pixels,Usage',
+    'emotion, Usage, pixels',
+    '',
+  ],
+)
 def test_wrong_header(tmp_path, header):
   path = write_csv(tmp_path / 'f.csv', good_lines(2), header=header)
   expected = r"f\.csv line 1: header is .*expected 'emotion,pixels,Usage'"
@@ -330,7 +368,7 @@ def test_truncated_gzip(tmp_path, skip):
   good = write_csv(tmp_path / 'f.csv.gz', good_lines(30), gz=True)
   data = open(good, 'rb').read()
   path = tmp_path / 'cut.csv.gz'
-  path.write_bytes(data[:len(data) * 2 // 3])
+  path.write_bytes(data[: len(data) * 2 // 3])
   with pytest.raises(DataError, match='gzip data is truncated'):
     parse_fer2013_csv(str(path), skip_bad_rows=skip)
 
@@ -432,14 +470,17 @@ def test_real_fer2013(fer2013_path):
     peak = tracemalloc.get_traced_memory()[1]
   finally:
     tracemalloc.stop()
-  print(f'parsed {fer2013_path} ({parsed.rows_read} rows) in {elapsed:.2f} s, '
-        f'peak memory {peak / 1e6:.0f} MB')
+  print(
+    f'parsed {fer2013_path} ({parsed.rows_read} rows) in {elapsed:.2f} s, '
+    f'peak memory {peak / 1e6:.0f} MB'
+  )
   # Streamed: the peak stays below the 301 MB of text, output (83 MB) included.
   assert peak < 300_000_000
   assert parsed.rows_read == 35887 and parsed.skipped == {}
   np.testing.assert_array_equal(np.bincount(parsed.usage), [28709, 3589, 3589])
-  np.testing.assert_array_equal(np.bincount(parsed.labels),
-                                [4953, 547, 5121, 8989, 6077, 4002, 6198])
+  np.testing.assert_array_equal(
+    np.bincount(parsed.labels), [4953, 547, 5121, 8989, 6077, 4002, 6198]
+  )
   assert parsed.images.shape == (35887, 48, 48)
   # The first row of FER2013 starts 70 80 82 72 and is Angry/Training.
   np.testing.assert_array_equal(parsed.images[0, 0, :4], [70, 80, 82, 72])

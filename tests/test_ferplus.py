@@ -11,30 +11,46 @@ from fer_jax.data import datasets, ferplus, pipeline
 from fer_jax.data.synthetic import write_synthetic_csv
 from fer_jax.data.types import FER2013_CLASSES, FER2013_USAGES, Split
 from fer_jax.errors import ConfigError, DataError
-
 from tests.conftest import SHARED_FER2013, require
 
-HEADER = ','.join(('Usage', 'Image name', 'neutral', 'happiness', 'surprise', 'sadness', 'anger',
-                   'disgust', 'fear', 'contempt', 'unknown', 'NF'))
+HEADER = ','.join(
+  (
+    'Usage',
+    'Image name',
+    'neutral',
+    'happiness',
+    'surprise',
+    'sadness',
+    'anger',
+    'disgust',
+    'fear',
+    'contempt',
+    'unknown',
+    'NF',
+  )
+)
 #        neu hap sur sad ang dis fea con unk NF
 VOTES = [
-    [6, 2, 0, 0, 1, 1, 0, 0, 0, 0],  # 0 clear neutral; the 1s are outliers
-    [4, 4, 0, 0, 0, 0, 0, 0, 2, 0],  # 1 tie: no majority; distribution .5/.5
-    [5, 3, 2, 0, 0, 0, 0, 0, 0, 0],  # 2 exactly half: no majority
-    [4, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # 3 majority only once the single votes are removed
-    [2, 0, 0, 0, 0, 0, 0, 0, 6, 2],  # 4 unknown on top
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 10],  # 5 not a face
-    [3, 0, 0, 0, 0, 0, 0, 0, 3, 4],  # 6 NF above the best emotion
-    [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],  # 7 all outliers: nothing left
-    [2, 0, 0, 0, 0, 0, 0, 8, 0, 0],  # 8 contempt
-    [0, 2, 0, 0, 0, 0, 0, 0, 3, 0],  # 9 emotion below unknown
+  [6, 2, 0, 0, 1, 1, 0, 0, 0, 0],  # 0 clear neutral; the 1s are outliers
+  [4, 4, 0, 0, 0, 0, 0, 0, 2, 0],  # 1 tie: no majority; distribution .5/.5
+  [5, 3, 2, 0, 0, 0, 0, 0, 0, 0],  # 2 exactly half: no majority
+  [4, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # 3 majority only once the single votes are removed
+  [2, 0, 0, 0, 0, 0, 0, 0, 6, 2],  # 4 unknown on top
+  [0, 0, 0, 0, 0, 0, 0, 0, 0, 10],  # 5 not a face
+  [3, 0, 0, 0, 0, 0, 0, 0, 3, 4],  # 6 NF above the best emotion
+  [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],  # 7 all outliers: nothing left
+  [2, 0, 0, 0, 0, 0, 0, 8, 0, 0],  # 8 contempt
+  [0, 2, 0, 0, 0, 0, 0, 0, 3, 0],  # 9 emotion below unknown
 ]
 
 
 def test_rule_eight_classes():
   lab = ferplus.ferplus_labels(np.array(VOTES), 8)
-  assert lab.class_names == ferplus.FERPLUS_CLASSES == (
-      'neutral', 'happiness', 'surprise', 'sadness', 'anger', 'disgust', 'fear', 'contempt')
+  assert (
+    lab.class_names
+    == ferplus.FERPLUS_CLASSES
+    == ('neutral', 'happiness', 'surprise', 'sadness', 'anger', 'disgust', 'fear', 'contempt')
+  )
   assert np.flatnonzero(lab.majority_ok).tolist() == [0, 3, 8]
   assert np.flatnonzero(lab.probability_ok).tolist() == [0, 1, 2, 3, 8]
   assert lab.labels[[0, 1, 3, 8]].tolist() == [0, 0, 0, 7]
@@ -51,8 +67,15 @@ def test_rule_seven_classes_maps_onto_fer2013():
   # Contempt's votes are dropped before the rule: image 8 becomes a 2-vote neutral.
   assert np.flatnonzero(lab.majority_ok).tolist() == [0, 3, 8]
   assert lab.labels[8] == FER2013_CLASSES.index('neutral')
-  to_fer2013 = {'neutral': 'neutral', 'happiness': 'happy', 'surprise': 'surprise',
-                'sadness': 'sad', 'anger': 'angry', 'disgust': 'disgust', 'fear': 'fear'}
+  to_fer2013 = {
+    'neutral': 'neutral',
+    'happiness': 'happy',
+    'surprise': 'surprise',
+    'sadness': 'sad',
+    'anger': 'angry',
+    'disgust': 'disgust',
+    'fear': 'fear',
+  }
   for column, name in enumerate(ferplus.VOTE_COLUMNS[:7]):
     votes = np.zeros((1, 10), int)
     votes[0, column] = 7
@@ -66,8 +89,9 @@ def test_rule_seven_classes_maps_onto_fer2013():
 def test_dataset_uses_majority_on_evaluation_splits():
   votes = np.array(VOTES * 3)
   usage = np.repeat(np.arange(3, dtype=np.int8), len(VOTES))
-  images = np.arange(len(votes), dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 1),
-                                                                                 np.uint8)
+  images = np.arange(len(votes), dtype=np.uint8)[:, None, None, None] * np.ones(
+    (1, 4, 4, 1), np.uint8
+  )
   ds = ferplus.ferplus_dataset(images, usage, votes, mode='probability')
   train = ds['Training']
   assert train.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 8]
@@ -97,9 +121,11 @@ def test_split_checks_soft_labels_and_pipeline_passes_them():
 
 def test_train_step_uses_soft_labels():
   import jax
+
   from fer_jax import augment
   from fer_jax.train import make_step_context
   from fer_jax.train_step import create_train_state, make_optimizer, train_step
+
   c = base.get_config()
   c.model.dropout = (0.0, 0.0, 0.0)
   c.augment.enabled = False
@@ -108,17 +134,20 @@ def test_train_step_uses_soft_labels():
   state = create_train_state(ctx, make_optimizer(c.train, steps_per_epoch=10))
   rng = np.random.default_rng(0)
   soft = rng.dirichlet(np.ones(8), 4).astype(np.float32)
-  batch = {'image': rng.integers(0, 256, (4, 48, 48, 1), dtype=np.uint8),
-           'label': np.argmax(soft, 1).astype(np.int32), 'soft_label': soft}
+  batch = {
+    'image': rng.integers(0, 256, (4, 48, 48, 1), dtype=np.uint8),
+    'label': np.argmax(soft, 1).astype(np.int32),
+    'soft_label': soft,
+  }
   step = jax.jit(lambda s, b: train_step(s, b, ctx)[1]['data_loss'])
   with_soft = step(state, batch)
   hard = step(state, {k: batch[k] for k in ('image', 'label')})
-  x = augment.preprocess_batch(batch['image'], None, c.augment, out_size=48, train=False,
-                               mean=0.5, std=0.25)
+  x = augment.preprocess_batch(
+    batch['image'], None, c.augment, out_size=48, train=False, mean=0.5, std=0.25
+  )
   logp = np.asarray(jax.nn.log_softmax(ctx.model.apply({'params': state.params}, x, train=False)))
   assert float(with_soft) == pytest.approx(-np.mean(np.sum(soft * logp, 1)), rel=1e-5)
-  assert float(hard) == pytest.approx(
-      -np.mean(logp[np.arange(4), batch['label']]), rel=1e-5)
+  assert float(hard) == pytest.approx(-np.mean(logp[np.arange(4), batch['label']]), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -133,8 +162,9 @@ def _write(path, rows, *, header=HEADER, newline='\n', gz=False, final_newline=T
 
 
 def _rows(usages, votes):
-  return [f'{u},fer{i:07d}.png,' + ','.join(map(str, v))
-          for i, (u, v) in enumerate(zip(usages, votes))]
+  return [
+    f'{u},fer{i:07d}.png,' + ','.join(map(str, v)) for i, (u, v) in enumerate(zip(usages, votes))
+  ]
 
 
 def test_parser_fast_and_tolerant_paths_agree(tmp_path):
@@ -147,30 +177,39 @@ def test_parser_fast_and_tolerant_paths_agree(tmp_path):
   assert canonical.usage.tolist() == [0] * 6 + [1] * 2 + [2] * 2
   assert canonical.lines.tolist() == list(range(2, 12))
   variants = {
-      'crlf': _write(tmp_path / 'b.csv', rows, newline='\r\n'),
-      'gz_no_final_newline': _write(tmp_path / 'c.csv', rows, gz=True, final_newline=False),
-      'quotes_spaces_blank': _write(
-          tmp_path / 'd.csv', [rows[0].replace('Training', '"Training"'), ''] +
-          [r.replace(',', ', ') for r in rows[1:]]),
+    'crlf': _write(tmp_path / 'b.csv', rows, newline='\r\n'),
+    'gz_no_final_newline': _write(tmp_path / 'c.csv', rows, gz=True, final_newline=False),
+    'quotes_spaces_blank': _write(
+      tmp_path / 'd.csv',
+      [rows[0].replace('Training', '"Training"'), ''] + [r.replace(',', ', ') for r in rows[1:]],
+    ),
   }
   for name, path in variants.items():
     parsed = ferplus.parse_ferplus_csv(path)
     np.testing.assert_array_equal(parsed.votes, canonical.votes, err_msg=name)
     np.testing.assert_array_equal(parsed.usage, canonical.usage, err_msg=name)
   assert ferplus.parse_ferplus_csv(variants['quotes_spaces_blank']).lines.tolist() == (
-      [2] + list(range(4, 13)))
+    [2] + list(range(4, 13))
+  )
 
 
-@pytest.mark.parametrize('edit,match', [
+@pytest.mark.parametrize(
+  'edit,match',
+  [
     (lambda rows: rows, None),
     (lambda rows: rows[:2] + [rows[2] + ',3'] + rows[3:], r'line 4: 13 columns'),
     (lambda rows: [rows[0].replace(',6,2,', ',x,2,')] + rows[1:], r"line 2: neutral votes 'x'"),
     (lambda rows: rows[:3] + [rows[3][:-1] + '-1'] + rows[4:], r"line 5: NF votes '-1'"),
-    (lambda rows: rows[:2] + [rows[2].replace('Training', 'Train')] + rows[3:],
-     r"line 4: Usage 'Train'"),
-    (lambda rows: rows[:2] + [rows[2].replace(',0,0,', ',1.5,0,', 1)] + rows[3:],
-     r"line 4: .* votes '1.5'"),
-])
+    (
+      lambda rows: rows[:2] + [rows[2].replace('Training', 'Train')] + rows[3:],
+      r"line 4: Usage 'Train'",
+    ),
+    (
+      lambda rows: rows[:2] + [rows[2].replace(',0,0,', ',1.5,0,', 1)] + rows[3:],
+      r"line 4: .* votes '1.5'",
+    ),
+  ],
+)
 def test_parser_errors_name_the_line(tmp_path, edit, match):
   rows = _rows(['Training'] * 5, VOTES[:5])
   path = _write(tmp_path / 'f.csv', edit(rows))
@@ -199,8 +238,10 @@ def test_parser_file_errors(tmp_path):
 
 def _synthetic_votes(labels, rng):
   """Votes whose majority is mostly the synthetic label (mapped to FER+), some NF, some contempt."""
-  fer2013_to_column = [ferplus.VOTE_COLUMNS.index(n) for n in (
-      'anger', 'disgust', 'fear', 'happiness', 'sadness', 'surprise', 'neutral')]
+  fer2013_to_column = [
+    ferplus.VOTE_COLUMNS.index(n)
+    for n in ('anger', 'disgust', 'fear', 'happiness', 'sadness', 'surprise', 'neutral')
+  ]
   votes = np.zeros((len(labels), 10), np.int32)
   for i, label in enumerate(labels):
     top = 7 if i % 11 == 5 else 9 if i % 13 == 7 else fer2013_to_column[label]
@@ -216,6 +257,7 @@ def ferplus_data(tmp_path_factory):
   csv = folder / 'fer2013.csv'
   write_synthetic_csv(str(csv), num_train=384, num_test=100, seed=0)
   from fer_jax.data.fer2013_csv import parse_fer2013_csv
+
   parsed = parse_fer2013_csv(csv)
   votes = _synthetic_votes(parsed.labels, np.random.default_rng(0))
   usages = [FER2013_USAGES[u] for u in parsed.usage]
@@ -255,8 +297,11 @@ def test_mismatched_files_are_one_line_errors(ferplus_data, tmp_path):
     datasets.load_dataset(_config(csv, ferplus_path=str(short)).data, image_size=48)
   usages[400] = 'Training'
   swapped = _write(tmp_path / 'swapped.csv', _rows(usages, votes))
-  with pytest.raises(DataError, match=r'swapped.csv line 402: Usage Training but data row 401 '
-                                      r'of .* is PublicTest'):
+  with pytest.raises(
+    DataError,
+    match=r'swapped.csv line 402: Usage Training but data row 401 '
+    r'of .* is PublicTest',
+  ):
     datasets.load_dataset(_config(csv, ferplus_path=str(swapped)).data, image_size=48)
 
 
@@ -270,6 +315,7 @@ def test_config_errors(tmp_path, ferplus_data):
   with pytest.raises(ConfigError, match="needs config.data.source 'csv' or 'tfds'"):
     datasets.load_dataset(c.data, image_size=48)
   from fer_jax.config_checks import validate_config
+
   for key, value in (('ferplus_mode', 'soft'), ('ferplus_classes', 6), ('labels', 'fer+')):
     c = _config(alone, **{key: value})
     with pytest.raises(ConfigError, match=key):
@@ -303,7 +349,10 @@ def test_real_files_load(fer2013_path):
   ds = datasets.load_dataset(_config(fer2013_path).data, image_size=48)
   assert ds.class_names == ferplus.FERPLUS_CLASSES
   assert {k: len(v) for k, v in ds.splits.items()} == {
-      'Training': 25060, 'PublicTest': 3199, 'PrivateTest': 3153}
+    'Training': 25060,
+    'PublicTest': 3199,
+    'PrivateTest': 3153,
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -312,6 +361,7 @@ def test_real_files_load(fer2013_path):
 
 def test_train_report_predict_with_eight_classes(ferplus_data, tmp_path):
   from fer_jax import report, train, trained_model
+
   csv = ferplus_data[0]
   c = _config(csv, ferplus_mode='probability')
   c.train.batch_size = 32
@@ -333,6 +383,7 @@ def test_train_report_predict_with_eight_classes(ferplus_data, tmp_path):
 
   require('cv2')
   from fer_jax import predict
+
   p = predict.Predictor(str(tmp_path / 'w'), detector='none')
   (face,) = p.predict_image(ferplus_data[2].images[0])
   assert list(face['probabilities']) == list(ferplus.FERPLUS_CLASSES)

@@ -4,8 +4,8 @@ import os
 import pathlib
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from fer_jax.data import folders
 from fer_jax.errors import DataError
@@ -40,8 +40,9 @@ def tree(tmp_path) -> pathlib.Path:
 
 
 def _load(root, image_size=48, cache_dir=None):
-  return folders.load_image_folders(str(root), image_size=image_size,
-                                    cache_dir=str(cache_dir or root.parent / 'cache'))
+  return folders.load_image_folders(
+    str(root), image_size=image_size, cache_dir=str(cache_dir or root.parent / 'cache')
+  )
 
 
 def test_labels_follow_fer2013_order_and_files_are_sorted(tree):
@@ -70,8 +71,8 @@ def test_every_image_is_resized_to_the_requested_size(tree, size):
     assert split.images.shape[1:] == (size, size, 1)
   neutral = ds['Training'].images[4, ..., 0].astype(int)
   # The 100x80 image's dark and bright halves stay left and right.
-  assert neutral[:, :size // 2 - 2].max() < 20
-  assert neutral[:, size // 2 + 2:].min() > 230
+  assert neutral[:, : size // 2 - 2].max() < 20
+  assert neutral[:, size // 2 + 2 :].min() > 230
 
 
 def test_test_folder_serves_both_test_splits(tree):
@@ -130,17 +131,22 @@ def _break(root: pathlib.Path, how: str) -> str:
   raise ValueError(how)
 
 
-@pytest.mark.parametrize('how, pattern', [
+@pytest.mark.parametrize(
+  'how, pattern',
+  [
     ('root missing', 'not found'),
     ('no train dir', 'no train/ directory'),
     ('no test dir', 'no test/ directory'),
-    ('unknown class', "unknown class folder 'happpy'.*angry, disgust, fear, happy, sad, "
-                      'surprise, neutral'),
+    (
+      'unknown class',
+      "unknown class folder 'happpy'.*angry, disgust, fear, happy, sad, surprise, neutral",
+    ),
     ('empty class', 'empty'),
     ('corrupt image', 'corrupt or unreadable image'),
     ('non-image file', 'not an image file'),
     ('no images', 'has no images'),
-])
+  ],
+)
 def test_malformed_trees_raise_one_line_data_errors(tree, how, pattern):
   path = _break(tree, how)
   root = pathlib.Path(path) if how == 'root missing' else tree

@@ -23,6 +23,7 @@ BUCKET = 'fer-test'
 @pytest.fixture
 def gcs(monkeypatch):
   from gcp_storage_emulator.server import create_server
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
@@ -37,6 +38,7 @@ def gcs(monkeypatch):
   for name in ('gcp_storage_emulator', 'gcsfs'):
     monkeypatch.setattr(logging.getLogger(name), 'disabled', True)
   import fsspec
+
   fsspec.filesystem('gs').clear_instance_cache()  # no client bound to another emulator port
   yield f'gs://{BUCKET}'
   server.stop()
@@ -44,11 +46,17 @@ def gcs(monkeypatch):
 
 def test_gs_workdir_train_stop_resume_evaluate(gcs, tmp_path, monkeypatch):
   from etils import epath
-  from fer_jax import evaluate, report, train, workdir as workdir_lib
+
+  from fer_jax import evaluate, report, train
+  from fer_jax import workdir as workdir_lib
+
   monkeypatch.chdir(tmp_path)
   workdir = f'{gcs}/runs/tiny'
-  cfg = lambda **kw: synthetic_config(train_examples=256, test_examples=64, **{
-      'batch_size': 32, 'eval_batch_size': 64, 'epochs': 2, 'log_every_steps': 4, **kw})
+  cfg = lambda **kw: synthetic_config(
+    train_examples=256,
+    test_examples=64,
+    **{'batch_size': 32, 'eval_batch_size': 64, 'epochs': 2, 'log_every_steps': 4, **kw},
+  )
   first = train.train_and_evaluate(cfg(max_steps=5), workdir)  # stops mid-epoch, checkpointed
   assert first['steps'] == 5
   root = epath.Path(workdir)

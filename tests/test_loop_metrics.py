@@ -13,8 +13,10 @@ from tests.conftest import synthetic_config
 
 
 def test_sums_keep_the_first_non_finite_step():
-  shapes = {'loss': jax.ShapeDtypeStruct((), jnp.float32),
-            'accuracy': jax.ShapeDtypeStruct((), jnp.float32)}
+  shapes = {
+    'loss': jax.ShapeDtypeStruct((), jnp.float32),
+    'accuracy': jax.ShapeDtypeStruct((), jnp.float32),
+  }
   acc = loop_metrics.zeros_like_metrics(shapes)
   step_fn = jax.jit(loop_metrics.accumulate)
   for step, loss in enumerate([1.0, 3.0, np.inf, np.nan], start=11):
@@ -27,8 +29,9 @@ def test_sums_keep_the_first_non_finite_step():
 
 
 def test_cadence_epochs_steps_minutes(monkeypatch):
-  cfg = ml_collections.ConfigDict({'eval_every_epochs': 2, 'checkpoint_every_steps': 0,
-                                   'eval_every_minutes': 0.5})
+  cfg = ml_collections.ConfigDict(
+    {'eval_every_epochs': 2, 'checkpoint_every_steps': 0, 'eval_every_minutes': 0.5}
+  )
   clock = [1000.0]
   monkeypatch.setattr(loop_metrics.time, 'time', lambda: clock[0])
   cadence = loop_metrics.Cadence(cfg, steps_per_epoch=10)
@@ -44,8 +47,15 @@ def test_cadence_epochs_steps_minutes(monkeypatch):
 
 
 def test_eval_every_two_epochs_end_to_end(tmp_path):
-  config = synthetic_config(train_examples=128, test_examples=32, batch_size=32,
-                            eval_batch_size=32, epochs=3, log_every_steps=2, eval_every_epochs=2)
+  config = synthetic_config(
+    train_examples=128,
+    test_examples=32,
+    batch_size=32,
+    eval_batch_size=32,
+    epochs=3,
+    log_every_steps=2,
+    eval_every_epochs=2,
+  )
   results = train.train_and_evaluate(config, str(tmp_path))
   records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = [r['step'] for r in records if r['split'] == 'PublicTest']
@@ -62,6 +72,7 @@ def test_accelerator_config_resolves_batch_and_lr_per_device():
   from fer_jax import scaling
   from fer_jax.config_checks import validate_config
   from fer_jax.train_step import learning_rate_schedule
+
   config = accelerator.get_config()
   validate_config(config)
   assert config.model.dtype == 'bfloat16' and config.train.warmup_steps > 0
@@ -72,4 +83,5 @@ def test_accelerator_config_resolves_batch_and_lr_per_device():
   schedule = learning_rate_schedule(resolved.train, steps_per_epoch=28)
   assert float(schedule(150)) == pytest.approx(resolved.train.learning_rate / 2, rel=1e-3)
   from experiments import base
+
   assert scaling.resolve(base.get_config(), 8).train.batch_size == 32  # off by default

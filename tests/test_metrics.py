@@ -13,9 +13,7 @@ def test_hand_computed_example():
   preds = [0, 1, 0, 1, 2, 2, 2, 0, 2, 1]
   cm = metrics.confusion_matrix(labels, preds, 3)
   assert cm.dtype == np.int64
-  np.testing.assert_array_equal(cm, [[2, 1, 0],
-                                     [0, 1, 1],
-                                     [1, 1, 3]])
+  np.testing.assert_array_equal(cm, [[2, 1, 0], [0, 1, 1], [1, 1, 3]])
   r = metrics.classification_report(cm)
   assert r['accuracy'] == pytest.approx(6 / 10)
   # precision = tp / column sum; recall = tp / row sum.
@@ -91,8 +89,7 @@ def test_rejects_bad_input():
 
 def test_format_table():
   names = ('angry', 'disgust', 'fear')
-  r = metrics.classification_report(
-      metrics.confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 2, 0], 3))
+  r = metrics.classification_report(metrics.confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 2, 0], 3))
   table = metrics.format_table(r, names)
   lines = table.splitlines()
   assert lines[0].split() == ['class', 'precision', 'recall', 'f1', 'support']

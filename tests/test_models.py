@@ -7,17 +7,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fer_jax import models
-from fer_jax import native
+from fer_jax import models, native
 from fer_jax.errors import ConfigError
 from fer_jax.models import layers
-from fer_jax.models import seed_cnn
 
 
 def _cfg(**overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(dict(
-      name='seed_cnn', image_size=48, dtype='float32', dropout=(0.25, 0.25, 0.5),
-      lowering='auto'))
+  c = ml_collections.ConfigDict(
+    dict(
+      name='seed_cnn', image_size=48, dtype='float32', dropout=(0.25, 0.25, 0.5), lowering='auto'
+    )
+  )
   c.update(overrides)
   return c
 
@@ -35,7 +35,9 @@ def _assert_close(actual, expected, rel=1e-5):
   np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * scale)
 
 
-@pytest.mark.parametrize('size, expected', [
+@pytest.mark.parametrize(
+  'size, expected',
+  [
     # conv1 3*3*1*32+32 = 320; conv2 3*3*32*64+64 = 18,496;
     # 48 -> conv 46 -> pool 23 -> conv 21 -> pool 10: flatten 10*10*64 = 6,400,
     # dense1 6,400*128+128 = 819,328; logits 128*7+7 = 903.
@@ -43,7 +45,8 @@ def _assert_close(actual, expected, rel=1e-5):
     # 150 -> conv 148 -> pool 74 -> conv 72 -> pool 36: flatten 36*36*64 = 82,944,
     # dense1 82,944*128+128 = 10,616,960.
     (150, 320 + 18_496 + 10_616_960 + 903),  # = 10,636,679
-])
+  ],
+)
 def test_param_count_matches_keras(size, expected):
   variables = jax.eval_shape(_init, models.get_model(_cfg(image_size=size), 7), size)
   assert models.count_params(variables['params']) == expected
@@ -58,8 +61,9 @@ def test_param_tree_names_and_l2_path():
   assert kernel is params['dense1']['kernel'] and kernel.shape == (6400, 128)
 
 
-@pytest.mark.parametrize('shape', [(2, 46, 46, 3), (2, 21, 21, 5), (1, 23, 22, 2), (3, 7, 9, 1),
-                                   (1, 148, 148, 4)])
+@pytest.mark.parametrize(
+  'shape', [(2, 46, 46, 3), (2, 21, 21, 5), (1, 23, 22, 2), (3, 7, 9, 1), (1, 148, 148, 4)]
+)
 def test_pool_lowerings_agree_on_odd_sizes(shape):
   x = jax.random.normal(jax.random.key(1), shape)
   ct = jax.random.normal(jax.random.key(2), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
@@ -95,12 +99,14 @@ def test_cpu_lowerings_match_xla(size, lowering):
   m_rs = models.get_model(_cfg(lowering=lowering), 7)
   variables = _init(m_xla, size)
   # Same param tree: a checkpoint from one lowering loads into the other.
-  assert (jax.tree_util.tree_structure(variables)
-          == jax.tree_util.tree_structure(_init(m_rs, size)))
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(_init(m_rs, size))
   # Nonzero biases: the dot lowering adds them after the pool.
   variables = jax.tree_util.tree_map_with_path(
-      lambda path, v: v + 0.1 * jax.random.normal(jax.random.key(v.size), v.shape)
-      if path[-1].key == 'bias' else v, variables)
+    lambda path, v: (
+      v + 0.1 * jax.random.normal(jax.random.key(v.size), v.shape) if path[-1].key == 'bias' else v
+    ),
+    variables,
+  )
   x = jax.random.normal(jax.random.key(3), (2, size, size, 1))
   w = jax.random.normal(jax.random.key(4), (2, 7))
 
@@ -177,8 +183,10 @@ def test_zero_dropout_train_equals_eval():
   variables = _init(model, 48)
   x = jax.random.normal(jax.random.key(10), (2, 48, 48, 1))
   np.testing.assert_allclose(
-      model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(0)}),
-      model.apply(variables, x, train=False), rtol=1e-6)
+    model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(0)}),
+    model.apply(variables, x, train=False),
+    rtol=1e-6,
+  )
 
 
 def test_get_model_reads_config():
@@ -189,13 +197,16 @@ def test_get_model_reads_config():
   assert models.get_model({'name': 'seed_cnn'}, 7).dropout == (0.25, 0.25, 0.5)
 
 
-@pytest.mark.parametrize('overrides, match', [
+@pytest.mark.parametrize(
+  'overrides, match',
+  [
     (dict(name='resnet9000'), 'seed_cnn'),
     (dict(dtype='float16'), 'bfloat16'),
     (dict(lowering='cudnn'), 'dot'),
     (dict(dropout=(0.25, 0.5)), 'dropout'),
     (dict(dropout=(0.25, 0.5, 1.0)), 'dropout'),
-])
+  ],
+)
 def test_bad_config_raises_config_error(overrides, match):
   with pytest.raises(ConfigError, match=match):
     models.get_model(_cfg(**overrides), 7)
@@ -240,7 +251,9 @@ def test_dropout_example_ids_make_masks_independent_of_batch_layout():
   # Another id is another mask; so is another key.
   moved = model.apply(variables, x[3:], train=True, rngs=rngs, example_ids=ids[:3])
   assert not np.allclose(whole[3:], moved)
-  other = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(14)}, example_ids=ids)
+  other = model.apply(
+    variables, x, train=True, rngs={'dropout': jax.random.key(14)}, example_ids=ids
+  )
   assert not np.allclose(whole, other)
   # Identical inputs with different ids get different masks.
   same = jnp.broadcast_to(x[:1], x.shape)

@@ -21,9 +21,15 @@ import pytest
 from fer_jax import checkpointing, preemption
 from tests.conftest import REPO
 
-TINY = ['--config', 'experiments/synthetic.py', '--config.data.synthetic_train=384',
-        '--config.data.synthetic_test=100', '--config.train.batch_size=32',
-        '--config.train.eval_batch_size=64', '--config.train.log_every_steps=4']
+TINY = [
+  '--config',
+  'experiments/synthetic.py',
+  '--config.data.synthetic_train=384',
+  '--config.data.synthetic_test=100',
+  '--config.train.batch_size=32',
+  '--config.train.eval_batch_size=64',
+  '--config.train.log_every_steps=4',
+]
 RUN_TIMEOUT_S = 240
 
 
@@ -37,10 +43,14 @@ def _start(workdir, extra, *, devices, log, procs, process_id=None, num_processe
   """Starts launch.py with `devices` CPU devices, its output in `log`; registers it in `procs`."""
   args = [sys.executable, 'launch.py', *TINY, f'--workdir={workdir}', *extra]
   if num_processes > 1:
-    args += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
-             f'--process_id={process_id}']
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    args += [
+      f'--coordinator_address=127.0.0.1:{port}',
+      f'--num_processes={num_processes}',
+      f'--process_id={process_id}',
+    ]
+  env = dict(
+    os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+  )
   with open(log, 'w') as f:
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
   procs.append(proc)
@@ -60,8 +70,9 @@ def _wait_for(log, pattern, proc, timeout=RUN_TIMEOUT_S) -> None:
     if re.search(pattern, log.read_text()):
       return
     if proc.poll() is not None:
-      raise AssertionError(f'exited ({proc.returncode}) before {pattern!r}:\n'
-                           + log.read_text()[-3000:])
+      raise AssertionError(
+        f'exited ({proc.returncode}) before {pattern!r}:\n' + log.read_text()[-3000:]
+      )
     time.sleep(0.02)
   raise AssertionError(f'no {pattern!r} within {timeout} s')
 
@@ -85,8 +96,10 @@ def final_params(workdir):
 
 
 def _max_abs_diff(a, b) -> float:
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def test_watcher_single_process_sigterm_is_one_shot():
@@ -109,8 +122,19 @@ def test_two_processes_of_two_devices_equal_one_of_four(tmp_path):
     one = _start(tmp_path / 'one', extra, devices=4, log=tmp_path / 'one.log', procs=procs)
     one_log = _wait_ok(one, tmp_path / 'one.log')  # also fills the data cache the pair shares
     port = _free_port()
-    pair = [_start(tmp_path / 'two', extra, devices=2, log=tmp_path / f'two{i}.log', procs=procs,
-                   process_id=i, num_processes=2, port=port) for i in range(2)]
+    pair = [
+      _start(
+        tmp_path / 'two',
+        extra,
+        devices=2,
+        log=tmp_path / f'two{i}.log',
+        procs=procs,
+        process_id=i,
+        num_processes=2,
+        port=port,
+      )
+      for i in range(2)
+    ]
     two_logs = [_wait_ok(p, tmp_path / f'two{i}.log') for i, p in enumerate(pair)]
   finally:
     _kill_all(procs)
@@ -145,8 +169,9 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path):
   extra = ['--config.train.epochs=3']  # 36 steps
   procs = []
   try:
-    straight = _start(tmp_path / 'straight', extra, devices=4, log=tmp_path / 'straight.log',
-                      procs=procs)
+    straight = _start(
+      tmp_path / 'straight', extra, devices=4, log=tmp_path / 'straight.log', procs=procs
+    )
     _wait_ok(straight, tmp_path / 'straight.log')
 
     run = tmp_path / 'run'
@@ -181,8 +206,19 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   procs = []
   try:
     port = _free_port()
-    pair = [_start(run, extra, devices=2, log=tmp_path / f'first{i}.log', procs=procs,
-                   process_id=i, num_processes=2, port=port) for i in range(2)]
+    pair = [
+      _start(
+        run,
+        extra,
+        devices=2,
+        log=tmp_path / f'first{i}.log',
+        procs=procs,
+        process_id=i,
+        num_processes=2,
+        port=port,
+      )
+      for i in range(2)
+    ]
     _wait_for(tmp_path / 'first0.log', r'step 4/48 ', pair[0])
     pair[1].send_signal(signal.SIGTERM)  # only one host is told
     logs = [_wait_ok(p, tmp_path / f'first{i}.log') for i, p in enumerate(pair)]
@@ -193,8 +229,19 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert final_params(run)[0] == stopped
 
     port = _free_port()
-    pair = [_start(run, extra, devices=2, log=tmp_path / f'second{i}.log', procs=procs,
-                   process_id=i, num_processes=2, port=port) for i in range(2)]
+    pair = [
+      _start(
+        run,
+        extra,
+        devices=2,
+        log=tmp_path / f'second{i}.log',
+        procs=procs,
+        process_id=i,
+        num_processes=2,
+        port=port,
+      )
+      for i in range(2)
+    ]
     second = [_wait_ok(p, tmp_path / f'second{i}.log') for i, p in enumerate(pair)]
   finally:
     _kill_all(procs)
@@ -209,16 +256,36 @@ def test_resume_with_another_process_count_continues_the_same_run(tmp_path):
   end where a straight 1 x 4 run does (the data position is the step, not per-process state)."""
   procs = []
   try:
-    straight = _start(tmp_path / 'straight', ['--config.train.epochs=1'], devices=4,
-                      log=tmp_path / 'straight.log', procs=procs)
+    straight = _start(
+      tmp_path / 'straight',
+      ['--config.train.epochs=1'],
+      devices=4,
+      log=tmp_path / 'straight.log',
+      procs=procs,
+    )
     _wait_ok(straight, tmp_path / 'straight.log')
-    first = _start(tmp_path / 'run', ['--config.train.epochs=1', '--config.train.max_steps=6'],
-                   devices=4, log=tmp_path / 'first.log', procs=procs)
+    first = _start(
+      tmp_path / 'run',
+      ['--config.train.epochs=1', '--config.train.max_steps=6'],
+      devices=4,
+      log=tmp_path / 'first.log',
+      procs=procs,
+    )
     _wait_ok(first, tmp_path / 'first.log')
     port = _free_port()
-    pair = [_start(tmp_path / 'run', ['--config.train.epochs=1'], devices=2,
-                   log=tmp_path / f'resume{i}.log', procs=procs, process_id=i, num_processes=2,
-                   port=port) for i in range(2)]
+    pair = [
+      _start(
+        tmp_path / 'run',
+        ['--config.train.epochs=1'],
+        devices=2,
+        log=tmp_path / f'resume{i}.log',
+        procs=procs,
+        process_id=i,
+        num_processes=2,
+        port=port,
+      )
+      for i in range(2)
+    ]
     logs = [_wait_ok(p, tmp_path / f'resume{i}.log') for i, p in enumerate(pair)]
   finally:
     _kill_all(procs)

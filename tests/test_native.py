@@ -13,14 +13,20 @@ import pytest
 
 from fer_jax import native
 
-needs_native = pytest.mark.skipif(not native.available(),
-                                  reason=f'native kernels unavailable: {native.unavailable_reason()}')
+needs_native = pytest.mark.skipif(
+  not native.available(), reason=f'native kernels unavailable: {native.unavailable_reason()}'
+)
 
 
 def _lax_conv(x, k):
-  return jax.lax.conv_general_dilated(x, k, (1, 1), 'VALID',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.conv_general_dilated(
+    x,
+    k,
+    (1, 1),
+    'VALID',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    precision=jax.lax.Precision.HIGHEST,
+  )
 
 
 def _assert_close(actual, expected, rel=1e-5):
@@ -33,25 +39,26 @@ def _assert_close(actual, expected, rel=1e-5):
 def test_kernels_build_wherever_there_is_a_compiler():
   """CI has g++: there the fast path must really be built, not silently skipped."""
   if os.environ.get('FER_JAX_NATIVE') == '0' or not (
-      os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')):
+    os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
+  ):
     pytest.skip('no C++ compiler here')
   assert native.available(), native.unavailable_reason()
 
 
 # (x shape NHWC, kernel HWIO): the model's shapes, then awkward ones for the kernels' remainders.
 SHAPES = [
-    ((2, 48, 48, 1), (3, 3, 1, 32)),
-    ((2, 22, 22, 32), (3, 3, 32, 64)),
-    ((1, 74, 74, 32), (3, 3, 32, 64)),
-    ((3, 9, 11, 3), (3, 3, 3, 5)),
-    ((1, 7, 13, 17), (2, 5, 17, 24)),
-    ((2, 5, 6, 8), (1, 1, 8, 9)),
-    ((1, 3, 3, 2), (3, 3, 2, 40)),
-    ((4, 10, 31, 7), (3, 3, 7, 16)),
-    # Channel counts that leave a partial last vector in every AVX2 / AVX-512 tile width.
-    ((2, 6, 7, 5), (3, 3, 5, 56)),
-    ((1, 9, 9, 16), (3, 3, 16, 20)),
-    ((2, 12, 12, 1), (3, 3, 1, 44)),
+  ((2, 48, 48, 1), (3, 3, 1, 32)),
+  ((2, 22, 22, 32), (3, 3, 32, 64)),
+  ((1, 74, 74, 32), (3, 3, 32, 64)),
+  ((3, 9, 11, 3), (3, 3, 3, 5)),
+  ((1, 7, 13, 17), (2, 5, 17, 24)),
+  ((2, 5, 6, 8), (1, 1, 8, 9)),
+  ((1, 3, 3, 2), (3, 3, 2, 40)),
+  ((4, 10, 31, 7), (3, 3, 7, 16)),
+  # Channel counts that leave a partial last vector in every AVX2 / AVX-512 tile width.
+  ((2, 6, 7, 5), (3, 3, 5, 56)),
+  ((1, 9, 9, 16), (3, 3, 16, 20)),
+  ((2, 12, 12, 1), (3, 3, 1, 44)),
 ]
 
 
@@ -74,16 +81,17 @@ def test_conv_and_its_gradients_match_lax(x_shape, k_shape):
   # Bitwise repeatable (the kernels split work over threads without changing sum order).
   np.testing.assert_array_equal(jax.jit(native.conv)(x, k), y)
   np.testing.assert_array_equal(
-      jax.jit(native.conv_kernel_grad, static_argnums=2)(x, dy, k_shape[:2]), dk)
+    jax.jit(native.conv_kernel_grad, static_argnums=2)(x, dy, k_shape[:2]), dk
+  )
 
 
 # Conv outputs of even size (the fused pool needs it), with remainders in every tile width.
 POOL_SHAPES = [
-    ((2, 48, 48, 1), (3, 3, 1, 32)),
-    ((2, 22, 22, 32), (3, 3, 32, 64)),
-    ((1, 11, 9, 3), (2, 4, 3, 20)),
-    ((3, 6, 6, 5), (3, 3, 5, 56)),
-    ((1, 4, 4, 2), (3, 3, 2, 44)),
+  ((2, 48, 48, 1), (3, 3, 1, 32)),
+  ((2, 22, 22, 32), (3, 3, 32, 64)),
+  ((1, 11, 9, 3), (2, 4, 3, 20)),
+  ((3, 6, 6, 5), (3, 3, 5, 56)),
+  ((1, 4, 4, 2), (3, 3, 2, 44)),
 ]
 
 
@@ -91,6 +99,7 @@ POOL_SHAPES = [
 @pytest.mark.parametrize('x_shape, k_shape', POOL_SHAPES)
 def test_conv_pool_matches_conv_then_max_pool(x_shape, k_shape):
   import flax.linen as nn
+
   kx, kk, kd = jax.random.split(jax.random.key(sum(x_shape) + 7 * sum(k_shape)), 3)
   x = jax.random.normal(kx, x_shape)
   k = jax.random.normal(kk, k_shape)
@@ -114,6 +123,7 @@ def test_conv_pool_matches_conv_then_max_pool(x_shape, k_shape):
 @needs_native
 def test_conv_pool_ties_pick_the_first_maximum_like_max_pool():
   import flax.linen as nn
+
   x = jnp.ones((1, 6, 6, 1))  # a constant image: every window is one big tie
   k = jnp.ones((3, 3, 1, 4))
   pooled, code = native.conv_pool(x, k)
@@ -130,6 +140,7 @@ def test_conv_pool_propagates_a_nan_anywhere_in_the_window(position):
   """A NaN conv output is the window's pooled value (as through nn.max_pool), so a divergence
   shows in the loss of the step where it happens; the code points at it (the first NaN)."""
   import flax.linen as nn
+
   x = np.arange(2 * 6 * 6, dtype=np.float32).reshape(2, 6, 6, 1)
   x[1, 2 + position[0], 4 + position[1], 0] = np.nan
   k = jnp.ones((1, 1, 1, 20))  # every output channel is x: partial vectors in every tile width
@@ -147,6 +158,7 @@ def test_native_conv_relu_pool_layer_keeps_a_nan_like_the_xla_layer(position):
   """The forward pass and every gradient of ConvReluPool have NaNs exactly where the 'xla'
   layer's have them."""
   from fer_jax.models import layers
+
   x = np.random.default_rng(0).normal(size=(2, 10, 10, 3)).astype(np.float32)
   x[0, 4 + position[0], 4 + position[1], 1] = np.nan
   results = []
@@ -173,8 +185,9 @@ def test_conv_pool_rejects_an_odd_conv_output():
 def test_conv_under_vmap():
   x = jax.random.normal(jax.random.key(0), (3, 2, 12, 12, 4))
   k = jax.random.normal(jax.random.key(1), (3, 3, 4, 8))
-  _assert_close(jax.vmap(native.conv, in_axes=(0, None))(x, k),
-                jax.vmap(_lax_conv, in_axes=(0, None))(x, k))
+  _assert_close(
+    jax.vmap(native.conv, in_axes=(0, None))(x, k), jax.vmap(_lax_conv, in_axes=(0, None))(x, k)
+  )
 
 
 def _cpu_flags() -> set[str]:
@@ -203,10 +216,19 @@ def test_every_instruction_set_matches_lax(tmp_path, march, isa):
     pytest.skip('x86 targets')
   if isa == 'avx2' and not all(f in _cpu_flags() for f in ('avx2', 'fma')):
     pytest.skip('this CPU has no AVX2/FMA')
-  env = {**os.environ, 'FER_JAX_CACHE_DIR': str(tmp_path), 'FER_JAX_NATIVE_MARCH': march,
-         'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.run([sys.executable, '-c', _ISA_CHECK, __file__], env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = {
+    **os.environ,
+    'FER_JAX_CACHE_DIR': str(tmp_path),
+    'FER_JAX_NATIVE_MARCH': march,
+    'JAX_PLATFORMS': 'cpu',
+  }
+  proc = subprocess.run(
+    [sys.executable, '-c', _ISA_CHECK, __file__],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   assert f'isa: {isa}' in proc.stdout
   assert f'{len(SHAPES) + len(POOL_SHAPES) + 6} passed' in proc.stdout
@@ -229,14 +251,18 @@ else:
 """
 
 
-@pytest.mark.parametrize('env, reason', [
+@pytest.mark.parametrize(
+  'env, reason',
+  [
     ({'FER_JAX_NATIVE': '0'}, 'FER_JAX_NATIVE=0'),
     ({'CXX': '/nonexistent/c++'}, '/nonexistent/c++'),
-])
+  ],
+)
 def test_without_the_kernels_auto_falls_back_to_dot(tmp_path, env, reason):
   env = {**os.environ, 'FER_JAX_CACHE_DIR': str(tmp_path), 'JAX_PLATFORMS': 'cpu', **env}
-  proc = subprocess.run([sys.executable, '-c', _NO_NATIVE], env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-c', _NO_NATIVE], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert reason in proc.stdout
   assert "model.lowering='native' needs the C++ conv kernels" in proc.stdout
@@ -266,8 +292,14 @@ def _fake_cxx(tmp_path, **env):
   cxx.chmod(0o755)
   log = tmp_path / 'compiles.log'
   log.touch()
-  return log, {**os.environ, 'CXX': str(cxx), 'FAKE_CXX_LOG': str(log), 'JAX_PLATFORMS': 'cpu',
-               'FER_JAX_CACHE_DIR': str(tmp_path / 'cache'), **env}
+  return log, {
+    **os.environ,
+    'CXX': str(cxx),
+    'FAKE_CXX_LOG': str(log),
+    'JAX_PLATFORMS': 'cpu',
+    'FER_JAX_CACHE_DIR': str(tmp_path / 'cache'),
+    **env,
+  }
 
 
 _BUILD = 'from fer_jax import native; print("built:", native.build())'
@@ -276,8 +308,16 @@ _BUILD = 'from fer_jax import native; print("built:", native.build())'
 def test_concurrent_first_builds_compile_once(tmp_path):
   log, env = _fake_cxx(tmp_path)
   env.pop('FER_JAX_NATIVE_MARCH', None)
-  procs = [subprocess.Popen([sys.executable, '-c', _BUILD], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', _BUILD],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for _ in range(2)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
   assert all(p.returncode == 0 for p in procs), outs
   paths = {line for out, _ in outs for line in out.splitlines() if line.startswith('built:')}
@@ -301,8 +341,9 @@ def test_the_built_library_is_readable_by_other_users(tmp_path, monkeypatch):
 
 def test_an_explicit_march_that_does_not_build_is_an_error(tmp_path):
   log, env = _fake_cxx(tmp_path, FAKE_CXX_FAIL='1', FER_JAX_NATIVE_MARCH='x86-64')
-  proc = subprocess.run([sys.executable, '-c', _BUILD], env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-c', _BUILD], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode != 0
   assert "NativeMarchError: FER_JAX_NATIVE_MARCH='x86-64' does not build" in proc.stderr
   assert 'fake: no such target' in proc.stderr
@@ -322,11 +363,12 @@ def test_an_explicit_march_this_cpu_cannot_run_is_an_error(tmp_path):
     pytest.skip('this CPU runs every target named here')
   log, env = _fake_cxx(tmp_path, FER_JAX_NATIVE_MARCH=march)
   code = 'from fer_jax import native; print(native.available())'
-  proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode != 0  # not a quiet fallback, not a SIGILL (returncode < 0)
   assert proc.returncode > 0 and 'NativeMarchError' in proc.stderr
-  assert f'needs CPU features this CPU lacks: ' in proc.stderr and missing in proc.stderr
+  assert 'needs CPU features this CPU lacks: ' in proc.stderr and missing in proc.stderr
   assert not log.read_text()  # refused before compiling
 
 
@@ -353,8 +395,9 @@ def test_a_cpp_exception_becomes_an_error_of_the_call():
   if not os.path.exists('/proc/self/status'):
     pytest.skip('reads VmSize from /proc')
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.run([sys.executable, '-c', _OUT_OF_MEMORY], env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-c', _OUT_OF_MEMORY], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "RESOURCE_EXHAUSTED: conv_pool: out of memory for the kernel's scratch" in proc.stdout
 
@@ -384,5 +427,8 @@ def test_the_kernels_reject_inconsistent_shapes_with_a_clear_error():
   with pytest.raises(Exception, match='conv kernel grad: wrong shape of dy'):
     jax.block_until_ready(native.conv_kernel_grad(x, jnp.ones((1, 3, 4, 8)), (3, 3)))
   with pytest.raises(Exception, match='pooled conv kernel grad: wrong shape of d_pooled'):
-    jax.block_until_ready(native.conv_kernel_grad_pooled(
-        x, jnp.ones((1, 1, 2, 8)), jnp.zeros((1, 2, 2, 8), jnp.uint8), (3, 3)))
+    jax.block_until_ready(
+      native.conv_kernel_grad_pooled(
+        x, jnp.ones((1, 1, 2, 8)), jnp.zeros((1, 2, 2, 8), jnp.uint8), (3, 3)
+      )
+    )

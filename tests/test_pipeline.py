@@ -39,7 +39,9 @@ def test_labels_follow_images():
 
 def test_seed_changes_order_and_same_seed_repeats():
   split = _split()
-  first = lambda seed: _ids(next(pipeline.make_train_iterator(split, global_batch=10, num_epochs=1, seed=seed)))
+  first = lambda seed: _ids(
+    next(pipeline.make_train_iterator(split, global_batch=10, num_epochs=1, seed=seed))
+  )
   np.testing.assert_array_equal(first(3), first(3))
   assert not np.array_equal(first(3), first(4))
 
@@ -60,8 +62,12 @@ def test_resume_from_state_is_exact():
 def test_processes_split_the_same_global_batch():
   split = _split()
   whole = pipeline.make_train_iterator(split, global_batch=12, num_epochs=1, seed=2)
-  parts = [pipeline.make_train_iterator(split, global_batch=12, num_epochs=1, seed=2,
-                                        process_index=p, process_count=3) for p in range(3)]
+  parts = [
+    pipeline.make_train_iterator(
+      split, global_batch=12, num_epochs=1, seed=2, process_index=p, process_count=3
+    )
+    for p in range(3)
+  ]
   for _ in range(4):
     glued = np.concatenate([_ids(next(p)) for p in parts])
     np.testing.assert_array_equal(glued, _ids(next(whole)))
@@ -72,7 +78,9 @@ def test_eval_batches_count_every_example_once(process_count):
   split = _split(n=23)
   seen = []
   for p in range(process_count):
-    for batch in pipeline.eval_batches(split, global_batch=8, process_index=p, process_count=process_count):
+    for batch in pipeline.eval_batches(
+      split, global_batch=8, process_index=p, process_count=process_count
+    ):
       assert len(batch['label']) == 8 // process_count
       seen.extend(_ids(batch)[batch['mask'] > 0])
   assert sorted(seen) == list(range(23))

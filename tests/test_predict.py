@@ -17,7 +17,6 @@ skimage_data = require('skimage.data')
 from fer_jax import evaluation, predict  # noqa: E402
 from fer_jax.data.synthetic import render_faces  # noqa: E402
 from fer_jax.data.types import Split  # noqa: E402
-
 from tests.conftest import REPO  # noqa: E402
 
 # Eileen Collins' face in skimage.data.astronaut() (x, y, w, h), as drawn by hand.
@@ -57,8 +56,13 @@ def test_astronaut_has_one_face(predictor):
 
 def test_whole_image_faces_match_the_evaluation_path(trained_workdir, predictor, faces):
   whole = predict.Predictor(str(trained_workdir), detector='none')
-  got = np.array([[f['probabilities'][n] for n in whole.class_names]
-                  for image in faces for f in whole.predict_image(image)])
+  got = np.array(
+    [
+      [f['probabilities'][n] for n in whole.class_names]
+      for image in faces
+      for f in whole.predict_image(image)
+    ]
+  )
   split = Split(images=faces[..., None], labels=np.arange(7, dtype=np.int32))
   _, expected = evaluation.evaluate_trained(predictor.trained, split, batch_size=8)
   np.testing.assert_allclose(got, expected, atol=1e-4)  # JSON rounds to 4 decimals
@@ -110,8 +114,9 @@ def test_video_frames(predictor, tmp_path):
   records = list(predictor.predict_paths([path], frame_step=2))
   assert [r['frame'] for r in records] == [0, 2, 4]
   assert [r['time_s'] for r in records] == [0.0, 0.4, 0.8]
-  assert all(len(r['faces']) == 1 and _iou(r['faces'][0]['box'], ASTRONAUT_FACE) > 0.6
-             for r in records)
+  assert all(
+    len(r['faces']) == 1 and _iou(r['faces'][0]['box'], ASTRONAUT_FACE) > 0.6 for r in records
+  )
 
 
 def test_cli_mixed_inputs(trained_workdir, faces, tmp_path):
@@ -125,15 +130,33 @@ def test_cli_mixed_inputs(trained_workdir, faces, tmp_path):
   notes = tmp_path / 'notes.txt'
   notes.write_text('not an image, named explicitly')
   ann = tmp_path / 'annotated'
-  out = subprocess.run([sys.executable, '-m', 'fer_jax.predict', f'--workdir={trained_workdir}',
-                        '--whole_image', f'--annotate_dir={ann}', str(photos), str(notes)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'fer_jax.predict',
+      f'--workdir={trained_workdir}',
+      '--whole_image',
+      f'--annotate_dir={ann}',
+      str(photos),
+      str(notes),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ),
+  )
   assert out.returncode == 1, out.stderr[-3000:]  # two inputs failed, the rest ran
   errors = [l for l in out.stderr.splitlines() if l.startswith('error:')]
   assert len(errors) == 2
   assert 'broken.png' in errors[0] and 'notes.txt' in errors[1]
   records = [json.loads(l) for l in out.stdout.splitlines()]
-  assert [os.path.basename(r['path']) for r in records] == ['astronaut.jpg', 'face0.png', 'face1.png']
+  assert [os.path.basename(r['path']) for r in records] == [
+    'astronaut.jpg',
+    'face0.png',
+    'face1.png',
+  ]
   assert len(records[0]['faces']) == 1 and 'whole_image' not in records[0]['faces'][0]
   # Each synthetic face is either detected, or (--whole_image) classified as the whole image.
   detector = predict.HaarDetector()
@@ -147,15 +170,23 @@ def test_cli_mixed_inputs(trained_workdir, faces, tmp_path):
 
 
 def test_bad_workdir_exits_2(tmp_path):
-  out = subprocess.run([sys.executable, '-m', 'fer_jax.predict', f'--workdir={tmp_path}', 'x.png'],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, '-m', 'fer_jax.predict', f'--workdir={tmp_path}', 'x.png'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 2
   assert 'has no checkpoints/' in out.stderr and 'Traceback' not in out.stderr
 
 
 def test_predictor_is_exported_lazily():
-  code = ('import sys, fer_jax; assert "jax" not in sys.modules; '
-          'P = fer_jax.Predictor; assert P.__module__ == "fer_jax.predict"; print("ok")')
-  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
+  code = (
+    'import sys, fer_jax; assert "jax" not in sys.modules; '
+    'P = fer_jax.Predictor; assert P.__module__ == "fer_jax.predict"; print("ok")'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert out.stdout.strip() == 'ok', out.stderr[-2000:]

@@ -26,9 +26,17 @@ from tests.conftest import synthetic_config
 def test_a_short_synthetic_run_beats_chance_by_a_wide_margin(tmp_path):
   # 7 classes: chance is 14 %, always answering the commonest class about 21 % (macro-F1 near
   # 0.05). 150 steps at 24x24 (a quarter of the work of 48x48), no augmentation.
-  c = synthetic_config(train_examples=960, test_examples=100, batch_size=64, eval_batch_size=100,
-                       epochs=10, schedule='constant', learning_rate=1e-3, warmup_epochs=0.0,
-                       log_every_steps=15)
+  c = synthetic_config(
+    train_examples=960,
+    test_examples=100,
+    batch_size=64,
+    eval_batch_size=100,
+    epochs=10,
+    schedule='constant',
+    learning_rate=1e-3,
+    warmup_epochs=0.0,
+    log_every_steps=15,
+  )
   c.model.image_size = 24
   c.augment.enabled = False
   results = train.train_and_evaluate(c, str(tmp_path))
@@ -41,31 +49,45 @@ def test_the_applied_update_is_the_gradient_of_the_reported_loss():
   c = base.get_config()
   c.model.dropout = (0.0, 0.0, 0.0)
   c.augment.enabled = False
-  c.train.update(optimizer='sgd', momentum=0.0, weight_decay=0.0, schedule='constant',
-                 learning_rate=1.0, l2=0.01, label_smoothing=0.0, microbatch_size=0)
+  c.train.update(
+    optimizer='sgd',
+    momentum=0.0,
+    weight_decay=0.0,
+    schedule='constant',
+    learning_rate=1.0,
+    l2=0.01,
+    label_smoothing=0.0,
+    microbatch_size=0,
+  )
   weights = np.array([1, 4, 1, 0.5, 1, 2, 1], np.float32)
   ctx = make_step_context(c, num_classes=7, weights=weights, mean=0.5, std=0.25)
   state = create_train_state(ctx, make_optimizer(c.train, steps_per_epoch=10))
   rng = np.random.default_rng(0)
-  batch = {'image': rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
-           'label': np.array([0, 1, 2, 3, 4, 5, 6, 1], np.int32)}
-  x = augment.preprocess_batch(batch['image'], None, c.augment, out_size=48, train=False,
-                               mean=0.5, std=0.25)
+  batch = {
+    'image': rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
+    'label': np.array([0, 1, 2, 3, 4, 5, 6, 1], np.int32),
+  }
+  x = augment.preprocess_batch(
+    batch['image'], None, c.augment, out_size=48, train=False, mean=0.5, std=0.25
+  )
 
   def loss(params):  # Keras: sum of w_i * CE_i over the batch size, plus l2 * |W_dense1|^2
     logits = ctx.model.apply({'params': params}, x, train=False)
     log_p = jax.nn.log_softmax(logits)
     ce = -jnp.take_along_axis(log_p, batch['label'][:, None], axis=-1)[:, 0]
-    return (jnp.sum(weights[batch['label']] * ce) / 8
-            + 0.01 * jnp.sum(jnp.square(params['dense1']['kernel'])))
+    return jnp.sum(weights[batch['label']] * ce) / 8 + 0.01 * jnp.sum(
+      jnp.square(params['dense1']['kernel'])
+    )
 
   expected_loss, grads = jax.jit(jax.value_and_grad(loss))(state.params)
   new, metrics = jax.jit(lambda s, b: train_step(s, b, ctx))(state, batch)
   assert float(metrics['loss']) == pytest.approx(float(expected_loss), rel=1e-5)
-  for before, after, g in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params),
-                              jax.tree.leaves(grads), strict=True):
-    np.testing.assert_allclose(np.asarray(before) - np.asarray(after), np.asarray(g),
-                               rtol=1e-4, atol=1e-6)  # SGD, lr 1: the update is -gradient
+  for before, after, g in zip(
+    jax.tree.leaves(state.params), jax.tree.leaves(new.params), jax.tree.leaves(grads), strict=True
+  ):
+    np.testing.assert_allclose(
+      np.asarray(before) - np.asarray(after), np.asarray(g), rtol=1e-4, atol=1e-6
+    )  # SGD, lr 1: the update is -gradient
 
 
 def test_warmup_cosine_values_follow_the_formula():
@@ -83,8 +105,9 @@ def test_warmup_cosine_values_follow_the_formula():
 @pytest.mark.parametrize('optimizer', ['sgd', 'adamw'])
 def test_weight_decay_reaches_kernels_only(optimizer):
   c = base.get_config()
-  c.train.update(optimizer=optimizer, momentum=0.0, weight_decay=0.5, schedule='constant',
-                 learning_rate=1.0)
+  c.train.update(
+    optimizer=optimizer, momentum=0.0, weight_decay=0.5, schedule='constant', learning_rate=1.0
+  )
   ctx = make_step_context(c, num_classes=7, weights=np.ones(7, np.float32), mean=0.5, std=0.25)
   params = create_train_state(ctx, make_optimizer(c.train, 10)).params
   tx = make_optimizer(c.train, steps_per_epoch=10)
@@ -102,9 +125,19 @@ def test_weight_decay_reaches_kernels_only(optimizer):
 
 def _tiny(**train_overrides):
   """4 steps an epoch, a constant learning rate; evaluation batches of 32."""
-  return synthetic_config(train_examples=64, test_examples=32, **{
-      'batch_size': 16, 'eval_batch_size': 32, 'epochs': 4, 'schedule': 'constant',
-      'warmup_epochs': 0.0, 'log_every_steps': 4, **train_overrides})
+  return synthetic_config(
+    train_examples=64,
+    test_examples=32,
+    **{
+      'batch_size': 16,
+      'eval_batch_size': 32,
+      'epochs': 4,
+      'schedule': 'constant',
+      'warmup_epochs': 0.0,
+      'log_every_steps': 4,
+      **train_overrides,
+    },
+  )
 
 
 def _kept_steps(workdir):
@@ -148,12 +181,14 @@ def test_dataset_statistics_reach_evaluation_and_a_rerun_only_reevaluates(tmp_pa
   assert abs(mean) > 0.1 and std > 0.01  # not the identity: the statistics matter
   report, _, _ = evaluate.evaluate(trained, split='PrivateTest')
   expected = first['splits']['PrivateTest']
-  assert (report['loss'], report['confusion_matrix']) == (expected['loss'],
-                                                          expected['confusion_matrix'])
+  assert (report['loss'], report['confusion_matrix']) == (
+    expected['loss'],
+    expected['confusion_matrix'],
+  )
   # Re-running the finished workdir trains nothing: no new step records or checkpoints.
   again = train.train_and_evaluate(c, str(tmp_path))
   assert again['steps'] == first['steps'] and again['train_images_per_s'] is None
   assert again['splits'] == first['splits']
-  new = (tmp_path / 'metrics.jsonl').read_text().splitlines()[len(lines):]
+  new = (tmp_path / 'metrics.jsonl').read_text().splitlines()[len(lines) :]
   assert not [l for l in new if json.loads(l)['split'] in ('train', 'train_steps')]
   assert _kept_steps(tmp_path) == _kept_steps(tmp_path)

@@ -24,7 +24,6 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from fer_jax import predict, serve  # noqa: E402
-
 from tests.conftest import REPO  # noqa: E402
 from tests.test_export import onnx_model  # noqa: E402,F401  (a fixture)
 
@@ -47,8 +46,9 @@ def predictor(onnx_model):  # noqa: F811
 
 @pytest.fixture(scope='module')
 def client(predictor):
-  app = serve.create_app(predictor, limits=serve.Limits(max_body_bytes=8 * 2**20,
-                                                        max_pixels=20_000_000))
+  app = serve.create_app(
+    predictor, limits=serve.Limits(max_body_bytes=8 * 2**20, max_pixels=20_000_000)
+  )
   with TestClient(app) as c:
     yield c
 
@@ -69,9 +69,14 @@ def test_raw_body_and_multipart_give_the_predict_json(client, predictor, astrona
 
 def test_batch_reports_each_image(client, predictor, astronaut_jpeg):
   gray = _encode(predict.to_gray(skimage_data.astronaut()), 'PNG')
-  r = client.post('/v1/predict/batch', files=[
-      ('files', ('a.jpg', astronaut_jpeg, 'image/jpeg')), ('files', ('b.txt', b'hello', 'text/plain')),
-      ('files', ('c.png', gray, 'image/png'))])
+  r = client.post(
+    '/v1/predict/batch',
+    files=[
+      ('files', ('a.jpg', astronaut_jpeg, 'image/jpeg')),
+      ('files', ('b.txt', b'hello', 'text/plain')),
+      ('files', ('c.png', gray, 'image/png')),
+    ],
+  )
   assert r.status_code == 200, r.text
   a, b, c = r.json()['results']
   assert a['name'] == 'a.jpg' and a['faces'] == _expected(predictor, astronaut_jpeg)
@@ -96,8 +101,9 @@ def test_no_face_is_200_with_a_note(client):
   blank = _encode(np.full((100, 200, 3), 128, np.uint8), 'PNG')
   r = client.post('/v1/predict', content=blank, headers={'Content-Type': 'image/png'})
   assert r.status_code == 200 and r.json()['faces'] == [] and 'no face' in r.json()['note']
-  r = client.post('/v1/predict?whole_image=true', content=blank,
-                  headers={'Content-Type': 'image/png'})
+  r = client.post(
+    '/v1/predict?whole_image=true', content=blank, headers={'Content-Type': 'image/png'}
+  )
   (face,) = r.json()['faces']
   assert face['box'] == [0, 0, 200, 100] and face['whole_image'] is True
 
@@ -106,14 +112,18 @@ def _bad_requests(jpeg):
   huge = io.BytesIO()
   Image.new('L', (8000, 6500)).save(huge, 'PNG')  # 52 megapixels in 50 kB
   return {
-      'not an image': (b'hello world', 'image/jpeg', 400, 'not an image'),
-      'truncated JPEG': (jpeg[:len(jpeg) // 2], 'image/jpeg', 400, 'truncated'),
-      'empty body': (b'', 'image/jpeg', 400, 'empty'),
-      '50 megapixels': (huge.getvalue(), 'image/png', 413, 'megapixels'),
-      '100 MB body': (bytes(100 * 2**20), 'application/octet-stream', 413, 'limit'),
-      'wrong content type': (jpeg, 'application/json', 415, 'content type'),
-      'multipart without a file': (b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'
-                                   b'--x--\r\n', 'multipart/form-data; boundary=x', 400, 'no file'),
+    'not an image': (b'hello world', 'image/jpeg', 400, 'not an image'),
+    'truncated JPEG': (jpeg[: len(jpeg) // 2], 'image/jpeg', 400, 'truncated'),
+    'empty body': (b'', 'image/jpeg', 400, 'empty'),
+    '50 megapixels': (huge.getvalue(), 'image/png', 413, 'megapixels'),
+    '100 MB body': (bytes(100 * 2**20), 'application/octet-stream', 413, 'limit'),
+    'wrong content type': (jpeg, 'application/json', 415, 'content type'),
+    'multipart without a file': (
+      b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--x--\r\n',
+      'multipart/form-data; boundary=x',
+      400,
+      'no file',
+    ),
   }
 
 
@@ -134,9 +144,12 @@ def test_concurrent_requests_share_model_calls(predictor, astronaut_jpeg):
   async def run():
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url='http://test') as c:
-      return await asyncio.gather(*(
+      return await asyncio.gather(
+        *(
           c.post('/v1/predict', content=astronaut_jpeg, headers={'Content-Type': 'image/jpeg'})
-          for _ in range(12)))
+          for _ in range(12)
+        )
+      )
 
   responses = asyncio.run(run())
   assert all(r.status_code == 200 and r.json()['faces'] == expected for r in responses)
@@ -154,9 +167,21 @@ def running_server(model: str, *flags: str):
   """`python -m fer_jax.serve --model model` on a free loopback port: yields (base URL, Popen)."""
   port = _free_port()
   server = subprocess.Popen(
-      [sys.executable, '-m', 'fer_jax.serve', f'--model={model}', f'--port={port}',
-       '--log_level=warning', *flags], cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONPATH': str(REPO)})
+    [
+      sys.executable,
+      '-m',
+      'fer_jax.serve',
+      f'--model={model}',
+      f'--port={port}',
+      '--log_level=warning',
+      *flags,
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, 'PYTHONPATH': str(REPO)},
+  )
   base = f'http://127.0.0.1:{port}'
   try:
     deadline = time.time() + 60
@@ -178,27 +203,43 @@ def running_server(model: str, *flags: str):
 def test_real_server_on_loopback(onnx_model, astronaut_jpeg):  # noqa: F811
   with running_server(onnx_model, '--max_body_mb=1') as (base, server):
     with httpx.Client(base_url=base, timeout=30) as c:
-      good = lambda: c.post('/v1/predict', content=astronaut_jpeg,
-                            headers={'Content-Type': 'image/jpeg'})
+      good = lambda: c.post(
+        '/v1/predict', content=astronaut_jpeg, headers={'Content-Type': 'image/jpeg'}
+      )
       assert len(good().json()['faces']) == 1
-      assert c.post('/v1/predict', content=b'junk', headers={'Content-Type': 'image/png'}
-                    ).status_code == 400
+      assert (
+        c.post('/v1/predict', content=b'junk', headers={'Content-Type': 'image/png'}).status_code
+        == 400
+      )
       try:
-        big = c.post('/v1/predict', content=bytes(3 * 2**20),
-                     headers={'Content-Type': 'application/octet-stream'})
+        big = c.post(
+          '/v1/predict',
+          content=bytes(3 * 2**20),
+          headers={'Content-Type': 'application/octet-stream'},
+        )
         assert big.status_code == 413 and 'limit' in big.json()['error']
       except httpx.TransportError:  # the server may close the connection after its 413
         pass
-    r = httpx.post(f'{base}/v1/predict', content=astronaut_jpeg,
-                   headers={'Content-Type': 'image/jpeg'}, timeout=30)
+    r = httpx.post(
+      f'{base}/v1/predict',
+      content=astronaut_jpeg,
+      headers={'Content-Type': 'image/jpeg'},
+      timeout=30,
+    )
     assert r.status_code == 200 and len(r.json()['faces']) == 1
     assert server.poll() is None
     # Bound to loopback by default: no other address of this machine answers.
-    listening = subprocess.run(['ss', '-ltn'], capture_output=True, text=True).stdout \
-        if shutil.which('ss') else ''
+    listening = (
+      subprocess.run(['ss', '-ltn'], capture_output=True, text=True).stdout
+      if shutil.which('ss')
+      else ''
+    )
     port = base.rsplit(':', 1)[1]
-    assert all(line.split()[3] == f'127.0.0.1:{port}' for line in listening.splitlines()
-               if len(line.split()) > 3 and line.split()[3].endswith(f':{port}'))
+    assert all(
+      line.split()[3] == f'127.0.0.1:{port}'
+      for line in listening.splitlines()
+      if len(line.split()) > 3 and line.split()[3].endswith(f':{port}')
+    )
 
 
 def test_workdir_backend_serves_the_same_json(trained_workdir, predictor, astronaut_jpeg):
@@ -215,11 +256,28 @@ def test_workdir_backend_serves_the_same_json(trained_workdir, predictor, astron
 
 def test_load_benchmark_runs_without_errors(onnx_model):  # noqa: F811
   out = subprocess.run(
-      [sys.executable, 'benchmarks/serve_load.py', f'--model={onnx_model}', '--clients', '1', '4',
-       '--seconds', '1', '--batching', 'on', '--detector', 'none'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      'benchmarks/serve_load.py',
+      f'--model={onnx_model}',
+      '--clients',
+      '1',
+      '4',
+      '--seconds',
+      '1',
+      '--batching',
+      'on',
+      '--detector',
+      'none',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   import json
+
   rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
   assert [r['clients'] for r in rows] == [1, 4]
   assert all(r['errors'] == 0 and r['requests'] > 0 and r['p99_ms'] >= r['p50_ms'] for r in rows)

@@ -16,7 +16,6 @@ from experiments import base  # noqa: E402
 from fer_jax.data import datasets, ferplus, tfds_fer2013  # noqa: E402
 from fer_jax.data.synthetic import write_synthetic_csv  # noqa: E402
 from fer_jax.errors import ConfigError  # noqa: E402
-
 from tests.conftest import REPO  # noqa: E402
 
 
@@ -66,24 +65,40 @@ def test_build_then_read_equals_the_csv_loader(manual_dir, tmp_path, labels):
   built = tmp_path / 'tfds' / 'fer2013' / config / '1.0.0'
   files = sorted(os.listdir(built))
   assert [f for f in files if '.array_record-' in f] == [
-      f'fer2013-{s}.array_record-00000-of-00001' for s in ('private_test', 'public_test', 'train')]
+    f'fer2013-{s}.array_record-00000-of-00001' for s in ('private_test', 'public_test', 'train')
+  ]
   assert not [f for f in files if 'tfrecord' in f]
   assert 'tensorflow' not in sys.modules
 
 
 def test_builder_features_and_splits(manual_dir, tmp_path):
   builder = tfds_fer2013.Fer2013(data_dir=str(tmp_path), config='ferplus')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir)))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+  )
   info = builder.info
   assert info.features['image'].shape == (48, 48, 1) and info.features['image'].np_dtype == np.uint8
-  assert info.features['label'].names == ['angry', 'disgust', 'fear', 'happy', 'sad', 'surprise',
-                                          'neutral']
+  assert info.features['label'].names == [
+    'angry',
+    'disgust',
+    'fear',
+    'happy',
+    'sad',
+    'surprise',
+    'neutral',
+  ]
   assert info.features['ferplus_votes'].shape == (10,)
   assert {k: v.num_examples for k, v in info.splits.items()} == {
-      'train': 24, 'public_test': 8, 'private_test': 8}
-  source = tfds.data_source('fer2013/ferplus', data_dir=str(tmp_path), download=False,
-                            builder_kwargs={'file_format': 'array_record'})['public_test']
+    'train': 24,
+    'public_test': 8,
+    'private_test': 8,
+  }
+  source = tfds.data_source(
+    'fer2013/ferplus',
+    data_dir=str(tmp_path),
+    download=False,
+    builder_kwargs={'file_format': 'array_record'},
+  )['public_test']
   example = source[3]  # TFDS's own decoding agrees with ours
   votes = ferplus.parse_ferplus_csv(manual_dir / 'fer2013new.csv').votes
   np.testing.assert_array_equal(example['ferplus_votes'], votes[24 + 3])
@@ -137,7 +152,8 @@ def test_builds_and_reads_with_tensorflow_unimportable(manual_dir, tmp_path):
       assert not [m for m in sys.modules if m.split('.')[0] == 'tensorflow']
       print({{k: v['image'].shape[0] for k, v in out.items()}})
   """)
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run(
+    [sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "{'Training': 24, 'PublicTest': 8, 'PrivateTest': 8}" in out.stdout

@@ -11,14 +11,21 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fer_jax import checkpointing, train
-
 from tests.conftest import REPO, synthetic_config
 
 
 def tiny_config(**train_overrides):
-  return synthetic_config(train_examples=384, test_examples=100, **{
-      'batch_size': 32, 'eval_batch_size': 64, 'epochs': 2, 'log_every_steps': 4,
-      **train_overrides})
+  return synthetic_config(
+    train_examples=384,
+    test_examples=100,
+    **{
+      'batch_size': 32,
+      'eval_batch_size': 64,
+      'epochs': 2,
+      'log_every_steps': 4,
+      **train_overrides,
+    },
+  )
 
 
 def final_params(workdir):
@@ -63,7 +70,10 @@ def test_pmap_equals_jit(tmp_path):
   _, p_jit = final_params(tmp_path / 'jit')
   _, p_pmap = final_params(tmp_path / 'pmap')
   assert_trees_close(p_jit, p_pmap, rtol=1e-4, atol=1e-6)
-  assert jit['splits']['PublicTest']['confusion_matrix'] == pmap['splits']['PublicTest']['confusion_matrix']
+  assert (
+    jit['splits']['PublicTest']['confusion_matrix']
+    == pmap['splits']['PublicTest']['confusion_matrix']
+  )
 
 
 def test_interrupted_and_resumed_equals_straight_run(tmp_path):
@@ -80,11 +90,26 @@ def test_interrupted_and_resumed_equals_straight_run(tmp_path):
 
 def test_launch_end_to_end_with_resume(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
-  base = [sys.executable, 'launch.py', '--config', 'experiments/synthetic.py', f'--workdir={tmp_path}',
-          '--config.data.synthetic_train=384', '--config.data.synthetic_test=100',
-          '--config.train.batch_size=32', '--config.train.epochs=2', '--config.train.eval_batch_size=64']
-  first = subprocess.run(base + ['--config.train.max_steps=7'], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+  base = [
+    sys.executable,
+    'launch.py',
+    '--config',
+    'experiments/synthetic.py',
+    f'--workdir={tmp_path}',
+    '--config.data.synthetic_train=384',
+    '--config.data.synthetic_test=100',
+    '--config.train.batch_size=32',
+    '--config.train.epochs=2',
+    '--config.train.eval_batch_size=64',
+  ]
+  first = subprocess.run(
+    base + ['--config.train.max_steps=7'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'devices: 4' in first.stderr
   second = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -96,8 +121,19 @@ def test_launch_end_to_end_with_resume(tmp_path):
 
 
 def test_launch_unknown_config_key_is_a_clear_error(tmp_path):
-  out = subprocess.run([sys.executable, 'launch.py', '--config', 'experiments/synthetic.py',
-                        f'--workdir={tmp_path}', '--config.train.epoch=3'],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [
+      sys.executable,
+      'launch.py',
+      '--config',
+      'experiments/synthetic.py',
+      f'--workdir={tmp_path}',
+      '--config.train.epoch=3',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode != 0
   assert 'epoch' in out.stderr and 'Traceback' not in out.stderr

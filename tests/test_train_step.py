@@ -26,12 +26,15 @@ def test_loss_is_keras_weighted_mean_plus_l2():
   ctx, c = _ctx(l2=0.01, weights=weights)
   state = create_train_state(ctx, make_optimizer(c.train, steps_per_epoch=10))
   rng = np.random.default_rng(0)
-  batch = {'image': rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
-           'label': np.array([0, 1, 2, 3, 4, 5, 6, 1], np.int32)}
+  batch = {
+    'image': rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
+    'label': np.array([0, 1, 2, 3, 4, 5, 6, 1], np.int32),
+  }
   _, metrics = train_step(state, batch, ctx)
 
-  x = augment.preprocess_batch(batch['image'], None, c.augment, out_size=48, train=False,
-                               mean=0.5, std=0.25)
+  x = augment.preprocess_batch(
+    batch['image'], None, c.augment, out_size=48, train=False, mean=0.5, std=0.25
+  )
   logits = ctx.model.apply({'params': state.params}, x, train=False)
   ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']))
   data_loss = np.sum(weights[batch['label']] * ce) / 8  # sum over batch / batch size, as Keras
@@ -51,7 +54,9 @@ def test_step_updates_params_and_counts_steps():
   assert not np.allclose(before, np.asarray(new.params['logits']['bias']))
 
 
-@pytest.mark.parametrize('key,value,match', [
+@pytest.mark.parametrize(
+  'key,value,match',
+  [
     ('train.epochs', -1, 'epochs'),
     ('train.batch_size', 0, 'batch_size'),
     ('model.dtype', 'float16', 'dtype'),
@@ -62,7 +67,8 @@ def test_step_updates_params_and_counts_steps():
     ('train.schedule', 'linear', 'schedule'),
     ('train.optimizer', 'lamb', 'optimizer'),
     ('augment.standardize', 'zscore', 'standardize'),
-])
+  ],
+)
 def test_validate_config_names_the_bad_key(key, value, match):
   c = base.get_config()
   section, _, name = key.rpartition('.')

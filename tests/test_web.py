@@ -23,8 +23,10 @@ from PIL import Image  # noqa: E402
 from tests.test_export import onnx_model  # noqa: E402,F401  (a fixture)
 from tests.test_serve import running_server  # noqa: E402
 
-CHROMIUM = next((shutil.which(n) for n in ('chromium', 'chromium-browser', 'google-chrome')
-                 if shutil.which(n)), None)
+CHROMIUM = next(
+  (shutil.which(n) for n in ('chromium', 'chromium-browser', 'google-chrome') if shutil.which(n)),
+  None,
+)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no chromium (apt-get install chromium)')
 
 
@@ -38,23 +40,36 @@ class Browser:
     to_chrome_r, self._to_chrome = os.pipe()
     self._from_chrome, from_chrome_w = os.pipe()
     to_chrome_r, from_chrome_w = high(to_chrome_r), high(from_chrome_w)
-    args = [CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--remote-debugging-pipe',
-            f'--user-data-dir={profile}', '--window-size=1200,900', '--no-first-run',
-            '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream', 'about:blank']
+    args = [
+      CHROMIUM,
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--remote-debugging-pipe',
+      f'--user-data-dir={profile}',
+      '--window-size=1200,900',
+      '--no-first-run',
+      '--use-fake-device-for-media-stream',
+      '--use-fake-ui-for-media-stream',
+      'about:blank',
+    ]
     # bash puts the pipes on fds 3 and 4 (a preexec_fn would fork a threaded process; dash
     # takes one-digit fds only).
     self._proc = subprocess.Popen(
-        ['bash', '-c', f'exec "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}', 'bash', *args],
-        pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL,
-        stderr=open(os.path.join(profile, 'chromium.log'), 'w'))
+      ['bash', '-c', f'exec "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}', 'bash', *args],
+      pass_fds=(to_chrome_r, from_chrome_w),
+      stdout=subprocess.DEVNULL,
+      stderr=open(os.path.join(profile, 'chromium.log'), 'w'),
+    )
     self._log = os.path.join(profile, 'chromium.log')
     os.close(to_chrome_r)
     os.close(from_chrome_w)
     self._buffer, self._next_id, self.session = b'', 0, None
     targets = self.send('Target.getTargets')['targetInfos']
     page = next(t for t in targets if t['type'] == 'page')
-    self.session = self.send('Target.attachToTarget', targetId=page['targetId'],
-                             flatten=True)['sessionId']
+    self.session = self.send('Target.attachToTarget', targetId=page['targetId'], flatten=True)[
+      'sessionId'
+    ]
 
   def send(self, method: str, timeout: float = 30, **params):
     self._next_id += 1
@@ -113,17 +128,19 @@ def page(onnx_model, tmp_path_factory):  # noqa: F811
     try:
       browser.send('Page.enable')
       browser.send('Page.navigate', url=base + '/')
-      browser.wait_for('document.readyState === "complete" && '
-                       '!document.getElementById("model").textContent.startsWith("loading")')
+      browser.wait_for(
+        'document.readyState === "complete" && '
+        '!document.getElementById("model").textContent.startsWith("loading")'
+      )
       yield browser
     finally:
       browser.close()
 
 
-FACES_JS = '''[...document.querySelectorAll(".face")].map((c) => ({
+FACES_JS = """[...document.querySelectorAll(".face")].map((c) => ({
   title: c.querySelector("h2").textContent,
   bars: Object.fromEntries([...c.querySelectorAll(".bar")].map(
-      (b) => [b.dataset.class, parseFloat(b.querySelector(".value").textContent)]))}))'''
+      (b) => [b.dataset.class, parseFloat(b.querySelector(".value").textContent)]))}))"""
 
 
 def test_uploaded_photo_shows_box_and_probabilities(page, tmp_path):
@@ -142,8 +159,10 @@ def test_uploaded_photo_shows_box_and_probabilities(page, tmp_path):
   box = [int(v) for v in face['title'].split('[')[1].rstrip(']').split(',')]
   x, y, w, h = box
   assert 150 < x < 200 and 40 < y < 90  # Eileen Collins' face
-  pixel = page.evaluate(f'[...document.getElementById("canvas").getContext("2d")'
-                        f'.getImageData({x}, {y + h // 2}, 1, 1).data]')
+  pixel = page.evaluate(
+    f'[...document.getElementById("canvas").getContext("2d")'
+    f'.getImageData({x}, {y + h // 2}, 1, 1).data]'
+  )
   assert pixel[1] > 180 and pixel[0] < 60 and pixel[2] < 60
   shot = page.screenshot(str(tmp_path / 'upload.png'))
   assert shot[:8] == b'\x89PNG\r\n\x1a\n' and len(shot) > 50_000
@@ -151,14 +170,16 @@ def test_uploaded_photo_shows_box_and_probabilities(page, tmp_path):
 
 def test_webcam_capture_is_classified(page, tmp_path):
   page.evaluate('document.getElementById("camera").click()')
-  page.wait_for('document.body.dataset.camera === "on" && '
-                'document.getElementById("video").videoWidth > 0')
+  page.wait_for(
+    'document.body.dataset.camera === "on" && document.getElementById("video").videoWidth > 0'
+  )
   page.evaluate('document.body.dataset.state = ""; document.getElementById("capture").click()')
   page.wait_for('["done", "error"].includes(document.body.dataset.state)')
   status = page.evaluate('document.getElementById("status").textContent')
   assert page.evaluate('document.body.dataset.state') == 'done', status
   # Chromium's fake camera shows a moving pattern, not a face: a reply with a note.
   assert 'no face detected' in status
-  assert page.evaluate('document.getElementById("canvas").width') == \
-      page.evaluate('document.getElementById("video").videoWidth')
+  assert page.evaluate('document.getElementById("canvas").width') == page.evaluate(
+    'document.getElementById("video").videoWidth'
+  )
   page.screenshot(str(tmp_path / 'webcam.png'))

@@ -16,24 +16,36 @@ from fer_jax.config_checks import validate_config
 from fer_jax.errors import ConfigError
 from fer_jax.models import layers
 from fer_jax.train import make_step_context
-from fer_jax.train_step import (create_train_state, example_keys, learning_rate_schedule,
-                                make_optimizer, make_plateau, model_variables, resolve_microbatch,
-                                train_step, update_plateau)
+from fer_jax.train_step import (
+  create_train_state,
+  example_keys,
+  learning_rate_schedule,
+  make_optimizer,
+  make_plateau,
+  model_variables,
+  resolve_microbatch,
+  train_step,
+  update_plateau,
+)
 
 
 def _shapes(model_cfg: dict, num_classes: int = 7):
   model = models.get_model(ml_collections.ConfigDict(model_cfg), num_classes)
   size = model_cfg['image_size']
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1)),
-                                           train=False))
+  return jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1)), train=False)
+  )
 
 
-@pytest.mark.parametrize('cfg,expected', [
+@pytest.mark.parametrize(
+  'cfg,expected',
+  [
     (dict(name='vgg_fer', image_size=40), 29_890_759),  # Khaireddin & Chen's VGG, counted by hand
     (dict(name='resnet18', image_size=40), 11_171_271),  # CIFAR-style ResNet-18, 1 channel
     (dict(name='resnet18', image_size=48), 11_171_271),  # global pooling: any input size
     (dict(name='seed_cnn', image_size=48), 839_047),  # unchanged
-])
+  ],
+)
 def test_parameter_counts(cfg, expected):
   assert models.count_params(_shapes(cfg)['params']) == expected
 
@@ -42,7 +54,9 @@ def test_experiment_models_and_batch_stats():
   for module in (vgg_fer2013, resnet18_fer2013, cpu_budget):
     shapes = _shapes(module.get_config().model.to_dict())
     assert set(shapes) == {'params', 'batch_stats'}
-  assert models.count_params(_shapes(cpu_budget.get_config().model.to_dict())['params']) == 1_305_703
+  assert (
+    models.count_params(_shapes(cpu_budget.get_config().model.to_dict())['params']) == 1_305_703
+  )
 
 
 def test_builders_validate_their_own_options():
@@ -72,10 +86,18 @@ _needs_native = pytest.mark.skipif(not native.available(), reason='no C++ compil
 
 
 @pytest.mark.parametrize('lowering', [pytest.param('native', marks=_needs_native), 'dot'])
-@pytest.mark.parametrize('k,stride,padding,size,cin,cout', [
-    (3, 1, 'SAME', (7, 9), 3, 16), (3, 1, 'VALID', (8, 6), 5, 8), (3, 1, 'SAME', (10, 10), 1, 32),
-    (1, 2, 'SAME', (9, 8), 6, 12), (1, 1, 'SAME', (5, 5), 4, 4), (3, 2, 'SAME', (8, 8), 4, 8),
-    (5, 1, 'SAME', (6, 7), 2, 4)])
+@pytest.mark.parametrize(
+  'k,stride,padding,size,cin,cout',
+  [
+    (3, 1, 'SAME', (7, 9), 3, 16),
+    (3, 1, 'VALID', (8, 6), 5, 8),
+    (3, 1, 'SAME', (10, 10), 1, 32),
+    (1, 2, 'SAME', (9, 8), 6, 12),
+    (1, 1, 'SAME', (5, 5), 4, 4),
+    (3, 2, 'SAME', (8, 8), 4, 8),
+    (5, 1, 'SAME', (6, 7), 2, 4),
+  ],
+)
 def test_conv_lowerings_match_lax_conv(lowering, k, stride, padding, size, cin, cout):
   x = _rand((3, *size, cin), 0)
   conv = layers.Conv(cout, k, stride, padding, lowering=lowering)
@@ -83,9 +105,14 @@ def test_conv_lowerings_match_lax_conv(lowering, k, stride, padding, size, cin, 
   params = jax.tree.map(lambda p: p + 0.1 * _rand(p.shape, 2), params)  # a non-zero bias
 
   def ref(p, x):
-    y = lax.conv_general_dilated(x, p['params']['kernel'], (stride, stride), padding,
-                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                 precision=lax.Precision.HIGHEST)
+    y = lax.conv_general_dilated(
+      x,
+      p['params']['kernel'],
+      (stride, stride),
+      padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=lax.Precision.HIGHEST,
+    )
     return y + p['params']['bias']
 
   out, expected = conv.apply(params, x), ref(params, x)
@@ -129,8 +156,10 @@ def _vgg_ctx(**train):
 
 def _batch(n, seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': rng.integers(0, 256, (n, 48, 48, 1), dtype=np.uint8),
-          'label': rng.integers(0, 7, n).astype(np.int32)}
+  return {
+    'image': rng.integers(0, 256, (n, 48, 48, 1), dtype=np.uint8),
+    'label': rng.integers(0, 7, n).astype(np.int32),
+  }
 
 
 def test_batch_norm_statistics_update_in_training_and_serve_evaluation():
@@ -145,11 +174,13 @@ def test_batch_norm_statistics_update_in_training_and_serve_evaluation():
     assert not np.allclose(a, b)  # every running mean and variance moved
   assert np.isfinite(float(metrics['loss']))
   # Evaluation uses the running averages: an example's logits do not depend on its batch ...
-  x = augment.preprocess_batch(batch['image'], None, c.augment, out_size=40, train=False,
-                               mean=0.5, std=0.25)
+  x = augment.preprocess_batch(
+    batch['image'], None, c.augment, out_size=40, train=False, mean=0.5, std=0.25
+  )
   apply = lambda v, x: ctx.model.apply(v, x, train=False)
-  np.testing.assert_allclose(apply(model_variables(new), x)[:1], apply(model_variables(new), x[:1]),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    apply(model_variables(new), x)[:1], apply(model_variables(new), x[:1]), rtol=1e-5, atol=1e-5
+  )
   # ... but they do depend on the statistics, which eval_step reads from the variables.
   batch['mask'] = np.ones(8, np.float32)
   sums = lambda v: evaluation.eval_step(v, batch, train.eval_spec(ctx))['loss_sum']
@@ -234,26 +265,38 @@ def test_mixup_loss_is_the_class_weighted_mix_of_both_labels():
   _, metrics = jax.jit(lambda s, b: train_step(s, b, ctx))(state, batch)
   # The reference: the same per-example keys, then lam * w_i * CE(y_i) + (1 - lam) * w_j * CE(y_j).
   aug_keys, dropout_key, ids = example_keys(ctx, state.step, 8, None)
-  x = augment.preprocess_batch(batch['image'], aug_keys, c.augment, out_size=40, train=True,
-                               mean=0.5, std=0.25)
+  x = augment.preprocess_batch(
+    batch['image'], aug_keys, c.augment, out_size=40, train=True, mean=0.5, std=0.25
+  )
   onehot = jax.nn.one_hot(batch['label'], 7)
   mixed, targets = augment.mix_pairs(x, onehot, aug_keys, c.augment)
   lam = targets[np.arange(8), batch['label']]  # labels differ within pairs here
   assert np.all(batch['label'][0::2] != batch['label'][1::2]) and np.any(lam < 0.999)
-  logits, _ = ctx.model.apply(model_variables(state), mixed, train=True, mutable=['batch_stats'],
-                              rngs={'dropout': dropout_key}, example_ids=ids)
+  logits, _ = ctx.model.apply(
+    model_variables(state),
+    mixed,
+    train=True,
+    mutable=['batch_stats'],
+    rngs={'dropout': dropout_key},
+    example_ids=ids,
+  )
   ce = -jax.nn.log_softmax(logits)
   partner = batch['label'].reshape(4, 2)[:, ::-1].reshape(8)
-  expected = (lam * weights[batch['label']] * ce[np.arange(8), batch['label']]
-              + (1 - lam) * weights[partner] * ce[np.arange(8), partner])
+  expected = (
+    lam * weights[batch['label']] * ce[np.arange(8), batch['label']]
+    + (1 - lam) * weights[partner] * ce[np.arange(8), partner]
+  )
   assert float(metrics['data_loss']) == pytest.approx(float(jnp.mean(expected)), rel=1e-4)
 
 
 def test_l2_scope_all_penalises_every_kernel():
   from fer_jax.train_step import l2_penalty
+
   model = models.get_model({'name': 'seed_cnn'}, 7)
-  params = {'conv1': {'kernel': jnp.full((2,), 2.0), 'bias': jnp.ones(3)},
-            'dense1': {'kernel': jnp.ones((2, 2))}}
+  params = {
+    'conv1': {'kernel': jnp.full((2,), 2.0), 'bias': jnp.ones(3)},
+    'dense1': {'kernel': jnp.ones((2, 2))},
+  }
   assert float(l2_penalty(model, params, 'model')) == 4.0  # SeedCNN names its Dense-128 only
   assert float(l2_penalty(model, params, 'all')) == 12.0
   with pytest.raises(ConfigError, match='l2_scope'):

@@ -5,7 +5,6 @@ reduce-on-plateau; SeedCNN checkpoints from before the model contract still load
 import dataclasses
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +16,25 @@ import pytest
 from flax.training import train_state
 
 from experiments import base, cpu_budget, resnet18_fer2013, synthetic, vgg_fer2013, vgg_ferplus
-from fer_jax import (checkpointing, evaluate, evaluation, models, parallel, report, train,
-                     trained_model)
+from fer_jax import (
+  checkpointing,
+  evaluate,
+  evaluation,
+  models,
+  parallel,
+  report,
+  train,
+  trained_model,
+)
 from fer_jax.data.types import FER2013_CLASSES
 from fer_jax.train_step import create_train_state, make_optimizer, make_plateau, update_ema
-
 from tests.conftest import require
 from tests.test_ferplus import ferplus_data  # noqa: F401  (a fixture)
 
 
-def _small(c: ml_collections.ConfigDict, *, steps: int, train_examples: int = 64,
-           test_examples: int = 24) -> ml_collections.ConfigDict:
+def _small(
+  c: ml_collections.ConfigDict, *, steps: int, train_examples: int = 64, test_examples: int = 24
+) -> ml_collections.ConfigDict:
   """An experiment config on a few synthetic faces, for `steps` steps of batch 8."""
   s = synthetic.get_config()
   if c.data.labels == 'fer2013':
@@ -42,8 +49,9 @@ def _small(c: ml_collections.ConfigDict, *, steps: int, train_examples: int = 64
 
 
 def _state(workdir_path) -> dict:
-  manager = checkpointing.make_manager(str(workdir_path), keep_latest=1, keep_best=1,
-                                       read_only=True)
+  manager = checkpointing.make_manager(
+    str(workdir_path), keep_latest=1, keep_best=1, read_only=True
+  )
   step = manager.latest_step()
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
@@ -77,8 +85,10 @@ def test_evaluate_predict_report_on_a_batch_norm_workdir(vgg_workdir, tmp_path):
   assert models.count_params(trained.params) == 29_890_759
   # One evaluation function: the CLI's single view equals the training run's figures, and its
   # ten-crop equals the training run's ten-crop figures.
-  for tta, expected in (('none', results['splits']['PrivateTest']),
-                        ('tencrop', results['tta']['tencrop']['PrivateTest'])):
+  for tta, expected in (
+    ('none', results['splits']['PrivateTest']),
+    ('tencrop', results['tta']['tencrop']['PrivateTest']),
+  ):
     got, _, _ = evaluate.evaluate(trained, split='PrivateTest', tta=tta)
     assert got['accuracy'] == pytest.approx(expected['accuracy'])
     assert got['loss'] == pytest.approx(expected['loss'], rel=1e-4)
@@ -86,6 +96,7 @@ def test_evaluate_predict_report_on_a_batch_norm_workdir(vgg_workdir, tmp_path):
   assert 'accuracy **' in open(index).read()
   require('cv2')
   from fer_jax import predict
+
   p = predict.Predictor(str(path), detector='none')
   (face,) = p.predict_image(np.full((60, 50), 128, np.uint8))
   assert sum(face['probabilities'].values()) == pytest.approx(1.0, abs=1e-3)
@@ -138,16 +149,24 @@ def test_pmap_equals_jit_with_batch_norm():
   """
   assert jax.device_count() == 4
   c = _tiny_vgg()
-  ctx = train.make_step_context(c, num_classes=7, weights=np.linspace(0.5, 2, 7).astype(np.float32),
-                                mean=0.5, std=0.25)
+  ctx = train.make_step_context(
+    c, num_classes=7, weights=np.linspace(0.5, 2, 7).astype(np.float32), mean=0.5, std=0.25
+  )
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
-  batches = [{'image': rng.integers(0, 256, (16, 48, 48, 1), dtype=np.uint8),
-              'label': rng.integers(0, 7, 16).astype(np.int32)} for _ in range(1)]
+  batches = [
+    {
+      'image': rng.integers(0, 256, (16, 48, 48, 1), dtype=np.uint8),
+      'label': rng.integers(0, 7, 16).astype(np.int32),
+    }
+    for _ in range(1)
+  ]
   final = {}
   for mode in ('jit', 'pmap'):
-    state = jax.jit(lambda: create_train_state(ctx, make_optimizer(c.train, 8), make_plateau(c.train)),
-                    out_shardings=parallel.replicated(mesh))()
+    state = jax.jit(
+      lambda: create_train_state(ctx, make_optimizer(c.train, 8), make_plateau(c.train)),
+      out_shardings=parallel.replicated(mesh),
+    )()
     steps = train.compile_steps(ctx, mode, mesh)
     state = steps.prepare_state(state)
     for batch in batches:
@@ -155,8 +174,11 @@ def test_pmap_equals_jit_with_batch_norm():
     final[mode] = parallel.to_host(steps.canonical(state))
   compared = 0
   for part in ('params', 'model_state'):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(getattr(final['jit'], part)),
-                            jax.tree.leaves(getattr(final['pmap'], part)), strict=True):
+    for (path, x), y in zip(
+      jax.tree_util.tree_leaves_with_path(getattr(final['jit'], part)),
+      jax.tree.leaves(getattr(final['pmap'], part)),
+      strict=True,
+    ):
       keys = [k.key for k in path]
       if keys[-2:] == ['conv', 'bias']:
         # A conv bias before BatchNorm has a zero gradient in exact arithmetic (the mean is
@@ -178,7 +200,9 @@ def test_interrupted_and_resumed_equals_straight_run_with_batch_norm_plateau_and
   assert set(a) >= {'params', 'opt_state', 'model_state', 'plateau', 'ema'}
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # identical on CPU
-  metrics = [json.loads(l) for l in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()]
+  metrics = [
+    json.loads(l) for l in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()
+  ]
   scales = [m['learning_rate_scale'] for m in metrics if m['split'] == 'PublicTest']
   assert len(scales) == 2 and scales[-1] == pytest.approx(float(a['plateau']['scale']))
 
@@ -192,7 +216,9 @@ def test_ema_update_ramps_its_decay_up_to_the_configured_one():
 
 
 @pytest.mark.slow
-def test_pmap_loop_with_batch_norm_plateau_and_ema_evaluates_checkpoints_and_loads_the_ema(tmp_path):
+def test_pmap_loop_with_batch_norm_plateau_and_ema_evaluates_checkpoints_and_loads_the_ema(
+  tmp_path,
+):
   c = _tiny_vgg(epochs=1, max_steps=6, ema_decay=0.9)
   c.parallel = 'pmap'
   results = train.train_and_evaluate(c, str(tmp_path))
@@ -211,7 +237,11 @@ def test_pmap_loop_with_batch_norm_plateau_and_ema_evaluates_checkpoints_and_loa
   got, _, _ = evaluate.evaluate(trained, split='PrivateTest', tta='none')
   raw = dataclasses.replace(trained, variables={'params': state['params'], **state['model_state']})
   got_raw, _, _ = evaluate.evaluate(raw, split='PrivateTest', tta='none')
-  assert abs(got['loss'] - reported) < 0.1 * abs(got_raw['loss'] - reported), (got, got_raw, reported)
+  assert abs(got['loss'] - reported) < 0.1 * abs(got_raw['loss'] - reported), (
+    got,
+    got_raw,
+    reported,
+  )
 
 
 def test_seed_cnn_checkpoint_from_before_the_model_contract_loads(tmp_path):
@@ -222,8 +252,13 @@ def test_seed_cnn_checkpoint_from_before_the_model_contract_loads(tmp_path):
   params = model.init(jax.random.key(0), jnp.zeros((1, 48, 48, 1)), train=False)['params']
   old = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adamw(1e-3))
   manager = checkpointing.make_manager(str(tmp_path), keep_latest=1, keep_best=1)
-  meta = {'config': c.to_dict(), 'class_names': list(FER2013_CLASSES),
-          'pixel_mean': 0.5, 'pixel_std': 0.25, 'wall_s': 0.0}
+  meta = {
+    'config': c.to_dict(),
+    'class_names': list(FER2013_CLASSES),
+    'pixel_mean': 0.5,
+    'pixel_std': 0.25,
+    'wall_s': 0.0,
+  }
   checkpointing.save(manager, 7, old, None, meta, {'accuracy': 0.5})
   manager.wait_until_finished()
   manager.close()
@@ -233,5 +268,6 @@ def test_seed_cnn_checkpoint_from_before_the_model_contract_loads(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   images = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1), dtype=np.uint8)
   probs = jax.jit(functools.partial(evaluation.probabilities, evaluation.spec_for(trained)))(
-      trained.variables, images)
+    trained.variables, images
+  )
   assert probs.shape == (4, 7) and np.allclose(np.sum(probs, -1), 1, atol=1e-5)

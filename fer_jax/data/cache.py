@@ -20,8 +20,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 _KEY = '__cache_key__'
 _META = '__meta__'
@@ -29,8 +29,9 @@ _META = '__meta__'
 
 def default_cache_dir() -> str:
   """`$FER_JAX_CACHE`, else ~/.cache/fer_jax; created if missing."""
-  path = os.environ.get('FER_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
-                                                          'fer_jax')
+  path = os.environ.get('FER_JAX_CACHE') or os.path.join(
+    os.path.expanduser('~'), '.cache', 'fer_jax'
+  )
   os.makedirs(path, exist_ok=True)
   return path
 
@@ -66,8 +67,10 @@ def _entry_name(source: str, kind: str, params: dict, key: str) -> tuple[str, st
   """
   base = re.sub(r'[^A-Za-z0-9._-]', '_', os.path.basename(source.rstrip(os.sep)))[:60]
   what = json.dumps([source, params], sort_keys=True)
-  prefix = (f'{re.sub(r"[^A-Za-z0-9_-]", "_", kind)}-{base}-'
-            f'{hashlib.sha256(what.encode()).hexdigest()[:8]}-')
+  prefix = (
+    f'{re.sub(r"[^A-Za-z0-9_-]", "_", kind)}-{base}-'
+    f'{hashlib.sha256(what.encode()).hexdigest()[:8]}-'
+  )
   return prefix + hashlib.sha256(key.encode()).hexdigest()[:16] + '.npz', prefix
 
 
@@ -87,8 +90,9 @@ def _load(path: str, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
       arrays = {name: z[name] for name in z.files if not name.startswith('__')}
   except Exception as e:  # pylint: disable=broad-except
     # Truncated, corrupt or foreign: rebuilding is always safe.
-    logging.warning('cache file %s is unreadable (%s: %s); rebuilding it', path,
-                    type(e).__name__, e)
+    logging.warning(
+      'cache file %s is unreadable (%s: %s); rebuilding it', path, type(e).__name__, e
+    )
     return None
   return arrays, meta
 
@@ -98,8 +102,9 @@ def _save(path: str, prefix: str, key: str, arrays: Mapping[str, np.ndarray], me
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.npz')
   try:
     with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **{_KEY: np.frombuffer(key.encode(), np.uint8), _META: _json_array(meta)},
-               **arrays)
+      np.savez(
+        f, **{_KEY: np.frombuffer(key.encode(), np.uint8), _META: _json_array(meta)}, **arrays
+      )
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -115,13 +120,13 @@ def _save(path: str, prefix: str, key: str, arrays: Mapping[str, np.ndarray], me
 
 
 def cached_arrays(
-    source_path: str,
-    *,
-    cache_dir: str,
-    kind: str,
-    version: int,
-    build: Callable[[], tuple[dict[str, np.ndarray], dict]],
-    params: Mapping[str, Any] | None = None,
+  source_path: str,
+  *,
+  cache_dir: str,
+  kind: str,
+  version: int,
+  build: Callable[[], tuple[dict[str, np.ndarray], dict]],
+  params: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
   """Returns `build()`'s (arrays, metadata), from the cache when the source is unchanged.
 
@@ -139,8 +144,10 @@ def cached_arrays(
   """
   source = os.path.abspath(source_path)
   params = dict(params or {})
-  key = json.dumps({'source': source_signature(source), 'kind': kind, 'version': version,
-                    'params': params}, sort_keys=True)
+  key = json.dumps(
+    {'source': source_signature(source), 'kind': kind, 'version': version, 'params': params},
+    sort_keys=True,
+  )
   name, prefix = _entry_name(source, kind, params, key)
   path = os.path.join(cache_dir, name)
   hit = _load(path, key)

@@ -30,14 +30,24 @@ class EpochBatches:
   The next batch is gathered on one background thread while the current step runs.
   """
 
-  def __init__(self, split: Split, *, global_batch: int, seed: int, process_index: int = 0,
-               process_count: int = 1, start_step: int = 0, prefetch: bool = True):
+  def __init__(
+    self,
+    split: Split,
+    *,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_step: int = 0,
+    prefetch: bool = True,
+  ):
     if global_batch % process_count:
       raise ValueError(f'global batch {global_batch} not divisible by {process_count} processes')
     self.steps_per_epoch = len(split) // global_batch
     if self.steps_per_epoch == 0:
-      raise ValueError(f'training split has {len(split)} examples, fewer than one batch of '
-                       f'{global_batch}')
+      raise ValueError(
+        f'training split has {len(split)} examples, fewer than one batch of {global_batch}'
+      )
     self._split, self._batch, self._seed = split, global_batch, seed
     per_process = global_batch // process_count
     self._lo, self._hi = process_index * per_process, (process_index + 1) * per_process
@@ -55,10 +65,10 @@ class EpochBatches:
     epoch, k = divmod(step, self.steps_per_epoch)
     if epoch != self._epoch:
       self._epoch, self._order = epoch, self.epoch_order(epoch)
-    return self._order[k * self._batch:(k + 1) * self._batch]
+    return self._order[k * self._batch : (k + 1) * self._batch]
 
   def _gather(self, step: int) -> Batch:
-    return self._take(self.global_indices(step)[self._lo:self._hi])
+    return self._take(self.global_indices(step)[self._lo : self._hi])
 
   def seek(self, step: int) -> None:
     self.step = step
@@ -77,7 +87,7 @@ class EpochBatches:
     if self._pool is not None:
       # global_indices caches one epoch's order: compute the next step's indices here, on the
       # caller's thread, so the worker only gathers.
-      idx = self.global_indices(step + 1)[self._lo:self._hi]
+      idx = self.global_indices(step + 1)[self._lo : self._hi]
       self._pending = (step + 1, self._pool.submit(self._take, idx))
     return batch
 

@@ -13,7 +13,6 @@ names the line and the problem, so a bad file is never silently misread.
 from __future__ import annotations
 
 import collections
-from concurrent import futures
 import contextlib
 import dataclasses
 import os
@@ -21,9 +20,10 @@ import queue
 import threading
 import zlib
 from collections.abc import Generator
+from concurrent import futures
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from fer_jax.data import cache
 from fer_jax.data.types import FER2013_CLASSES, FER2013_USAGES, Dataset, Split
@@ -52,14 +52,16 @@ _SPACE, _COMMA, _NEWLINE, _CR = 32, 44, 10, 13
 _FIELD_STRIP = b' \t"'
 _USAGE_IDS = {u.encode(): i for i, u in enumerate(FER2013_USAGES)}
 _WHERE_FROM = (
-    'FER2013 is the Kaggle "Challenges in Representation Learning: Facial Expression '
-    'Recognition Challenge" download (fer2013.csv, also inside fer2013.tar.gz); pass its '
-    'location with --config.data.path=...')
+  'FER2013 is the Kaggle "Challenges in Representation Learning: Facial Expression '
+  'Recognition Challenge" download (fer2013.csv, also inside fer2013.tar.gz); pass its '
+  'location with --config.data.path=...'
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class ParsedCSV:
   """The rows of a FER2013 CSV, in file order, minus any skipped rows."""
+
   images: np.ndarray  # uint8 (N, 48, 48)
   labels: np.ndarray  # int32 (N,), indexes FER2013_CLASSES
   usage: np.ndarray  # int8 (N,), indexes FER2013_USAGES
@@ -82,9 +84,11 @@ class _RowError(Exception):
 
 def _check_path(path: str) -> None:
   if os.path.isdir(path):
-    raise DataError(f'{path} is a directory, expected the FER2013 CSV file (fer2013.csv or '
-                    'fer2013.csv.gz); for a folder of class-named image folders use '
-                    '--config.data.source=folders')
+    raise DataError(
+      f'{path} is a directory, expected the FER2013 CSV file (fer2013.csv or '
+      'fer2013.csv.gz); for a folder of class-named image folders use '
+      '--config.data.source=folders'
+    )
   if not os.path.exists(path):
     raise DataError(f'{path}: file not found. {_WHERE_FROM}')
   if os.path.getsize(path) == 0:
@@ -98,8 +102,10 @@ def _is_gzip(path: str) -> bool:
   if magic == _GZIP_MAGIC:
     return True
   if path.endswith('.gz'):
-    raise DataError(f'{path} is named .gz but is not gzip data (it starts with {magic!r}); '
-                    'decompress it properly, or rename it if it is a plain CSV')
+    raise DataError(
+      f'{path} is named .gz but is not gzip data (it starts with {magic!r}); '
+      'decompress it properly, or rename it if it is a plain CSV'
+    )
   return False
 
 
@@ -135,8 +141,10 @@ def _gzip_blocks(path: str) -> Generator[bytes, None, None]:
         if not data and len(out) < _BLOCK_BYTES:
           break  # all input consumed and no output pending: read more
   if fed and not d.eof:
-    raise DataError(f'{path}: the gzip data is truncated (the file ends before the end of the '
-                    'compressed stream); re-download it')
+    raise DataError(
+      f'{path}: the gzip data is truncated (the file ends before the end of the '
+      'compressed stream); re-download it'
+    )
 
 
 def _prefetch(blocks: Generator[bytes, None, None], depth: int = 2) -> Generator[bytes, None, None]:
@@ -191,7 +199,7 @@ def _show(text: bytes, limit: int = 40) -> str:
 
 def _check_header(path: str, line: bytes) -> None:
   if line.startswith(_UTF8_BOM):
-    line = line[len(_UTF8_BOM):]
+    line = line[len(_UTF8_BOM) :]
   line = line.rstrip(b'\r')
   names = tuple(f.strip(_FIELD_STRIP) for f in line.split(b','))
   if names != tuple(h.encode() for h in HEADER):
@@ -199,7 +207,8 @@ def _check_header(path: str, line: bytes) -> None:
     if line[:1].isdigit():
       hint = '; the file seems to have no header row'
     raise DataError(
-        f"{path} line 1: header is {_show(line)}, expected 'emotion,pixels,Usage'{hint}")
+      f"{path} line 1: header is {_show(line)}, expected 'emotion,pixels,Usage'{hint}"
+    )
 
 
 def _parse_row(line: bytes) -> tuple[int, np.ndarray, int] | None:
@@ -213,8 +222,9 @@ def _parse_row(line: bytes) -> tuple[int, np.ndarray, int] | None:
     return None
   fields = line.split(b',')
   if len(fields) != 3:
-    raise _RowError(f'{len(fields)} column{"s" if len(fields) > 1 else ""} '
-                    '(expected 3: emotion,pixels,Usage)')
+    raise _RowError(
+      f'{len(fields)} column{"s" if len(fields) > 1 else ""} (expected 3: emotion,pixels,Usage)'
+    )
   emotion, pixels, usage = (f.strip(_FIELD_STRIP) for f in fields)
   if not (emotion.isdigit() and int(emotion) < len(FER2013_CLASSES)):
     raise _RowError(f'emotion {_show(emotion, 12)} (expected an integer 0..6)')
@@ -223,9 +233,10 @@ def _parse_row(line: bytes) -> tuple[int, np.ndarray, int] | None:
     raise _RowError(f'pixel count {len(tokens)} (expected {NUM_PIXELS})')
   for i, tok in enumerate(tokens):
     if not (tok.isdigit() and int(tok) <= 255):
-      raise _RowError('pixel value not an integer 0..255',
-                      f'pixel {i + 1} of {NUM_PIXELS} is {_show(tok, 12)} '
-                      '(expected an integer 0..255)')
+      raise _RowError(
+        'pixel value not an integer 0..255',
+        f'pixel {i + 1} of {NUM_PIXELS} is {_show(tok, 12)} (expected an integer 0..255)',
+      )
   values = np.array(list(map(int, tokens)), np.uint8)
   usage_id = _USAGE_IDS.get(usage)
   if usage_id is None:
@@ -264,9 +275,9 @@ def _token_values(a: np.ndarray, ends: np.ndarray, tag: str, check_long: bool = 
   """
   n = len(ends)
   get = _scratch.get
-  d3 = a[_PAD - 1:].take(ends, out=get(tag + 'd3', n, np.uint8))
-  d2 = a[_PAD - 2:].take(ends, out=get(tag + 'd2', n, np.uint8))
-  d1 = a[_PAD - 3:].take(ends, out=get(tag + 'd1', n, np.uint8))
+  d3 = a[_PAD - 1 :].take(ends, out=get(tag + 'd3', n, np.uint8))
+  d2 = a[_PAD - 2 :].take(ends, out=get(tag + 'd2', n, np.uint8))
+  d1 = a[_PAD - 3 :].take(ends, out=get(tag + 'd1', n, np.uint8))
   d3 -= 48  # digits become 0..9, anything else wraps to > 9
   d2 -= 48
   d1 -= 48
@@ -275,7 +286,7 @@ def _token_values(a: np.ndarray, ends: np.ndarray, tag: str, check_long: bool = 
   m1 = np.less_equal(d1, 9, out=get(tag + 'm1', n, bool))
   m1 &= m2
   if check_long:
-    d0 = a[_PAD - 4:].take(ends, out=get(tag + 'd0', n, np.uint8))
+    d0 = a[_PAD - 4 :].take(ends, out=get(tag + 'd0', n, np.uint8))
     d0 -= 48
     bad |= m1 & (d0 <= 9)
   length_sum = n + np.count_nonzero(m2) + np.count_nonzero(m1)
@@ -302,13 +313,24 @@ def _line_bounds(data: bytes, offset: int, end: int):
     firsts.append(find(b',', pos, e))
     lasts.append(rfind(b',', pos, e))
     pos = e + 1
-  return (np.array(ends, np.int64) - offset, np.array(firsts, np.int64) - offset,
-          np.array(lasts, np.int64) - offset)
+  return (
+    np.array(ends, np.int64) - offset,
+    np.array(firsts, np.int64) - offset,
+    np.array(lasts, np.int64) - offset,
+  )
 
 
-def _parse_block(data: bytes | bytearray, offset: int, end: int, ends: np.ndarray,
-                 c1: np.ndarray, c2: np.ndarray, images: np.ndarray, labels: np.ndarray,
-                 usage: np.ndarray) -> list[int]:
+def _parse_block(
+  data: bytes | bytearray,
+  offset: int,
+  end: int,
+  ends: np.ndarray,
+  c1: np.ndarray,
+  c2: np.ndarray,
+  images: np.ndarray,
+  labels: np.ndarray,
+  usage: np.ndarray,
+) -> list[int]:
   """Vectorised parse of the complete lines data[offset:end] into n output rows.
 
   `ends`, `c1`, `c2` come from _line_bounds; data[offset - _PAD:offset] must be
@@ -318,7 +340,7 @@ def _parse_block(data: bytes | bytearray, offset: int, end: int, ends: np.ndarra
   Usage name (optionally + CR) and P 2,304 tokens of 1-3 ASCII digits, each <= 255,
   separated by single spaces.
   """
-  a = np.frombuffer(data, np.uint8, count=end)[offset - _PAD:]
+  a = np.frombuffer(data, np.uint8, count=end)[offset - _PAD :]
   body = a[_PAD:]
   n = len(ends)
   starts = np.zeros_like(ends)
@@ -355,9 +377,16 @@ def _parse_block(data: bytes | bytearray, offset: int, end: int, ends: np.ndarra
   pixel_bytes = int((c2 - c1 - 1).sum())
   only_digits_spaces = n_digits + len(spaces) == pixel_bytes + n
   short_tokens = length_sum + last_length_sum == n_digits - n
-  if (only_digits_spaces and short_tokens and not bad.any() and (counts == NUM_PIXELS - 1).all()
-      and not bad_token.any() and not bad_last.any() and values.max(initial=0) <= 255
-      and last.max(initial=0) <= 255):
+  if (
+    only_digits_spaces
+    and short_tokens
+    and not bad.any()
+    and (counts == NUM_PIXELS - 1).all()
+    and not bad_token.any()
+    and not bad_last.any()
+    and values.max(initial=0) <= 255
+    and last.max(initial=0) <= 255
+  ):
     images[:, :-1] = values.reshape(n, NUM_PIXELS - 1)
     images[:, -1] = last
     return []
@@ -402,7 +431,7 @@ class _BlockBuffers:
       buf = bytearray(size + size // 8)
     pos = 0
     for p in parts:
-      buf[pos:pos + len(p)] = p
+      buf[pos : pos + len(p)] = p
       pos += len(p)
     return buf, size
 
@@ -446,20 +475,33 @@ class _Accumulator:
     rows = slice(self.rows, self.rows + n)
     self.rows += n
     self.keep[rows] = True
-    future = self.pool.submit(_parse_block, data, offset, end, ends, c1, c2, self.images[rows],
-                              self.labels[rows], self.usage[rows])
+    future = self.pool.submit(
+      _parse_block,
+      data,
+      offset,
+      end,
+      ends,
+      c1,
+      c2,
+      self.images[rows],
+      self.labels[rows],
+      self.usage[rows],
+    )
     self.in_flight.append((future, data, offset, ends, rows, release))
     if len(self.in_flight) > _IN_FLIGHT:
       self._collect_oldest()
 
   def _grow(self, need: int, bytes_per_row: float) -> None:
     self.finish()  # blocks in flight write into the current arrays
-    capacity = max(need, int(len(self.labels) * 1.5),
-                   int(self.size_hint / bytes_per_row * 1.02) + 16 if not len(self.labels) else 0)
+    capacity = max(
+      need,
+      int(len(self.labels) * 1.5),
+      int(self.size_hint / bytes_per_row * 1.02) + 16 if not len(self.labels) else 0,
+    )
     for name in ('images', 'labels', 'usage', 'keep'):
       old = getattr(self, name)
       new = np.empty((capacity,) + old.shape[1:], old.dtype)
-      new[:self.rows] = old[:self.rows]
+      new[: self.rows] = old[: self.rows]
       setattr(self, name, new)
 
   def finish(self) -> None:
@@ -473,7 +515,7 @@ class _Accumulator:
     read = n - len(flagged)
     for k in flagged:
       r = rows.start + k
-      line = bytes(data[offset + (ends[k - 1] + 1 if k else 0):offset + ends[k]])
+      line = bytes(data[offset + (ends[k - 1] + 1 if k else 0) : offset + ends[k]])
       try:
         row = _parse_row(line)
       except _RowError as e:
@@ -499,8 +541,13 @@ class _Accumulator:
     images, labels, usage, keep = self.images[:n], self.labels[:n], self.usage[:n], self.keep[:n]
     if not keep.all():
       images, labels, usage = images[keep], labels[keep], usage[keep]
-    return ParsedCSV(images=images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE), labels=labels,
-                     usage=usage, skipped=skipped, rows_read=self.rows_read)
+    return ParsedCSV(
+      images=images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE),
+      labels=labels,
+      usage=usage,
+      skipped=skipped,
+      rows_read=self.rows_read,
+    )
 
 
 def _skipped_summary(skipped: dict[str, int]) -> str:
@@ -508,8 +555,13 @@ def _skipped_summary(skipped: dict[str, int]) -> str:
 
 
 def _log_skipped(path: str, skipped: dict[str, int], rows_read: int) -> None:
-  logging.warning('%s: skipped %d of %d data rows (skip_bad_rows=True): %s', path,
-                  sum(skipped.values()), rows_read, _skipped_summary(skipped))
+  logging.warning(
+    '%s: skipped %d of %d data rows (skip_bad_rows=True): %s',
+    path,
+    sum(skipped.values()),
+    rows_read,
+    _skipped_summary(skipped),
+  )
 
 
 def parse_fer2013_csv(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> ParsedCSV:
@@ -530,8 +582,10 @@ def parse_fer2013_csv(path: str | os.PathLike, *, skip_bad_rows: bool = False) -
     raise DataError(f'{path} has a header but no data rows')
   result = acc.result()
   if not len(result.labels):
-    raise DataError(f'{path}: all {acc.rows_read} data rows are bad and were skipped: '
-                    f'{_skipped_summary(result.skipped)}')
+    raise DataError(
+      f'{path}: all {acc.rows_read} data rows are bad and were skipped: '
+      f'{_skipped_summary(result.skipped)}'
+    )
   if result.skipped:
     _log_skipped(path, result.skipped, result.rows_read)
   return result
@@ -573,15 +627,17 @@ def _read(path: str, skip_bad_rows: bool, pool: futures.Executor) -> _Accumulato
           header_done = True
           offset = k + 1
         end = data.rfind(b'\n', offset, size) + 1
-        pending = bytes(data[max(end, offset):size])
+        pending = bytes(data[max(end, offset) : size])
         if end > offset:
           acc.submit(data, offset, end, release=True)
         else:
           acc.buffers.release(data)
         if len(pending) > _MAX_LINE_BYTES:
           acc.finish()
-          raise DataError(f'{path} line {acc.line_number}: longer than {_MAX_LINE_BYTES} bytes '
-                          '(a FER2013 row is about 8,500); not a FER2013 CSV')
+          raise DataError(
+            f'{path} line {acc.line_number}: longer than {_MAX_LINE_BYTES} bytes '
+            '(a FER2013 row is about 8,500); not a FER2013 CSV'
+          )
   except OSError as e:
     raise DataError(f'{path}: cannot read it ({e.strerror or e})') from e
   if not header_done:
@@ -595,8 +651,9 @@ def _read(path: str, skip_bad_rows: bool, pool: futures.Executor) -> _Accumulato
   return acc
 
 
-def load_fer2013_rows(path: str | os.PathLike, *, cache_dir: str | None = None,
-                      skip_bad_rows: bool = False) -> ParsedCSV:
+def load_fer2013_rows(
+  path: str | os.PathLike, *, cache_dir: str | None = None, skip_bad_rows: bool = False
+) -> ParsedCSV:
   """`parse_fer2013_csv(path)` through the on-disk cache: every kept row, in file order.
 
   The parsed arrays are cached keyed on the file's path, size and mtime, so later runs load
@@ -613,22 +670,35 @@ def load_fer2013_rows(path: str | os.PathLike, *, cache_dir: str | None = None,
     arrays = {'images': parsed.images, 'labels': parsed.labels, 'usage': parsed.usage}
     return arrays, {'skipped': parsed.skipped, 'rows_read': parsed.rows_read}
 
-  arrays, meta = cache.cached_arrays(path, cache_dir=cache_dir or cache.default_cache_dir(),
-                                     kind=CACHE_KIND, version=PARSER_VERSION, build=build)
+  arrays, meta = cache.cached_arrays(
+    path,
+    cache_dir=cache_dir or cache.default_cache_dir(),
+    kind=CACHE_KIND,
+    version=PARSER_VERSION,
+    build=build,
+  )
   skipped = {str(k): int(v) for k, v in meta['skipped'].items()}
   if skipped and not skip_bad_rows:
     # Cached by a skip_bad_rows=True load: a strict load reports the first bad row.
     parse_fer2013_csv(path)
-    raise DataError(f'{path} has bad rows ({_skipped_summary(skipped)}); '
-                    'pass --config.data.skip_bad_rows=True to skip them')
+    raise DataError(
+      f'{path} has bad rows ({_skipped_summary(skipped)}); '
+      'pass --config.data.skip_bad_rows=True to skip them'
+    )
   if skipped and not fresh:
     _log_skipped(path, skipped, int(meta['rows_read']))
-  return ParsedCSV(images=arrays['images'], labels=arrays['labels'], usage=arrays['usage'],
-                   skipped=skipped, rows_read=int(meta['rows_read']))
+  return ParsedCSV(
+    images=arrays['images'],
+    labels=arrays['labels'],
+    usage=arrays['usage'],
+    skipped=skipped,
+    rows_read=int(meta['rows_read']),
+  )
 
 
-def load_fer2013_csv(path: str | os.PathLike, *, cache_dir: str | None = None,
-                     skip_bad_rows: bool = False) -> Dataset:
+def load_fer2013_csv(
+  path: str | os.PathLike, *, cache_dir: str | None = None, skip_bad_rows: bool = False
+) -> Dataset:
   """FER2013 as a Dataset of the 'Training', 'PublicTest', 'PrivateTest' splits (cached)."""
   parsed = load_fer2013_rows(path, cache_dir=cache_dir, skip_bad_rows=skip_bad_rows)
   images, labels, usage = parsed.images[..., None], parsed.labels, parsed.usage

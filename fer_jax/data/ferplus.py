@@ -29,34 +29,47 @@ import dataclasses
 import gzip
 import os
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from fer_jax.data.types import FER2013_CLASSES, FER2013_USAGES, Dataset, Split
 from fer_jax.errors import DataError
 
 FILE_NAME = 'fer2013new.csv'
-VOTE_COLUMNS: tuple[str, ...] = ('neutral', 'happiness', 'surprise', 'sadness', 'anger',
-                                 'disgust', 'fear', 'contempt', 'unknown', 'NF')
+VOTE_COLUMNS: tuple[str, ...] = (
+  'neutral',
+  'happiness',
+  'surprise',
+  'sadness',
+  'anger',
+  'disgust',
+  'fear',
+  'contempt',
+  'unknown',
+  'NF',
+)
 HEADER: tuple[str, ...] = ('Usage', 'Image name', *VOTE_COLUMNS)
 FERPLUS_CLASSES: tuple[str, ...] = VOTE_COLUMNS[:8]
 LABEL_MODES = ('majority', 'probability')
 NUM_CLASSES = (8, 7)
 # Seven classes: the FER+ vote columns of FER2013's classes, in FER2013's order.
 _SEVEN_CLASS_COLUMNS = tuple(
-    VOTE_COLUMNS.index(n) for n in ('anger', 'disgust', 'fear', 'happiness', 'sadness',
-                                    'surprise', 'neutral'))
+  VOTE_COLUMNS.index(n)
+  for n in ('anger', 'disgust', 'fear', 'happiness', 'sadness', 'surprise', 'neutral')
+)
 _UNKNOWN_NF_COLUMNS = (8, 9)
 _USAGE_IDS = {u.encode(): i for i, u in enumerate(FER2013_USAGES)}
 _MAX_DIGITS = 3
 _FIELD_STRIP = b' \t"'
-WHERE_FROM = ('fer2013new.csv holds the FER+ votes, row for row with fer2013.csv '
-              '(github.com/microsoft/FERPlus)')
+WHERE_FROM = (
+  'fer2013new.csv holds the FER+ votes, row for row with fer2013.csv (github.com/microsoft/FERPlus)'
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class FerPlusVotes:
   """The data rows of fer2013new.csv, in file order."""
+
   votes: np.ndarray  # int32 (N, 10), columns VOTE_COLUMNS
   usage: np.ndarray  # int8 (N,), indexes FER2013_USAGES
   lines: np.ndarray  # int32 (N,), each row's 1-based line number, for error messages
@@ -65,6 +78,7 @@ class FerPlusVotes:
 @dataclasses.dataclass(frozen=True)
 class FerPlusLabels:
   """Both rules' verdicts for every image (see the module docstring)."""
+
   class_names: tuple[str, ...]
   majority_ok: np.ndarray  # bool (N,)
   probability_ok: np.ndarray  # bool (N,)
@@ -101,8 +115,10 @@ def _read_text(path: str) -> bytes:
 def _check_header(path: str, line: bytes) -> None:
   names = tuple(f.strip(_FIELD_STRIP) for f in line.rstrip(b'\r').split(b','))
   if names != tuple(h.encode() for h in HEADER):
-    raise DataError(f'{path} line 1: header is {_show(line.rstrip(), 60)}, expected '
-                    f'{",".join(HEADER)!r} (the FER+ {FILE_NAME})')
+    raise DataError(
+      f'{path} line 1: header is {_show(line.rstrip(), 60)}, expected '
+      f'{",".join(HEADER)!r} (the FER+ {FILE_NAME})'
+    )
 
 
 def _parse_row(line: bytes) -> tuple[int, list[int]] | None:
@@ -115,8 +131,9 @@ def _parse_row(line: bytes) -> tuple[int, list[int]] | None:
     return None
   fields = [f.strip(_FIELD_STRIP) for f in line.split(b',')]
   if len(fields) != len(HEADER):
-    raise ValueError(f'{len(fields)} columns (expected {len(HEADER)}: Usage, Image name and '
-                     '10 vote counts)')
+    raise ValueError(
+      f'{len(fields)} columns (expected {len(HEADER)}: Usage, Image name and 10 vote counts)'
+    )
   usage = _USAGE_IDS.get(fields[0])
   if usage is None:
     raise ValueError(f'Usage {_show(fields[0])} (expected one of {", ".join(FER2013_USAGES)})')
@@ -136,7 +153,7 @@ def parse_ferplus_csv(path: str | os.PathLike) -> FerPlusVotes:
   data = _read_text(path)
   header_end = data.find(b'\n')
   _check_header(path, data if header_end < 0 else data[:header_end])
-  body = b'' if header_end < 0 else data[header_end + 1:]
+  body = b'' if header_end < 0 else data[header_end + 1 :]
   # One exact pass per row: 0.23 s for the 35,887 rows, once per run.
   usage_list, vote_list, line_list = [], [], []
   for number, line in enumerate(body.split(b'\n'), start=2):
@@ -156,20 +173,24 @@ def parse_ferplus_csv(path: str | os.PathLike) -> FerPlusVotes:
   return FerPlusVotes(votes=votes, usage=usage, lines=lines)
 
 
-def check_rows_match(ferplus: FerPlusVotes, ferplus_path: str, fer2013_usage: np.ndarray,
-                     fer2013_path: str) -> None:
+def check_rows_match(
+  ferplus: FerPlusVotes, ferplus_path: str, fer2013_usage: np.ndarray, fer2013_path: str
+) -> None:
   """The FER+ rows must be FER2013's, row for row: same count, same Usage in every row."""
   n, m = len(ferplus.usage), len(fer2013_usage)
   if n != m:
-    raise DataError(f'{ferplus_path} has {n} data rows but {fer2013_path} has {m}; FER+ votes '
-                    'are matched to the images row for row, so the two files must correspond')
+    raise DataError(
+      f'{ferplus_path} has {n} data rows but {fer2013_path} has {m}; FER+ votes '
+      'are matched to the images row for row, so the two files must correspond'
+    )
   bad = np.flatnonzero(ferplus.usage != fer2013_usage)
   if len(bad):
     i = bad[0]
     raise DataError(
-        f'{ferplus_path} line {ferplus.lines[i]}: Usage {FER2013_USAGES[ferplus.usage[i]]} but '
-        f'data row {i + 1} of {fer2013_path} is {FER2013_USAGES[fer2013_usage[i]]}; the files '
-        'must correspond row for row')
+      f'{ferplus_path} line {ferplus.lines[i]}: Usage {FER2013_USAGES[ferplus.usage[i]]} but '
+      f'data row {i + 1} of {fer2013_path} is {FER2013_USAGES[fer2013_usage[i]]}; the files '
+      'must correspond row for row'
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -195,13 +216,24 @@ def ferplus_labels(votes: np.ndarray, num_classes: int = 8) -> FerPlusLabels:
   probability_ok = top > other.max(axis=1)
   counts = emotions.sum(axis=1, keepdims=True)
   soft = np.where(probability_ok[:, None], emotions / np.maximum(counts, 1), 0.0)
-  return FerPlusLabels(class_names=names, majority_ok=majority_ok, probability_ok=probability_ok,
-                       labels=emotions.argmax(axis=1).astype(np.int32),
-                       soft_labels=soft.astype(np.float32))
+  return FerPlusLabels(
+    class_names=names,
+    majority_ok=majority_ok,
+    probability_ok=probability_ok,
+    labels=emotions.argmax(axis=1).astype(np.int32),
+    soft_labels=soft.astype(np.float32),
+  )
 
 
-def ferplus_dataset(images: np.ndarray, usage: np.ndarray, votes: np.ndarray, *, mode: str,
-                    num_classes: int = 8, train_split: str = 'Training') -> Dataset:
+def ferplus_dataset(
+  images: np.ndarray,
+  usage: np.ndarray,
+  votes: np.ndarray,
+  *,
+  mode: str,
+  num_classes: int = 8,
+  train_split: str = 'Training',
+) -> Dataset:
   """The FER+ Dataset of images (N, H, W, 1) with FER2013 usage codes and FER+ votes.
 
   Splits keep FER2013's names; each holds the images its rule keeps, in file order. In
@@ -210,31 +242,58 @@ def ferplus_dataset(images: np.ndarray, usage: np.ndarray, votes: np.ndarray, *,
   if mode not in LABEL_MODES:
     raise ValueError(f'mode={mode!r}: expected one of {LABEL_MODES}')
   if images.ndim != 4 or not len(images) == len(usage) == len(votes):
-    raise ValueError(f'images {images.shape}, usage {usage.shape} and votes {votes.shape} '
-                     'must be (N, H, W, 1), (N,) and (N, 10)')
+    raise ValueError(
+      f'images {images.shape}, usage {usage.shape} and votes {votes.shape} '
+      'must be (N, H, W, 1), (N,) and (N, 10)'
+    )
   lab = ferplus_labels(votes, num_classes)
   splits = {}
   for i, name in enumerate(FER2013_USAGES):
     soft = mode == 'probability' and name == train_split
     keep = np.flatnonzero((usage == i) & (lab.probability_ok if soft else lab.majority_ok))
-    splits[name] = Split(images=images[keep], labels=lab.labels[keep],
-                         soft_labels=lab.soft_labels[keep] if soft else None)
-    logging.info('FER+ %s (%d classes, %s labels): %d of %d images kept', name, num_classes,
-                 'probability' if soft else 'majority', len(keep), int(np.sum(usage == i)))
+    splits[name] = Split(
+      images=images[keep],
+      labels=lab.labels[keep],
+      soft_labels=lab.soft_labels[keep] if soft else None,
+    )
+    logging.info(
+      'FER+ %s (%d classes, %s labels): %d of %d images kept',
+      name,
+      num_classes,
+      'probability' if soft else 'majority',
+      len(keep),
+      int(np.sum(usage == i)),
+    )
   return Dataset(splits=splits, class_names=lab.class_names)
 
 
-def load_ferplus_csv(fer2013_path: str | os.PathLike, ferplus_path: str | os.PathLike, *,
-                     mode: str, num_classes: int = 8, train_split: str = 'Training',
-                     cache_dir: str | None = None, skip_bad_rows: bool = False) -> Dataset:
+def load_ferplus_csv(
+  fer2013_path: str | os.PathLike,
+  ferplus_path: str | os.PathLike,
+  *,
+  mode: str,
+  num_classes: int = 8,
+  train_split: str = 'Training',
+  cache_dir: str | None = None,
+  skip_bad_rows: bool = False,
+) -> Dataset:
   """FER2013's images (through the cache) with FER+ labels from fer2013new.csv."""
   from fer_jax.data.fer2013_csv import load_fer2013_rows
+
   fer2013_path, ferplus_path = os.fspath(fer2013_path), os.fspath(ferplus_path)
   rows = load_fer2013_rows(fer2013_path, cache_dir=cache_dir, skip_bad_rows=skip_bad_rows)
   votes = parse_ferplus_csv(ferplus_path)
   if rows.skipped:
-    raise DataError(f'{fer2013_path}: {sum(rows.skipped.values())} bad rows were skipped, so its '
-                    f'rows no longer line up with {ferplus_path}; FER+ needs every row')
+    raise DataError(
+      f'{fer2013_path}: {sum(rows.skipped.values())} bad rows were skipped, so its '
+      f'rows no longer line up with {ferplus_path}; FER+ needs every row'
+    )
   check_rows_match(votes, ferplus_path, rows.usage, fer2013_path)
-  return ferplus_dataset(rows.images[..., None], rows.usage, votes.votes, mode=mode,
-                         num_classes=num_classes, train_split=train_split)
+  return ferplus_dataset(
+    rows.images[..., None],
+    rows.usage,
+    votes.votes,
+    mode=mode,
+    num_classes=num_classes,
+    train_split=train_split,
+  )

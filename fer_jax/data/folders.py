@@ -9,11 +9,11 @@ Decoding ~36k small PNGs takes seconds, so the decoded arrays are cached on disk
 
 from __future__ import annotations
 
-from concurrent import futures
 import os
+from concurrent import futures
 
-from absl import logging
 import numpy as np
+from absl import logging
 from PIL import Image, ImageOps
 
 from fer_jax.data import cache
@@ -49,8 +49,10 @@ def _find_split_dir(root: str, name: str) -> str:
     full = os.path.join(root, entry)
     if entry.lower() == name and os.path.isdir(full):
       return full
-  raise DataError(f'{root} has no {name}/ directory; expected the Kaggle layout '
-                  f'{root}/train/<class>/*.png and {root}/test/<class>/*.png')
+  raise DataError(
+    f'{root} has no {name}/ directory; expected the Kaggle layout '
+    f'{root}/train/<class>/*.png and {root}/test/<class>/*.png'
+  )
 
 
 def _list_split(split_dir: str) -> tuple[list[str], np.ndarray]:
@@ -61,8 +63,10 @@ def _list_split(split_dir: str) -> tuple[list[str], np.ndarray]:
   labels: list[int] = []
   for name, path in class_dirs.items():
     if name not in FER2013_CLASSES:
-      raise DataError(f'{path}: unknown class folder {os.path.basename(path)!r}; '
-                      f'allowed names (any case): {allowed}')
+      raise DataError(
+        f'{path}: unknown class folder {os.path.basename(path)!r}; '
+        f'allowed names (any case): {allowed}'
+      )
   for label, name in enumerate(FER2013_CLASSES):
     if name not in class_dirs:
       continue
@@ -79,8 +83,10 @@ def _list_split(split_dir: str) -> tuple[list[str], np.ndarray]:
       files.append(full)
     labels.extend([label] * len(names))
   if not files:
-    raise DataError(f'{split_dir} has no images; expected {split_dir}/<class>/*.png '
-                    f'with class folders among: {allowed}')
+    raise DataError(
+      f'{split_dir} has no images; expected {split_dir}/<class>/*.png '
+      f'with class folders among: {allowed}'
+    )
   return files, np.asarray(labels, np.int32)
 
 
@@ -95,8 +101,9 @@ def _decode(path: str, image_size: int) -> np.ndarray:
         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
       return np.asarray(img, np.uint8)
   except Image.UnidentifiedImageError:
-    raise DataError(f'{path}: corrupt or unreadable image (not a PNG or JPEG Pillow can '
-                    'identify)') from None
+    raise DataError(
+      f'{path}: corrupt or unreadable image (not a PNG or JPEG Pillow can identify)'
+    ) from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     reason = (str(e).splitlines() or [type(e).__name__])[0]
     raise DataError(f'{path}: corrupt or unreadable image ({reason})') from None
@@ -122,8 +129,10 @@ def load_image_folders(root: str, *, image_size: int, cache_dir: str) -> Dataset
     raise ValueError(f'image_size must be positive, got {image_size}')
   if not os.path.isdir(root):
     what = 'is not a directory' if os.path.exists(root) else 'not found'
-    raise DataError(f'{root}: image-folder root {what} (expected {root}/train/<class>/*.png '
-                    f'and {root}/test/<class>/*.png)')
+    raise DataError(
+      f'{root}: image-folder root {what} (expected {root}/train/<class>/*.png '
+      f'and {root}/test/<class>/*.png)'
+    )
   split_dirs = {name: _find_split_dir(root, name) for name in SPLIT_DIRS}
 
   def build() -> tuple[dict[str, np.ndarray], dict]:
@@ -135,15 +144,25 @@ def load_image_folders(root: str, *, image_size: int, cache_dir: str) -> Dataset
         arrays[f'{name}_labels'] = labels
     return arrays, {name: len(files) for name, (files, _) in listed.items()}
 
-  arrays, meta = cache.cached_arrays(root, cache_dir=cache_dir, kind=CACHE_KIND,
-                                     version=LOADER_VERSION, build=build,
-                                     params={'image_size': image_size})
+  arrays, meta = cache.cached_arrays(
+    root,
+    cache_dir=cache_dir,
+    kind=CACHE_KIND,
+    version=LOADER_VERSION,
+    build=build,
+    params={'image_size': image_size},
+  )
   train = Split(images=arrays['train_images'], labels=arrays['train_labels'])
   test = Split(images=arrays['test_images'], labels=arrays['test_labels'])
-  logging.info('image folders %s: %d train, %d test images (test/ serves as both '
-               'PublicTest and PrivateTest)', root, meta['train'], meta['test'])
-  return Dataset(splits={'Training': train, 'PublicTest': test, 'PrivateTest': test},
-                 class_names=FER2013_CLASSES)
+  logging.info(
+    'image folders %s: %d train, %d test images (test/ serves as both PublicTest and PrivateTest)',
+    root,
+    meta['train'],
+    meta['test'],
+  )
+  return Dataset(
+    splits={'Training': train, 'PublicTest': test, 'PrivateTest': test}, class_names=FER2013_CLASSES
+  )
 
 
 def is_class_folder(path: str) -> bool:

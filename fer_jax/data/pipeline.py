@@ -34,7 +34,7 @@ class _Gather:
     self._lo, self._hi = lo, hi
 
   def __call__(self, indices: np.ndarray) -> Batch:
-    idx = indices[self._lo:self._hi]
+    idx = indices[self._lo : self._hi]
     batch = {'image': self._images[idx], 'label': self._labels[idx]}
     if self._soft is not None:
       batch['soft_label'] = self._soft[idx]
@@ -42,13 +42,13 @@ class _Gather:
 
 
 def make_train_iterator(
-    split: Split,
-    *,
-    global_batch: int,
-    num_epochs: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+  split: Split,
+  *,
+  global_batch: int,
+  num_epochs: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> grain.DatasetIterator:
   """A checkpointable iterator over `num_epochs` epochs of this process's training batches.
 
@@ -61,10 +61,12 @@ def make_train_iterator(
   per_process = global_batch // process_count
   n_steps = steps_per_epoch(len(split), global_batch)
   if n_steps == 0:
-    raise ValueError(f'training split has {len(split)} examples, fewer than one batch of {global_batch}')
+    raise ValueError(
+      f'training split has {len(split)} examples, fewer than one batch of {global_batch}'
+    )
   lo = process_index * per_process
   ds = grain.MapDataset.range(len(split)).shuffle(seed=seed)
-  ds = ds[:n_steps * global_batch].batch(global_batch, batch_fn=np.stack).repeat(num_epochs)
+  ds = ds[: n_steps * global_batch].batch(global_batch, batch_fn=np.stack).repeat(num_epochs)
   ds = ds.map(_Gather(split, lo, lo + per_process))
   # One prefetch thread is plenty (a batch is one fancy-index, ~1 ms); grain's default of 16
   # threads and 500 buffered elements only competes with XLA for the CPU cores.
@@ -72,11 +74,11 @@ def make_train_iterator(
 
 
 def eval_batches(
-    split: Split,
-    *,
-    global_batch: int,
-    process_index: int = 0,
-    process_count: int = 1,
+  split: Split,
+  *,
+  global_batch: int,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> Iterator[Batch]:
   """Yields every example exactly once, in order, as this process's part of each global batch.
 
@@ -88,10 +90,14 @@ def eval_batches(
   n = len(split)
   for start in range(0, n, global_batch):
     idx = np.arange(start, start + global_batch)
-    idx = idx[process_index * per_process:(process_index + 1) * per_process]
+    idx = idx[process_index * per_process : (process_index + 1) * per_process]
     mask = idx < n
     idx = np.where(mask, idx, 0)
-    batch = {'image': split.images[idx], 'label': split.labels[idx], 'mask': mask.astype(np.float32)}
+    batch = {
+      'image': split.images[idx],
+      'label': split.labels[idx],
+      'mask': mask.astype(np.float32),
+    }
     if split.soft_labels is not None:
       batch['soft_label'] = split.soft_labels[idx]
     yield batch

@@ -30,9 +30,20 @@ CLASS_PROBS = np.array([0.14, 0.05, 0.14, 0.22, 0.16, 0.12, 0.17])
 #   asym: mouth tilt (disgust sneer); wave: mouth wobble; slant: brows' inner end down (+)
 #   or up (-); raise: brows up (-) / down (+); eye: eye openness; teeth: teeth shown in
 #   an open mouth; furrow: frown lines between the brows.
-_PARAM_NAMES = ('curve', 'open', 'width', 'asym', 'wave', 'slant', 'raise', 'eye',
-                'teeth', 'furrow')
-_CLASS_PARAMS = np.array([
+_PARAM_NAMES = (
+  'curve',
+  'open',
+  'width',
+  'asym',
+  'wave',
+  'slant',
+  'raise',
+  'eye',
+  'teeth',
+  'furrow',
+)
+_CLASS_PARAMS = np.array(
+  [
     # curve  open  width  asym  wave  slant  raise  eye  teeth furrow
     [-0.05, 0.00, 0.26, 0.00, 0.00, 0.14, 0.08, 0.80, 0.0, 1.0],  # angry
     [-0.07, 0.03, 0.33, 0.09, 0.035, 0.07, 0.07, 0.50, 0.0, 0.6],  # disgust
@@ -41,9 +52,12 @@ _CLASS_PARAMS = np.array([
     [-0.13, 0.00, 0.33, 0.00, 0.00, -0.12, -0.02, 0.80, 0.0, 0.0],  # sad
     [0.00, 0.32, 0.19, 0.00, 0.00, -0.02, -0.17, 1.55, 0.0, 0.0],  # surprise
     [0.00, 0.00, 0.36, 0.00, 0.00, 0.00, 0.00, 1.00, 0.0, 0.0],  # neutral
-], dtype=np.float32)
-_PARAM_NOISE = np.array([0.045, 0.03, 0.045, 0.02, 0.01, 0.045, 0.045, 0.2, 0.0, 0.25],
-                        dtype=np.float32)
+  ],
+  dtype=np.float32,
+)
+_PARAM_NOISE = np.array(
+  [0.045, 0.03, 0.045, 0.02, 0.01, 0.045, 0.045, 0.2, 0.0, 0.25], dtype=np.float32
+)
 # Probability that a sample of the class opens its mouth at all (happy: open smile).
 _OPEN_PROB = np.array([0.0, 1.0, 1.0, 0.55, 0.0, 1.0, 0.0], dtype=np.float32)
 _NEUTRAL = 6
@@ -61,7 +75,7 @@ def _soft(d: np.ndarray) -> np.ndarray:
 def _ellipse_dist(u, v, a, b):
   """Approximate signed distance to an axis-aligned ellipse (first-order, in u/v units)."""
   q = np.sqrt((u / a) ** 2 + (v / b) ** 2)
-  g = np.sqrt((u / a ** 2) ** 2 + (v / b ** 2) ** 2)
+  g = np.sqrt((u / a**2) ** 2 + (v / b**2) ** 2)
   return (q - 1.0) * q / np.maximum(g, 1e-6)
 
 
@@ -137,7 +151,7 @@ def _render_batch(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   light = _col(rng.uniform(-0.25, 0.25, n)) * u + _col(rng.uniform(-0.1, 0.15, n)) * v
   shade = skin * (1.0 + light) * (1.0 - 0.18 * ((u / ax_h) ** 2 + (v / ay_h) ** 2))
   _paint(img, _soft(head_d / px), shade)
-  hair_line = _col(rng.uniform(-1.25, -0.8, n)) + 0.25 * u ** 2
+  hair_line = _col(rng.uniform(-1.25, -0.8, n)) + 0.25 * u**2
   hair_d = _ellipse_dist(u, v, ax_h + 0.12, ay_h + 0.12)
   hair_alpha = _soft(hair_d / px) * _soft((v - hair_line) / px)
   hair_alpha *= _col(rng.uniform(size=n) < 0.75)
@@ -173,11 +187,11 @@ def _render_batch(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   my = _col(rng.normal(0.68, 0.04, n))
   mw = e['width']
   t = np.clip(u / mw, -1.0, 1.0)
-  yc = my - e['curve'] * t ** 2 + e['asym'] * t + e['wave'] * np.sin(2 * np.pi * t)
+  yc = my - e['curve'] * t**2 + e['asym'] * t + e['wave'] * np.sin(2 * np.pi * t)
   slope = (-2 * e['curve'] * t + e['asym'] + e['wave'] * 2 * np.pi * np.cos(2 * np.pi * t)) / mw
-  half_open = 0.5 * e['open'] * np.sqrt(np.clip(1 - t ** 2, 0, 1))
+  half_open = 0.5 * e['open'] * np.sqrt(np.clip(1 - t**2, 0, 1))
   lip = 0.045
-  vert = np.abs(v - yc) / np.sqrt(1 + slope ** 2)
+  vert = np.abs(v - yc) / np.sqrt(1 + slope**2)
   mouth_d = np.maximum(vert - half_open - lip, au - mw)
   _paint(img, _soft(mouth_d / px), skin * 0.3)
   inner_d = np.maximum(vert - half_open + 0.01, au - mw + 0.03)
@@ -201,8 +215,8 @@ def render_faces(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   labels = labels.astype(np.int64)
   out = np.empty((len(labels), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
   for start in range(0, len(labels), _BATCH):
-    batch = _render_batch(labels[start:start + _BATCH], rng)
-    out[start:start + _BATCH] = np.clip(np.rint(batch), 0, 255).astype(np.uint8)
+    batch = _render_batch(labels[start : start + _BATCH], rng)
+    out[start : start + _BATCH] = np.clip(np.rint(batch), 0, 255).astype(np.uint8)
   return out
 
 
@@ -212,18 +226,20 @@ def _split_labels(num: int, rng: np.random.Generator) -> np.ndarray:
   counts = np.ones(k, np.int64)
   counts += np.floor(CLASS_PROBS * (num - k)).astype(np.int64)
   remainder = CLASS_PROBS * (num - k) - np.floor(CLASS_PROBS * (num - k))
-  counts[np.argsort(-remainder, kind='stable')[:num - counts.sum()]] += 1
+  counts[np.argsort(-remainder, kind='stable')[: num - counts.sum()]] += 1
   return rng.permutation(np.repeat(np.arange(k), counts))
 
 
-def synthetic_splits(*, num_train: int, num_test: int,
-                     seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def synthetic_splits(
+  *, num_train: int, num_test: int, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{'Training'|'PublicTest'|'PrivateTest': (images uint8 (N,48,48), labels int32 (N,))}."""
   k = len(types.FER2013_CLASSES)
   if num_train < k or num_test < k:
     raise errors.ConfigError(
-        f'synthetic data needs at least {k} rows per split (one per class), '
-        f'got num_train={num_train} num_test={num_test}')
+      f'synthetic data needs at least {k} rows per split (one per class), '
+      f'got num_train={num_train} num_test={num_test}'
+    )
   out = {}
   for i, (usage, num) in enumerate(zip(types.FER2013_USAGES, (num_train, num_test, num_test))):
     # One independent stream per split: the test splits do not depend on num_train.
@@ -245,8 +261,10 @@ def write_synthetic_csv(path: str, *, num_train: int, num_test: int, seed: int =
       f.write('emotion,pixels,Usage\n')
       for usage, (images, labels) in splits.items():
         flat = images.reshape(len(images), -1).tolist()
-        f.writelines(f'{label},{" ".join(map(table.__getitem__, row))},{usage}\n'
-                     for label, row in zip(labels.tolist(), flat))
+        f.writelines(
+          f'{label},{" ".join(map(table.__getitem__, row))},{usage}\n'
+          for label, row in zip(labels.tolist(), flat)
+        )
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

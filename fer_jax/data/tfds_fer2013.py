@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import time
 
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from tensorflow_datasets.proto import tf_example_pb2
 
 from fer_jax.data import ferplus
@@ -32,8 +32,10 @@ SPLITS = {'train': 'Training', 'public_test': 'PublicTest', 'private_test': 'Pri
 CSV_NAMES = ('fer2013.csv', 'fer2013.csv.gz')
 FILE_FORMAT = 'array_record'
 
-_HOMEPAGE = ('https://www.kaggle.com/c/'
-             'challenges-in-representation-learning-facial-expression-recognition-challenge')
+_HOMEPAGE = (
+  'https://www.kaggle.com/c/'
+  'challenges-in-representation-learning-facial-expression-recognition-challenge'
+)
 _CITATION = """@article{goodfellow2013challenges,
   title={Challenges in Representation Learning: A report on three machine learning contests},
   author={Goodfellow, Ian J. and Erhan, Dumitru and Carrier, Pierre Luc and Courville, Aaron
@@ -50,9 +52,10 @@ class Fer2013(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name='default', description='Images and FER2013 labels.'),
-      tfds.core.BuilderConfig(
-          name='ferplus', description='Images, FER2013 labels and the FER+ vote counts.'),
+    tfds.core.BuilderConfig(name='default', description='Images and FER2013 labels.'),
+    tfds.core.BuilderConfig(
+      name='ferplus', description='Images, FER2013 labels and the FER+ vote counts.'
+    ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   FER2013 comes from the Kaggle competition "Challenges in Representation Learning: Facial
@@ -68,32 +71,39 @@ class Fer2013(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = {
-        # Raw bytes, not TFDS's default int64 list: decoding is a single copy.
-        'image': tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8,
-                                      encoding=tfds.features.Encoding.BYTES),
-        'label': tfds.features.ClassLabel(names=list(FER2013_CLASSES)),
+      # Raw bytes, not TFDS's default int64 list: decoding is a single copy.
+      'image': tfds.features.Tensor(
+        shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+      ),
+      'label': tfds.features.ClassLabel(names=list(FER2013_CLASSES)),
     }
     if self.builder_config.name == 'ferplus':
       features['ferplus_votes'] = tfds.features.Tensor(
-          shape=(len(ferplus.VOTE_COLUMNS),), dtype=np.int32, encoding=tfds.features.Encoding.BYTES)
+        shape=(len(ferplus.VOTE_COLUMNS),), dtype=np.int32, encoding=tfds.features.Encoding.BYTES
+      )
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=('FER2013 facial-expression images; ferplus_votes are the counts of ten '
-                     f'annotators over {", ".join(ferplus.VOTE_COLUMNS)}.'),
-        features=tfds.features.FeaturesDict(features),
-        supervised_keys=('image', 'label'),
-        homepage=_HOMEPAGE,
-        citation=_CITATION,
-        disable_shuffling=True,  # keep the CSV's order
+      builder=self,
+      description=(
+        'FER2013 facial-expression images; ferplus_votes are the counts of ten '
+        f'annotators over {", ".join(ferplus.VOTE_COLUMNS)}.'
+      ),
+      features=tfds.features.FeaturesDict(features),
+      supervised_keys=('image', 'label'),
+      homepage=_HOMEPAGE,
+      citation=_CITATION,
+      disable_shuffling=True,  # keep the CSV's order
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = os.fspath(dl_manager.manual_dir)
-    found = [os.path.join(manual_dir, n) for n in CSV_NAMES
-             if os.path.isfile(os.path.join(manual_dir, n))]
+    found = [
+      os.path.join(manual_dir, n) for n in CSV_NAMES if os.path.isfile(os.path.join(manual_dir, n))
+    ]
     if not found:
-      raise DataError(f'{manual_dir} has none of {", ".join(CSV_NAMES)}: '
-                      f'{" ".join(self.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}')
+      raise DataError(
+        f'{manual_dir} has none of {", ".join(CSV_NAMES)}: '
+        f'{" ".join(self.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}'
+      )
     parsed = parse_fer2013_csv(found[0])
     votes = None
     if self.builder_config.name == 'ferplus':
@@ -101,13 +111,16 @@ class Fer2013(tfds.core.GeneratorBasedBuilder):
       parsed_votes = ferplus.parse_ferplus_csv(votes_path)
       ferplus.check_rows_match(parsed_votes, votes_path, parsed.usage, found[0])
       votes = parsed_votes.votes
-    return {split: self._generate_examples(parsed.images, parsed.labels,
-                                           np.flatnonzero(parsed.usage == FER2013_USAGES.index(u)),
-                                           votes)
-            for split, u in SPLITS.items()}
+    return {
+      split: self._generate_examples(
+        parsed.images, parsed.labels, np.flatnonzero(parsed.usage == FER2013_USAGES.index(u)), votes
+      )
+      for split, u in SPLITS.items()
+    }
 
-  def _generate_examples(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-                         votes: np.ndarray | None):
+  def _generate_examples(
+    self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray, votes: np.ndarray | None
+  ):
     for i in rows.tolist():
       example = {'image': images[i][..., None], 'label': int(labels[i])}
       if votes is not None:
@@ -125,15 +138,18 @@ def _decode(records: list[bytes], with_votes: bool) -> dict[str, np.ndarray]:
     for k in keys:
       raw[k].append(feature[k].bytes_list.value[0])
     labels[i] = feature['label'].int64_list.value[0]
-  shapes = {'image': ((IMAGE_SIZE, IMAGE_SIZE, 1), np.uint8),
-            'ferplus_votes': ((len(ferplus.VOTE_COLUMNS),), np.int32)}
+  shapes = {
+    'image': ((IMAGE_SIZE, IMAGE_SIZE, 1), np.uint8),
+    'ferplus_votes': ((len(ferplus.VOTE_COLUMNS),), np.int32),
+  }
   out = {'label': labels}
   for k in keys:
     shape, dtype = shapes[k]
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if any(len(b) != size for b in raw[k]):
-      raise DataError(f'TFDS {NAME}: a {k!r} record is not {size} bytes; rebuild the dataset '
-                      f'(delete its folder)')
+      raise DataError(
+        f'TFDS {NAME}: a {k!r} record is not {size} bytes; rebuild the dataset (delete its folder)'
+      )
     out[k] = np.frombuffer(bytearray().join(raw[k]), dtype).reshape(len(records), *shape)
   return out
 
@@ -148,8 +164,9 @@ def manual_dir_of(path: str) -> str:
   return path if os.path.isdir(path) else os.path.dirname(path)
 
 
-def read_fer2013(*, data_dir: str, manual_dir: str, with_votes: bool = False
-                 ) -> dict[str, dict[str, np.ndarray]]:
+def read_fer2013(
+  *, data_dir: str, manual_dir: str, with_votes: bool = False
+) -> dict[str, dict[str, np.ndarray]]:
   """{FER2013 Usage: {'image', 'label'[, 'ferplus_votes']}}, building the dataset if needed.
 
   Reads through `tfds.data_source` (array_record, random access, no TensorFlow).
@@ -163,20 +180,34 @@ def read_fer2013(*, data_dir: str, manual_dir: str, with_votes: bool = False
     if with_votes and not os.path.isfile(os.path.join(manual_dir, ferplus.FILE_NAME)):
       missing.append(ferplus.FILE_NAME)
     if missing:
-      raise ConfigError(f'building the TFDS dataset {NAME}/{config} needs {" and ".join(missing)} '
-                        f'in the manual dir {manual_dir} (the folder of config.data.path)')
+      raise ConfigError(
+        f'building the TFDS dataset {NAME}/{config} needs {" and ".join(missing)} '
+        f'in the manual dir {manual_dir} (the folder of config.data.path)'
+      )
     logging.info('building TFDS %s/%s in %s from %s', NAME, config, data_dir, manual_dir)
     t = time.perf_counter()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, try_download_gcs=False))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+    )
     logging.info('built TFDS %s/%s in %.1f s', NAME, config, time.perf_counter() - t)
   t = time.perf_counter()
   # Raw records, decoded below in bulk: TFDS's per-example numpy decoding is 4x slower.
-  sources = tfds.data_source(f'{NAME}/{config}', data_dir=data_dir, download=False,
-                             builder_kwargs={'file_format': FILE_FORMAT},
-                             deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  out = {usage: _decode(sources[split].__getitems__(range(len(sources[split]))), with_votes)
-         for split, usage in SPLITS.items()}
-  logging.info('read TFDS %s/%s (%d examples) in %.2f s', NAME, config,
-               sum(len(s['label']) for s in out.values()), time.perf_counter() - t)
+  sources = tfds.data_source(
+    f'{NAME}/{config}',
+    data_dir=data_dir,
+    download=False,
+    builder_kwargs={'file_format': FILE_FORMAT},
+    deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
+  )
+  out = {
+    usage: _decode(sources[split].__getitems__(range(len(sources[split]))), with_votes)
+    for split, usage in SPLITS.items()
+  }
+  logging.info(
+    'read TFDS %s/%s (%d examples) in %.2f s',
+    NAME,
+    config,
+    sum(len(s['label']) for s in out.values()),
+    time.perf_counter() - t,
+  )
   return out

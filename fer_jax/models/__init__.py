@@ -18,7 +18,8 @@ Module called as `model.apply(variables, x, train=..., **optional)`:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -50,8 +51,10 @@ def _lowering(model_cfg: Any) -> str:
     # than while the first step is being traced.
     native.available()
   if name == 'native' and layers.backend() == 'cpu' and not native.available():
-    raise ConfigError(f"config.model.lowering='native' needs the C++ conv kernels, which are not "
-                      f"available here: {native.unavailable_reason()} (use 'auto' or 'dot')")
+    raise ConfigError(
+      f"config.model.lowering='native' needs the C++ conv kernels, which are not "
+      f"available here: {native.unavailable_reason()} (use 'auto' or 'dot')"
+    )
   return name
 
 
@@ -76,9 +79,12 @@ def _seed_cnn(model_cfg: Any, num_classes: int) -> nn.Module:
   if isinstance(rates, (int, float)) or len(tuple(rates)) != 3:
     raise ConfigError(f'config.model.dropout={rates!r}: seed_cnn expects 3 rates in [0, 1)')
   _min_size(model_cfg, 12, 'seed_cnn')
-  return SeedCNN(num_classes=num_classes,
-                 dropout=tuple(_rate(r, 'dropout') for r in rates),
-                 dtype=_dtype(model_cfg), lowering=_lowering(model_cfg))
+  return SeedCNN(
+    num_classes=num_classes,
+    dropout=tuple(_rate(r, 'dropout') for r in rates),
+    dtype=_dtype(model_cfg),
+    lowering=_lowering(model_cfg),
+  )
 
 
 def _vgg_fer(model_cfg: Any, num_classes: int) -> nn.Module:
@@ -87,9 +93,14 @@ def _vgg_fer(model_cfg: Any, num_classes: int) -> nn.Module:
   if not width > 0 or any(d <= 0 for d in dense):
     raise ConfigError(f'config.model.width={width} and dense={dense} must be positive')
   _min_size(model_cfg, 16, 'vgg_fer (four 2x2 pools)')
-  return VGGFer(num_classes=num_classes, width=width, dense=dense,
-                dropout=_rate(model_cfg.get('dropout', 0.2), 'dropout'),
-                dtype=_dtype(model_cfg), lowering=_lowering(model_cfg))
+  return VGGFer(
+    num_classes=num_classes,
+    width=width,
+    dense=dense,
+    dropout=_rate(model_cfg.get('dropout', 0.2), 'dropout'),
+    dtype=_dtype(model_cfg),
+    lowering=_lowering(model_cfg),
+  )
 
 
 def _resnet18(model_cfg: Any, num_classes: int) -> nn.Module:
@@ -97,15 +108,20 @@ def _resnet18(model_cfg: Any, num_classes: int) -> nn.Module:
   if width <= 0:
     raise ConfigError(f'config.model.width={width}: must be a positive channel count')
   _min_size(model_cfg, 8, 'resnet18 (three stride-2 stages)')
-  return ResNet(num_classes=num_classes, stage_sizes=(2, 2, 2, 2), width=width,
-                dropout=_rate(model_cfg.get('dropout', 0.0), 'dropout'),
-                dtype=_dtype(model_cfg), lowering=_lowering(model_cfg))
+  return ResNet(
+    num_classes=num_classes,
+    stage_sizes=(2, 2, 2, 2),
+    width=width,
+    dropout=_rate(model_cfg.get('dropout', 0.0), 'dropout'),
+    dtype=_dtype(model_cfg),
+    lowering=_lowering(model_cfg),
+  )
 
 
 MODELS: dict[str, Callable[[Any, int], nn.Module]] = {
-    'seed_cnn': _seed_cnn,
-    'vgg_fer': _vgg_fer,
-    'resnet18': _resnet18,
+  'seed_cnn': _seed_cnn,
+  'vgg_fer': _vgg_fer,
+  'resnet18': _resnet18,
 }
 
 
@@ -138,5 +154,14 @@ def l2_kernels(model: nn.Module, params: Any) -> list[jax.Array]:
   return out
 
 
-__all__ = ['DTYPES', 'MODELS', 'ResNet', 'SeedCNN', 'VGGFer', 'count_params', 'for_pmap',
-           'get_model', 'l2_kernels']
+__all__ = [
+  'DTYPES',
+  'MODELS',
+  'ResNet',
+  'SeedCNN',
+  'VGGFer',
+  'count_params',
+  'for_pmap',
+  'get_model',
+  'l2_kernels',
+]

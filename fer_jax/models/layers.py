@@ -27,10 +27,10 @@ import functools
 import math
 from typing import Any
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax import lax
 
 from fer_jax import native
@@ -61,8 +61,9 @@ def resolve_lowering(lowering: str) -> str:
   if lowering in ('native', 'dot') and name != 'cpu':
     if lowering not in _NOTICED:
       _NOTICED.add(lowering)
-      logging.warning("lowering=%r is a CPU lowering: using XLA's convolution on %s", lowering,
-                      name)
+      logging.warning(
+        "lowering=%r is a CPU lowering: using XLA's convolution on %s", lowering, name
+      )
     return 'xla'
   return lowering
 
@@ -82,7 +83,7 @@ def max_pool_2x2(x: jax.Array, lowering: str = 'auto') -> jax.Array:
   if resolve_lowering(lowering) == 'xla':
     return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
   _, h, w, _ = x.shape
-  return jnp.max(_pool_windows(x[:, :h // 2 * 2, :w // 2 * 2, :]), axis=(2, 4))
+  return jnp.max(_pool_windows(x[:, : h // 2 * 2, : w // 2 * 2, :]), axis=(2, 4))
 
 
 def im2col_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
@@ -90,8 +91,9 @@ def im2col_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
   concatenated on the channel axis in HWI order (matching an HWIO kernel's reshape)."""
   _, h, w, _ = x.shape
   ho, wo = h - kh + 1, w - kw + 1
-  return jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
-                         axis=-1)
+  return jnp.concatenate(
+    [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1
+  )
 
 
 def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
@@ -104,7 +106,7 @@ def crop_for_pool(x: jax.Array, kernel_size: int) -> jax.Array:
   """
   _, h, w, _ = x.shape
   keep = lambda n: n - ((n - kernel_size + 1) % 2)
-  return x[:, :keep(h), :keep(w), :]
+  return x[:, : keep(h), : keep(w), :]
 
 
 def _im2col_conv(xc: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -115,8 +117,9 @@ def _im2col_conv(xc: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array
   return y.reshape(*patches.shape[:3], o), patches
 
 
-def _im2col_conv_grads(xc: jax.Array, patches: jax.Array, kernel: jax.Array,
-                       dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _im2col_conv_grads(
+  xc: jax.Array, patches: jax.Array, kernel: jax.Array, dy: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """(d xc, d kernel) of `_im2col_conv`, given the output gradient dy (B, Ho, Wo, O)."""
   kh, kw, c, o = kernel.shape
   flat, dy = patches.reshape(-1, kh * kw * c), dy.reshape(-1, o)
@@ -163,8 +166,9 @@ def _conv_relu_pool_bwd(method, res, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array,
-                   method: str = 'im2col') -> jax.Array:
+def conv_relu_pool(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array, method: str = 'im2col'
+) -> jax.Array:
   """max_pool_2x2(relu(conv(x, kernel) + bias)) with a hand-written gradient.
 
   `method` computes the conv: 'im2col' (patches + one XLA matmul) or 'direct' (the C++
@@ -195,6 +199,7 @@ class ConvReluPool(nn.Module):
   conv is one im2col matmul ('dot') or the C++ direct kernels ('native', float32 only: a
   bfloat16 model uses im2col), the pool a reshape + max, and the gradient is written by hand.
   """
+
   features: int
   kernel_size: int = 3
   lowering: str = 'auto'
@@ -204,14 +209,16 @@ class ConvReluPool(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (k, k, x.shape[-1], self.features), self.param_dtype)
+    kernel = self.param(
+      'kernel', nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), self.param_dtype
+    )
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     lowering = resolve_lowering(self.lowering)
     if lowering == 'xla':
-      y = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      y = lax.conv_general_dilated(
+        x, kernel, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
       return max_pool_2x2(nn.relu(y + bias), 'xla')
     # The C++ kernels are float32; a bfloat16 model computes its convs by im2col.
     direct = lowering == 'native' and x.dtype == jnp.float32
@@ -245,7 +252,7 @@ def _native_conv_bwd(pad, res, dy):
   d_kernel = native.conv_kernel_grad(xp, dy, kernel.shape[:2])
   d_xp = native.conv_input_grad(dy, kernel)
   h, w = xp.shape[1] - sum(pad), xp.shape[2] - sum(pad)
-  return d_xp[:, pad[0]:pad[0] + h, pad[0]:pad[0] + w, :], d_kernel
+  return d_xp[:, pad[0] : pad[0] + h, pad[0] : pad[0] + w, :], d_kernel
 
 
 native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
@@ -259,6 +266,7 @@ class Conv(nn.Module):
   slice and one matmul; a stride-1 kxk conv runs on the C++ kernels ('native', float32) or as
   one im2col matmul ('dot'); a strided kxk conv stays on lax.conv.
   """
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -274,10 +282,14 @@ class Conv(nn.Module):
     k, s = self.kernel_size, self.strides
     if self.padding not in ('SAME', 'VALID'):
       raise ValueError(f"Conv padding {self.padding!r}: expected 'SAME' or 'VALID'")
-    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel = self.param(
+      'kernel', self.kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype
+    )
+    bias = (
+      self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     lowering = resolve_lowering(self.lowering)
     pad = _same_padding(k) if self.padding == 'SAME' else (0, 0)
@@ -289,8 +301,9 @@ class Conv(nn.Module):
       else:
         y = _im2col_conv(_pad_hw(x, pad), kernel)[0]
     else:
-      y = lax.conv_general_dilated(x, kernel, (s, s), self.padding,
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      y = lax.conv_general_dilated(
+        x, kernel, (s, s), self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
     return y + bias if bias is not None else y
 
 
@@ -301,6 +314,7 @@ class ConvBNReLU(nn.Module):
   PyTorch's 0.1), uses the batch's statistics in training and the averages otherwise; under
   pmap `bn_axis_name` makes the statistics those of the global batch.
   """
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -313,12 +327,26 @@ class ConvBNReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv(self.features, self.kernel_size, self.strides, use_bias=self.use_bias,
-             lowering=self.lowering, dtype=self.dtype, name='conv')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, axis_name=self.bn_axis_name if train else None,
-                     scale_init=(nn.initializers.zeros_init() if self.zero_init_scale
-                                 else nn.initializers.ones_init()), name='bn')(x)
+    x = Conv(
+      self.features,
+      self.kernel_size,
+      self.strides,
+      use_bias=self.use_bias,
+      lowering=self.lowering,
+      dtype=self.dtype,
+      name='conv',
+    )(x)
+    x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      axis_name=self.bn_axis_name if train else None,
+      scale_init=(
+        nn.initializers.zeros_init() if self.zero_init_scale else nn.initializers.ones_init()
+      ),
+      name='bn',
+    )(x)
     return nn.relu(x) if self.relu else x
 
 
@@ -338,12 +366,12 @@ def max_pool_2x2_fast(x: jax.Array) -> jax.Array:
   """2x2 / stride-2 floor max-pool as reshape + max, with a mask gradient to each window's first
   maximum (JAX's own max gradient counts ties, XLA's pool gradient is a slow select_and_scatter)."""
   _, h, w, _ = x.shape
-  return jnp.max(_pool_windows(x[:, :h // 2 * 2, :w // 2 * 2, :]), axis=(2, 4))
+  return jnp.max(_pool_windows(x[:, : h // 2 * 2, : w // 2 * 2, :]), axis=(2, 4))
 
 
 def _max_pool_fwd(x):
   _, h, w, _ = x.shape
-  windows = _pool_windows(x[:, :h // 2 * 2, :w // 2 * 2, :])
+  windows = _pool_windows(x[:, : h // 2 * 2, : w // 2 * 2, :])
   pooled = jnp.max(windows, axis=(2, 4))
   return pooled, (x, pooled)
 
@@ -351,7 +379,7 @@ def _max_pool_fwd(x):
 def _max_pool_bwd(res, d_pooled):
   x, pooled = res
   _, h, w, _ = x.shape
-  windows = _pool_windows(x[:, :h // 2 * 2, :w // 2 * 2, :])
+  windows = _pool_windows(x[:, : h // 2 * 2, : w // 2 * 2, :])
   mask = _first_max_mask(windows, pooled)
   d = jnp.where(mask, d_pooled[:, :, None, :, None, :], 0).astype(x.dtype)
   d = d.reshape(x.shape[0], h // 2 * 2, w // 2 * 2, x.shape[3])
@@ -402,6 +430,7 @@ class Dropout(nn.Module):
   sees (a device's shard, a gradient chunk). Without ids the mask covers the whole array
   (per example under vmap, as with nn.Dropout).
   """
+
   rate: float
   deterministic: bool = False
 
@@ -409,7 +438,7 @@ class Dropout(nn.Module):
   def __call__(self, x: jax.Array, example_ids: jax.Array | None = None) -> jax.Array:
     if self.deterministic or self.rate == 0.0:
       return x
-    threshold = jnp.uint32(min(int(round(self.rate * 2.0 ** 32)), 2 ** 32 - 1))
+    threshold = jnp.uint32(min(int(round(self.rate * 2.0**32)), 2**32 - 1))
     key = self.make_rng('dropout')
     if example_ids is None:
       bits = hash_bits(key, x.shape)

@@ -26,13 +26,22 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(lowering=self.lowering, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
-    y = layers.ConvBNReLU(self.features, strides=self.strides, use_bias=False, name='conv1',
-                          **kw)(x, train)
-    y = layers.ConvBNReLU(self.features, use_bias=False, relu=False, zero_init_scale=True,
-                          name='conv2', **kw)(y, train)
+    y = layers.ConvBNReLU(self.features, strides=self.strides, use_bias=False, name='conv1', **kw)(
+      x, train
+    )
+    y = layers.ConvBNReLU(
+      self.features, use_bias=False, relu=False, zero_init_scale=True, name='conv2', **kw
+    )(y, train)
     if x.shape[-1] != self.features or self.strides != 1:
-      x = layers.ConvBNReLU(self.features, kernel_size=1, strides=self.strides, use_bias=False,
-                            relu=False, name='shortcut', **kw)(x, train)
+      x = layers.ConvBNReLU(
+        self.features,
+        kernel_size=1,
+        strides=self.strides,
+        use_bias=False,
+        relu=False,
+        name='shortcut',
+        **kw,
+      )(x, train)
     return nn.relu(x + y)
 
 
@@ -46,6 +55,7 @@ class ResNet(nn.Module):
     dropout: rate before the logits (0: none).
     dtype, lowering, bn_axis_name: as in `VGGFer`.
   """
+
   num_classes: int = 7
   stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
   width: int = 64
@@ -57,11 +67,17 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, example_ids: jax.Array | None = None) -> jax.Array:
     kw = dict(lowering=self.lowering, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
-    x = layers.ConvBNReLU(self.width, use_bias=False, name='stem', **kw)(x.astype(self.dtype), train)
+    x = layers.ConvBNReLU(self.width, use_bias=False, name='stem', **kw)(
+      x.astype(self.dtype), train
+    )
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
-        x = BasicBlock(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1,
-                       name=f'stage{i + 1}_block{j + 1}', **kw)(x, train)
+        x = BasicBlock(
+          self.width * 2**i,
+          strides=2 if i > 0 and j == 0 else 1,
+          name=f'stage{i + 1}_block{j + 1}',
+          **kw,
+        )(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = layers.Dropout(self.dropout, deterministic=not train, name='drop')(x, example_ids)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x).astype(jnp.float32)

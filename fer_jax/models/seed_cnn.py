@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from fer_jax.models import layers
 
+
 class SeedCNN(nn.Module):
   """The seed notebook's CNN; NHWC float input (B, S, S, 1) -> (B, K) logits.
 
@@ -36,6 +37,7 @@ class SeedCNN(nn.Module):
       still) or 'auto' (native on CPU, or dot where they cannot be built; xla elsewhere);
       see layers.py.
   """
+
   num_classes: int = 7
   dropout: tuple[float, float, float] = (0.25, 0.25, 0.5)
   dtype: Any = jnp.float32
@@ -45,8 +47,7 @@ class SeedCNN(nn.Module):
   L2_KERNEL_PATHS: ClassVar[tuple[tuple[str, ...], ...]] = (('dense1', 'kernel'),)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool,
-               example_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, example_ids: jax.Array | None = None) -> jax.Array:
     """`example_ids` (B,): per-example dropout streams that do not depend on batch layout."""
     p1, p2, p3 = self.dropout
     deterministic = not train

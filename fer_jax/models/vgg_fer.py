@@ -31,6 +31,7 @@ class VGGFer(nn.Module):
     bn_axis_name: the pmap axis over which BatchNorm averages its batch statistics (set by the
       pmap driver so jit and pmap normalise over the same global batch).
   """
+
   num_classes: int = 7
   width: float = 1.0
   dense: tuple[int, ...] = (4096, 4096)
@@ -44,13 +45,18 @@ class VGGFer(nn.Module):
     x = x.astype(self.dtype)
     for block, channels in enumerate((64, 128, 256, 512)):
       for j in 'ab':
-        x = layers.ConvBNReLU(max(1, round(channels * self.width)), lowering=self.lowering,
-                              dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                              name=f'conv{block + 1}{j}')(x, train)
+        x = layers.ConvBNReLU(
+          max(1, round(channels * self.width)),
+          lowering=self.lowering,
+          dtype=self.dtype,
+          bn_axis_name=self.bn_axis_name,
+          name=f'conv{block + 1}{j}',
+        )(x, train)
       x = layers.max_pool(x, self.lowering)
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate(self.dense):
       x = nn.Dense(max(1, round(features * self.width)), dtype=self.dtype, name=f'dense{i + 1}')(x)
       x = layers.Dropout(self.dropout, deterministic=not train, name=f'drop{i + 1}')(
-          nn.relu(x), example_ids)
+        nn.relu(x), example_ids
+      )
     return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x).astype(jnp.float32)

@@ -21,8 +21,8 @@ not build, or names instructions this CPU lacks, raises `NativeMarchError` inste
 
 from __future__ import annotations
 
-import ctypes
 import contextlib
+import ctypes
 import fcntl
 import functools
 import hashlib
@@ -40,10 +40,12 @@ import jax.numpy as jnp
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = ('conv_kernels.cc', 'ffi.cc')
 HEADERS = ('conv_kernels.h',)
-_TARGETS = {'fer_jax_conv_forward': 'FerJaxConvForward',
-            'fer_jax_conv_pool_forward': 'FerJaxConvPoolForward',
-            'fer_jax_conv_kernel_grad': 'FerJaxConvKernelGrad',
-            'fer_jax_conv_kernel_grad_pooled': 'FerJaxConvKernelGradPooled'}
+_TARGETS = {
+  'fer_jax_conv_forward': 'FerJaxConvForward',
+  'fer_jax_conv_pool_forward': 'FerJaxConvPoolForward',
+  'fer_jax_conv_kernel_grad': 'FerJaxConvKernelGrad',
+  'fer_jax_conv_kernel_grad_pooled': 'FerJaxConvKernelGradPooled',
+}
 _BASE_FLAGS = ('-O3', '-std=c++20', '-shared', '-fPIC')
 
 
@@ -90,6 +92,7 @@ def _build_key(cxx: str, flags: tuple[str, ...]) -> str:
     h.update((SOURCE_DIR / name).read_bytes())
   version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout
   import jaxlib  # pylint: disable=import-outside-toplevel
+
   for part in (cxx, version, ' '.join(flags), jaxlib.__version__, _cpu_identity()):
     h.update(part.encode())
   return h.hexdigest()[:16]
@@ -112,8 +115,15 @@ def _compile(cxx: str, flags: tuple[str, ...], out: Path) -> None:
   """Compiles SOURCES into `out` atomically (temporary file + rename)."""
   fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + '.', suffix='.tmp')
   os.close(fd)
-  cmd = [cxx, *flags, '-isystem', jax.ffi.include_dir(),
-         *(str(SOURCE_DIR / s) for s in SOURCES), '-o', tmp]
+  cmd = [
+    cxx,
+    *flags,
+    '-isystem',
+    jax.ffi.include_dir(),
+    *(str(SOURCE_DIR / s) for s in SOURCES),
+    '-o',
+    tmp,
+  ]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -145,21 +155,39 @@ def _cached_or_compiled(cxx: str, flags: tuple[str, ...]) -> Path:
     return path
   with _build_lock(path.parent):
     if not path.exists():  # another process may have built it while we waited
-      logging.info('compiling the fer_jax C++ conv kernels for this CPU (once per machine): %s',
-                   path)
+      logging.info(
+        'compiling the fer_jax C++ conv kernels for this CPU (once per machine): %s', path
+      )
       _compile(cxx, flags, path)
   return path
 
 
 # Predefined macros of a -march target -> the /proc/cpuinfo flag the CPU needs to run its code.
 _MACRO_FLAGS = {
-    '__SSE3__': 'pni', '__SSSE3__': 'ssse3', '__SSE4_1__': 'sse4_1', '__SSE4_2__': 'sse4_2',
-    '__POPCNT__': 'popcnt', '__AVX__': 'avx', '__AVX2__': 'avx2', '__FMA__': 'fma',
-    '__F16C__': 'f16c', '__BMI__': 'bmi1', '__BMI2__': 'bmi2', '__MOVBE__': 'movbe',
-    '__AVX512F__': 'avx512f', '__AVX512CD__': 'avx512cd', '__AVX512BW__': 'avx512bw',
-    '__AVX512DQ__': 'avx512dq', '__AVX512VL__': 'avx512vl', '__AVX512VNNI__': 'avx512_vnni',
-    '__AVX512BF16__': 'avx512_bf16', '__AVX512FP16__': 'avx512_fp16', '__AVXVNNI__': 'avx_vnni',
-    '__AMX_TILE__': 'amx_tile', '__AMX_BF16__': 'amx_bf16', '__AMX_INT8__': 'amx_int8',
+  '__SSE3__': 'pni',
+  '__SSSE3__': 'ssse3',
+  '__SSE4_1__': 'sse4_1',
+  '__SSE4_2__': 'sse4_2',
+  '__POPCNT__': 'popcnt',
+  '__AVX__': 'avx',
+  '__AVX2__': 'avx2',
+  '__FMA__': 'fma',
+  '__F16C__': 'f16c',
+  '__BMI__': 'bmi1',
+  '__BMI2__': 'bmi2',
+  '__MOVBE__': 'movbe',
+  '__AVX512F__': 'avx512f',
+  '__AVX512CD__': 'avx512cd',
+  '__AVX512BW__': 'avx512bw',
+  '__AVX512DQ__': 'avx512dq',
+  '__AVX512VL__': 'avx512vl',
+  '__AVX512VNNI__': 'avx512_vnni',
+  '__AVX512BF16__': 'avx512_bf16',
+  '__AVX512FP16__': 'avx512_fp16',
+  '__AVXVNNI__': 'avx_vnni',
+  '__AMX_TILE__': 'amx_tile',
+  '__AMX_BF16__': 'amx_bf16',
+  '__AMX_INT8__': 'amx_int8',
 }
 
 
@@ -176,20 +204,28 @@ def _cpu_flags() -> set[str] | None:
 def _check_march_runs_here(cxx: str, march: str) -> None:
   """Raises NativeMarchError if -march=`march` lets the compiler use instructions this CPU
   lacks (the first convolution would die of SIGILL)."""
-  proc = subprocess.run([cxx, f'-march={march}', '-dM', '-E', '-x', 'c++', os.devnull],
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [cxx, f'-march={march}', '-dM', '-E', '-x', 'c++', os.devnull],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   if proc.returncode != 0:
-    raise NativeMarchError(f'FER_JAX_NATIVE_MARCH={march!r}: {cxx} rejects -march={march}: '
-                           f'{proc.stderr.strip()[-500:]}')
+    raise NativeMarchError(
+      f'FER_JAX_NATIVE_MARCH={march!r}: {cxx} rejects -march={march}: {proc.stderr.strip()[-500:]}'
+    )
   cpu = _cpu_flags()
   if cpu is None:
     return
   macros = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith('#define ')}
-  missing = sorted(flag for macro, flag in _MACRO_FLAGS.items() if macro in macros
-                   and flag not in cpu)
+  missing = sorted(
+    flag for macro, flag in _MACRO_FLAGS.items() if macro in macros and flag not in cpu
+  )
   if missing:
-    raise NativeMarchError(f'FER_JAX_NATIVE_MARCH={march!r} needs CPU features this CPU lacks: '
-                           f'{", ".join(missing)} (unset it for -march=native)')
+    raise NativeMarchError(
+      f'FER_JAX_NATIVE_MARCH={march!r} needs CPU features this CPU lacks: '
+      f'{", ".join(missing)} (unset it for -march=native)'
+    )
 
 
 def build() -> Path:
@@ -211,8 +247,10 @@ def build() -> Path:
   try:
     return _cached_or_compiled(cxx, _BASE_FLAGS + ('-march=native',))
   except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
-    logging.warning('fer_jax native kernels: the -march=native build failed, trying the portable '
-                    'one: %s', str(e).splitlines()[0] if str(e) else type(e).__name__)
+    logging.warning(
+      'fer_jax native kernels: the -march=native build failed, trying the portable one: %s',
+      str(e).splitlines()[0] if str(e) else type(e).__name__,
+    )
   try:
     return _cached_or_compiled(cxx, _BASE_FLAGS)
   except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
@@ -255,7 +293,8 @@ def unavailable_reason() -> str | None:
     reason = str(e).splitlines()[0] if str(e) else 'unknown error'
     disabled = os.environ.get('FER_JAX_NATIVE', '1') == '0'
     (logging.info if disabled else logging.warning)(
-        'fer_jax native conv kernels unavailable: %s', reason)
+      'fer_jax native conv kernels unavailable: %s', reason
+    )
     return reason
 
 
@@ -278,7 +317,8 @@ def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   kh, kw, _, o = kernel.shape
   out = jax.ShapeDtypeStruct((n, h - kh + 1, w - kw + 1, o), jnp.float32)
   return jax.ffi.ffi_call('fer_jax_conv_forward', out, vmap_method='sequential')(
-      x.astype(jnp.float32), kernel.astype(jnp.float32))
+    x.astype(jnp.float32), kernel.astype(jnp.float32)
+  )
 
 
 def conv_pool(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -296,11 +336,11 @@ def conv_pool(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
   if oh % 2 or ow % 2:
     raise ValueError(f'conv_pool: conv output {oh}x{ow} is not even (crop the input first)')
   shape = (n, oh // 2, ow // 2, o)
-  return jax.ffi.ffi_call('fer_jax_conv_pool_forward',
-                          (jax.ShapeDtypeStruct(shape, jnp.float32),
-                           jax.ShapeDtypeStruct(shape, jnp.uint8)),
-                          vmap_method='sequential')(x.astype(jnp.float32),
-                                                    kernel.astype(jnp.float32))
+  return jax.ffi.ffi_call(
+    'fer_jax_conv_pool_forward',
+    (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8)),
+    vmap_method='sequential',
+  )(x.astype(jnp.float32), kernel.astype(jnp.float32))
 
 
 def unpool_grad(d_pooled: jax.Array, code: jax.Array) -> jax.Array:
@@ -318,11 +358,13 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int]) ->
   kh, kw = kernel_hw
   out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call('fer_jax_conv_kernel_grad', out, vmap_method='sequential')(
-      x.astype(jnp.float32), dy.astype(jnp.float32))
+    x.astype(jnp.float32), dy.astype(jnp.float32)
+  )
 
 
-def conv_kernel_grad_pooled(x: jax.Array, d_pooled: jax.Array, code: jax.Array,
-                            kernel_hw: tuple[int, int]) -> jax.Array:
+def conv_kernel_grad_pooled(
+  x: jax.Array, d_pooled: jax.Array, code: jax.Array, kernel_hw: tuple[int, int]
+) -> jax.Array:
   """`conv_kernel_grad` with dy = unpool_grad(d_pooled, code), without materialising dy.
 
   For a conv followed by `conv_pool`'s max-pool: the kernel builds each chunk of dy in cache
@@ -332,7 +374,8 @@ def conv_kernel_grad_pooled(x: jax.Array, d_pooled: jax.Array, code: jax.Array,
   kh, kw = kernel_hw
   out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], d_pooled.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call('fer_jax_conv_kernel_grad_pooled', out, vmap_method='sequential')(
-      x.astype(jnp.float32), d_pooled.astype(jnp.float32), code.astype(jnp.uint8))
+    x.astype(jnp.float32), d_pooled.astype(jnp.float32), code.astype(jnp.uint8)
+  )
 
 
 def conv_input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:
