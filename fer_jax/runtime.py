@@ -51,17 +51,11 @@ def _glibc() -> bool:
 
 
 def cpu_backend_expected() -> bool:
-  """Whether JAX will compute on the CPU: decided before JAX starts (these tweaks must be),
-  from JAX_PLATFORMS, else from whether an accelerator plugin is installed; once JAX runs,
-  its default backend. The malloc and dispatch tweaks are for XLA:CPU only: on a GPU/TPU host
-  they would only keep host memory that the input pipeline and checkpoints could use."""
-  if 'jax' in sys.modules:  # (launch.py asks before importing JAX: keep it that way)
-    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-
-    if xla_bridge.backends_are_initialized():
-      import jax  # pylint: disable=import-outside-toplevel
-
-      return jax.default_backend() == 'cpu'
+  """Whether JAX will compute on the CPU: from JAX_PLATFORMS, else from whether an accelerator
+  plugin is installed. Decided without starting JAX's backends (the tweaks it gates must come
+  first, and JAX has no public query for whether they have started). The malloc and dispatch
+  tweaks are for XLA:CPU only: on a GPU/TPU host they would only keep host memory that the
+  input pipeline and checkpoints could use."""
   platforms = [p.strip() for p in os.environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
   if platforms:
     return platforms[0] == 'cpu'

@@ -72,3 +72,20 @@ def synthetic_config(*, train_examples: int, test_examples: int, **train):
   for k, v in train.items():
     c.train[k] = v
   return c
+
+
+def one_train_step(ctx, steps, state, batch, mode, mesh):
+  """One step of `train.compile_steps`'s train function (which sums its metrics on the device
+  into a log window) -> (state, that step's metrics as floats)."""
+  import jax
+
+  from fer_jax import checkpointing, loop_metrics, parallel, train
+
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  canonical = checkpointing.abstract_like(steps.canonical(state))
+  sums = train.sums_factory(ctx, canonical, spec, mode, mesh)()
+  state, sums = steps.train(state, steps.put_batch(batch), sums)
+  host = loop_metrics.to_host(sums)
+  if mode == 'pmap':
+    host = parallel.unreplicate_from_pmap(host)
+  return state, loop_metrics.means(host)

@@ -147,8 +147,7 @@ def test_mesh_comes_from_jax_make_mesh(monkeypatch):
 def test_native_lowering_checkpoint_runs_xla_conv_off_cpu(tmp_path, monkeypatch, caplog):
   """A checkpoint trained with lowering='native' is evaluated under a forced non-CPU resolution:
   no FFI custom call (CPU-only targets) is left in the program, the numbers are the same."""
-  from fer_jax import checkpointing, evaluate, native
-  from fer_jax import workdir as workdir_lib
+  from fer_jax import checkpointing, evaluation, native, trained_model
   from fer_jax.data.types import Split
   from fer_jax.models import get_model, layers
 
@@ -187,10 +186,10 @@ def test_native_lowering_checkpoint_runs_xla_conv_off_cpu(tmp_path, monkeypatch,
   )
 
   def run():
-    trained = workdir_lib.load(str(tmp_path), 'latest')
-    fn = evaluate.predict_probs_fn(trained, 'none')
+    trained = trained_model.load(str(tmp_path), 'latest')
+    fn = evaluation.probabilities_fn(trained, 'none')
     hlo = jax.jit(fn).lower(trained.variables, split.images).as_text()
-    return trained, hlo, evaluate.predict_split(trained, split, batch_size=8)
+    return trained, hlo, evaluation.evaluate_trained(trained, split, batch_size=8)[1]
 
   _, hlo_cpu, probs_cpu = run()
   assert 'custom_call' in hlo_cpu  # on CPU the checkpoint's 'native' lowering is used
@@ -250,11 +249,8 @@ def test_cpu_runtime_tweaks_only_for_the_cpu_backend(monkeypatch):
   accelerator (JAX_PLATFORMS, or an installed plugin), decided before JAX starts."""
   import importlib.util
 
-  from jax._src import xla_bridge
-
   from fer_jax import runtime
 
-  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
   for key in (
     'FER_JAX_MALLOC_TUNED',
     'MALLOC_MMAP_THRESHOLD_',

@@ -47,8 +47,7 @@ def gcs(monkeypatch):
 def test_gs_workdir_train_stop_resume_evaluate(gcs, tmp_path, monkeypatch):
   from etils import epath
 
-  from fer_jax import evaluate, report, train
-  from fer_jax import workdir as workdir_lib
+  from fer_jax import evaluate, report, train, trained_model
 
   monkeypatch.chdir(tmp_path)
   workdir = f'{gcs}/runs/tiny'
@@ -72,7 +71,7 @@ def test_gs_workdir_train_stop_resume_evaluate(gcs, tmp_path, monkeypatch):
   assert steps[:2] == [4, 5] and 8 in steps and 16 in steps  # both runs, appended
   assert any(p.name.startswith('events.out.tfevents') for p in (root / 'tensorboard').iterdir())
 
-  trained = workdir_lib.load(workdir, 'latest')
+  trained = trained_model.load(workdir, 'latest')
   assert trained.step == 16
   rep, _, _ = evaluate.evaluate(trained, split='PrivateTest')
   path = evaluate.write_report(rep, trained)

@@ -69,7 +69,8 @@ def test_pmap_equals_jit(tmp_path):
   pmap = train.train_and_evaluate(cfg, str(tmp_path / 'pmap'))
   _, p_jit = final_params(tmp_path / 'jit')
   _, p_pmap = final_params(tmp_path / 'pmap')
-  assert_trees_close(p_jit, p_pmap, rtol=1e-4, atol=1e-6)
+  # 14 steps of different reduction orders: a few weights near 0 differ by ~3e-6.
+  assert_trees_close(p_jit, p_pmap, rtol=1e-4, atol=1e-5)
   assert (
     jit['splits']['PublicTest']['confusion_matrix']
     == pmap['splits']['PublicTest']['confusion_matrix']

@@ -28,7 +28,7 @@ from fer_jax import (
 )
 from fer_jax.data.types import FER2013_CLASSES
 from fer_jax.train_step import create_train_state, make_optimizer, make_plateau, update_ema
-from tests.conftest import require
+from tests.conftest import one_train_step, require
 from tests.test_ferplus import ferplus_data  # noqa: F401  (a fixture)
 
 
@@ -170,7 +170,7 @@ def test_pmap_equals_jit_with_batch_norm():
     steps = train.compile_steps(ctx, mode, mesh)
     state = steps.prepare_state(state)
     for batch in batches:
-      state, _ = steps.train(state, steps.put_batch(batch))
+      state, _ = one_train_step(ctx, steps, state, batch, mode, mesh)
     final[mode] = parallel.to_host(steps.canonical(state))
   compared = 0
   for part in ('params', 'model_state'):
