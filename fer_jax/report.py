@@ -389,14 +389,7 @@ def build_dataset_report(dataset: Dataset, source: str, out_dir: str) -> str:
     '',
     _markdown_table(('split', *dataset.class_names, 'total'), counts),
     '',
-    '## Class distribution',
-    '',
-    f'![class distribution]({_rel(figs["class_distribution"], out_dir)})',
-    '',
-    '## Example faces',
-    '',
-    f'![examples]({_rel(figs["examples"], out_dir)})',
-    '',
+    *_dataset_sections(figs, out_dir),
   ]
   return _write_index(out_dir, lines)
 
@@ -509,14 +502,7 @@ def build_report(
     '',
     _per_class_table(report, names),
     '',
-    '## Class distribution',
-    '',
-    f'![class distribution]({_rel(figs["class_distribution"], out_dir)})',
-    '',
-    '## Example faces',
-    '',
-    f'![examples]({_rel(figs["examples"], out_dir)})',
-    '',
+    *_dataset_sections(figs, out_dir),
     '## Training curves',
     '',
   ]
@@ -561,6 +547,20 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 def _rel(path: str, out_dir: str) -> str:
   return os.path.relpath(path, out_dir)
+
+
+def _dataset_sections(figs: dict[str, str], out_dir: str) -> list[str]:
+  """The class-distribution and example-faces sections of both reports' index.md."""
+  return [
+    '## Class distribution',
+    '',
+    f'![class distribution]({_rel(figs["class_distribution"], out_dir)})',
+    '',
+    '## Example faces',
+    '',
+    f'![examples]({_rel(figs["examples"], out_dir)})',
+    '',
+  ]
 
 
 def _write_index(out_dir: str, lines: Sequence[str]) -> str:
