@@ -45,12 +45,23 @@ def gcs(monkeypatch):
 
 
 def test_gs_workdir_train_stop_resume_evaluate(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  try:
+    _train_stop_resume_evaluate(f'{gcs}/runs/tiny', tmp_path)
+  except ValueError as e:
+    # The emulator now and then answers a tensorstore write with a generation tensorstore
+    # rejects ("Malformed StorageGeneration"; seen in one of this test's runs so far): run the
+    # whole scenario once more on a fresh workdir; any other error, or a second one, fails.
+    if 'Malformed StorageGeneration' not in str(e):
+      raise
+    _train_stop_resume_evaluate(f'{gcs}/runs/tiny_again', tmp_path)
+
+
+def _train_stop_resume_evaluate(workdir: str, tmp_path) -> None:
   from etils import epath
 
   from fer_jax import evaluate, report, train, trained_model
 
-  monkeypatch.chdir(tmp_path)
-  workdir = f'{gcs}/runs/tiny'
   cfg = lambda **kw: synthetic_config(
     train_examples=256,
     test_examples=64,
