@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     dict(
       name='vgg_fer',
       image_size=40,
+      blocks=(64, 128, 256, 512),
       width=1.0,
       dense=(4096, 4096),
       dropout=0.2,
@@ -54,4 +55,5 @@ def get_config() -> ml_collections.ConfigDict:
   t.warmup_epochs = 0.0
   t.keep_latest = 1
   t.final_tta = ('tencrop',)
+  t.ema_decay = 0.0  # the paper's recipe has no weight averaging
   return c

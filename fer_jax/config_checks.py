@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from fer_jax import augment, paths
@@ -84,3 +86,70 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def check_workdir_writable(workdir: str) -> None:
   """Fail up front, not mid-epoch, when checkpoints could not be written (local or gs://)."""
   paths.check_writable(workdir)
+
+
+# Keys a resumed run may change: where the data lives, how often to log, evaluate and save,
+# and how the same maths is lowered, split or driven. Any other difference would silently
+# continue one run under another recipe (e.g. a cosine schedule over a new number of epochs).
+RESUMABLE_CHANGES = frozenset(
+  {
+    'parallel',
+    'data.path',
+    'data.cache_dir',
+    'data.tfds_data_dir',
+    'data.ferplus_path',
+    'model.lowering',
+    'train.microbatch_size',
+    'train.max_steps',
+    'train.log_every_steps',
+    'train.checkpoint_every_steps',
+    'train.eval_every_epochs',
+    'train.eval_every_minutes',
+    'train.keep_latest',
+    'train.keep_best',
+    'train.restart_if_unreadable',
+    'train.eval_batch_size',
+    'train.final_tta',
+    'train.allow_config_change',
+  }
+)
+# Values that keys added after a checkpoint was written had in effect before they existed.
+_LEGACY_DEFAULTS = {'train.ema_decay': 0.0}
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = json.loads(json.dumps(value))  # tuples -> lists, as saved
+  return out
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """'key=old -> new' for each recipe key whose value differs from the checkpoint's config."""
+  old, new = _flat(saved), _flat(config.to_dict())
+  changes = []
+  for key in sorted(new):
+    if key in RESUMABLE_CHANGES:
+      continue
+    if key in old:
+      before = old[key]
+    elif key in _LEGACY_DEFAULTS:
+      before = _LEGACY_DEFAULTS[key]
+    else:
+      continue  # a key this version added, with no effect on the checkpoint's run
+    if before != new[key]:
+      changes.append(f'{key}={before!r} -> {new[key]!r}')
+  return changes
+
+
+def check_resume_config(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
+  """Refuses to resume the checkpoint `where` under a different recipe, unless asked to."""
+  changes = config_changes(saved, config)
+  if changes and not config.train.get('allow_config_change', False):
+    raise ConfigError(
+      f'{where} was trained with another config ({"; ".join(changes)}): use a new --workdir, '
+      'set those values back, or pass --config.train.allow_config_change=True to continue it'
+    )

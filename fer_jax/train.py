@@ -32,7 +32,7 @@ from fer_jax import (
   runtime,
   scaling,
 )
-from fer_jax.config_checks import check_workdir_writable, validate_config
+from fer_jax.config_checks import check_resume_config, check_workdir_writable, validate_config
 from fer_jax.data import pipeline
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
 from fer_jax.data.epoch_order import EpochBatches
@@ -309,6 +309,15 @@ def _train_and_evaluate(
   )
   start_step = 0
   if manager.all_steps():
+    newest = max(manager.all_steps())
+    try:
+      saved_config = checkpointing.restore_meta(manager, newest)['config']
+    except Exception:  # pylint: disable=broad-except
+      saved_config = None  # unreadable: restore_newest_readable below says why
+    if saved_config is not None:
+      check_resume_config(
+        saved_config, config, f'{manager.directory} (checkpoint of step {newest})'
+      )
     found = checkpointing.restore_newest_readable(manager, abstract_state)
     if found.step is None and not config.train.restart_if_unreadable:
       reasons = '; '.join(f'step {s}: {r}' for s, r in found.unreadable.items())

@@ -11,6 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fer_jax import checkpointing, train
+from fer_jax.config_checks import check_resume_config, config_changes
+from fer_jax.errors import ConfigError
 from tests.conftest import REPO, synthetic_config
 
 
@@ -81,12 +83,30 @@ def test_interrupted_and_resumed_equals_straight_run(tmp_path):
   train.train_and_evaluate(tiny_config(), str(tmp_path / 'straight'))
   train.train_and_evaluate(tiny_config(max_steps=5), str(tmp_path / 'resumed'))
   assert final_params(tmp_path / 'resumed')[0] == 5
+  # Another recipe on the same workdir is refused before anything runs or is written.
+  with pytest.raises(ConfigError, match=r'train.epochs=2 -> 3; train.learning_rate=.* -> 0.5'):
+    train.train_and_evaluate(tiny_config(epochs=3, learning_rate=0.5), str(tmp_path / 'resumed'))
+  assert final_params(tmp_path / 'resumed')[0] == 5
   train.train_and_evaluate(tiny_config(), str(tmp_path / 'resumed'))
   step_a, p_a = final_params(tmp_path / 'straight')
   step_b, p_b = final_params(tmp_path / 'resumed')
   assert step_a == step_b == 24
   for x, y in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # identical on CPU
+
+
+def test_resume_config_changes_name_recipe_keys_only():
+  saved = tiny_config().to_dict()
+  del saved['train']['ema_decay']  # a checkpoint from before the key existed: it was off
+  c = tiny_config(max_steps=3, eval_every_epochs=2, microbatch_size=0)
+  c.data.path, c.model.lowering, c.parallel = 'elsewhere.csv', 'xla', 'pmap'
+  assert config_changes(saved, c) == ['train.ema_decay=0.0 -> 0.999']
+  c.train.ema_decay, c.augment.crop_scale = 0.0, (0.5, 1.0)
+  assert config_changes(saved, c) == ['augment.crop_scale=[1.0, 1.0] -> [0.5, 1.0]']
+  with pytest.raises(ConfigError, match=r'^runs/x was trained with another config \(augment'):
+    check_resume_config(saved, c, 'runs/x')
+  c.train.allow_config_change = True
+  check_resume_config(saved, c, 'runs/x')
 
 
 def test_launch_end_to_end_with_resume(tmp_path):

@@ -54,8 +54,11 @@ def test_experiment_models_and_batch_stats():
   for module in (vgg_fer2013, resnet18_fer2013, cpu_budget):
     shapes = _shapes(module.get_config().model.to_dict())
     assert set(shapes) == {'params', 'batch_stats'}
+  # cpu_budget's three blocks (32/64/128 channels; conv 3x3 + bias, BatchNorm scale + bias):
+  # 384 + 9,312 + 18,624 + 37,056 + 74,112 + 147,840 = 287,328 in the convs, then
+  # Dense 5*5*128 -> 256 (819,456) and the 7 logits (1,799).
   assert (
-    models.count_params(_shapes(cpu_budget.get_config().model.to_dict())['params']) == 1_305_703
+    models.count_params(_shapes(cpu_budget.get_config().model.to_dict())['params']) == 1_108_583
   )
 
 
@@ -70,6 +73,12 @@ def test_builders_validate_their_own_options():
     models.get_model({'name': 'vgg_fer', 'width': 0.0}, 7)
   with pytest.raises(ConfigError, match=r'config.model.image_size=12: vgg_fer'):
     models.get_model({'name': 'vgg_fer', 'image_size': 12}, 7)
+  with pytest.raises(ConfigError, match=r'config.model.blocks=\(64, 0\)'):
+    models.get_model({'name': 'vgg_fer', 'blocks': (64, 0)}, 7)
+  with pytest.raises(ConfigError, match=r'config.model.blocks=\(\)'):
+    models.get_model({'name': 'vgg_fer', 'blocks': ()}, 7)
+  # Fewer blocks, fewer pools: 12 px is enough for three.
+  models.get_model({'name': 'vgg_fer', 'blocks': (8, 8, 8), 'image_size': 12}, 7)
   # A zoo config with a single dropout rate passes the cross-cutting checks.
   validate_config(vgg_fer2013.get_config())
   c = vgg_fer2013.get_config()

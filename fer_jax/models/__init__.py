@@ -90,11 +90,15 @@ def _seed_cnn(model_cfg: Any, num_classes: int) -> nn.Module:
 def _vgg_fer(model_cfg: Any, num_classes: int) -> nn.Module:
   width = float(model_cfg.get('width', 1.0))
   dense = tuple(int(d) for d in model_cfg.get('dense', (4096, 4096)))
+  blocks = tuple(int(c) for c in model_cfg.get('blocks', (64, 128, 256, 512)))
   if not width > 0 or any(d <= 0 for d in dense):
     raise ConfigError(f'config.model.width={width} and dense={dense} must be positive')
-  _min_size(model_cfg, 16, 'vgg_fer (four 2x2 pools)')
+  if not blocks or any(c <= 0 for c in blocks):
+    raise ConfigError(f'config.model.blocks={blocks}: expected one or more positive channel counts')
+  _min_size(model_cfg, 2 ** len(blocks), f'vgg_fer ({len(blocks)} 2x2 pools)')
   return VGGFer(
     num_classes=num_classes,
+    blocks=blocks,
     width=width,
     dense=dense,
     dropout=_rate(model_cfg.get('dropout', 0.2), 'dropout'),

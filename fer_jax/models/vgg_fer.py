@@ -3,8 +3,9 @@ Performance on FER2013"): four blocks of two 3x3 'SAME' conv + BatchNorm + ReLU 
 512 channels), each followed by a 2x2 max-pool, then Dense 4096 - Dense 4096 with dropout - the
 logits, on 40x40 crops. 29,890,759 parameters at 40x40x1 and 7 classes.
 
-`width` scales every conv and dense width (0.5: 32 ... 256 channels) and `dense` sets the head,
-so the same file gives the compact CPU variant of `experiments/cpu_budget.py`.
+`blocks` lists each block's conv channels (one 2x2 pool per block), `width` scales every conv
+and dense width (0.5: 32 ... 256 channels) and `dense` sets the head, so the same file gives the
+compact CPU variant of `experiments/cpu_budget.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class VGGFer(nn.Module):
 
   Attributes:
     num_classes: number of logits.
-    width: multiplier of the conv channels (64, 128, 256, 512) and of the dense widths.
+    blocks: conv channels of each block (two conv + BatchNorm + ReLU, then a 2x2 max-pool).
+    width: multiplier of the conv channels and of the dense widths.
     dense: widths of the hidden dense layers (each ReLU, then dropout).
     dropout: rate after each hidden dense layer (the reference uses 0.2).
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
@@ -33,6 +35,7 @@ class VGGFer(nn.Module):
   """
 
   num_classes: int = 7
+  blocks: tuple[int, ...] = (64, 128, 256, 512)
   width: float = 1.0
   dense: tuple[int, ...] = (4096, 4096)
   dropout: float = 0.2
@@ -43,7 +46,7 @@ class VGGFer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, example_ids: jax.Array | None = None) -> jax.Array:
     x = x.astype(self.dtype)
-    for block, channels in enumerate((64, 128, 256, 512)):
+    for block, channels in enumerate(self.blocks):
       for j in 'ab':
         x = layers.ConvBNReLU(
           max(1, round(channels * self.width)),
