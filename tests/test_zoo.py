@@ -54,12 +54,14 @@ def test_experiment_models_and_batch_stats():
   for module in (vgg_fer2013, resnet18_fer2013, cpu_budget):
     shapes = _shapes(module.get_config().model.to_dict())
     assert set(shapes) == {'params', 'batch_stats'}
-  # cpu_budget's three blocks (32/64/128 channels; conv 3x3 + bias, BatchNorm scale + bias):
-  # 384 + 9,312 + 18,624 + 37,056 + 74,112 + 147,840 = 287,328 in the convs, then
-  # Dense 5*5*128 -> 256 (819,456) and the 7 logits (1,799).
   assert (
-    models.count_params(_shapes(cpu_budget.get_config().model.to_dict())['params']) == 1_108_583
+    models.count_params(_shapes(cpu_budget.get_config().model.to_dict())['params']) == 1_305_703
   )
+  # The three-block variant tried for cpu_budget (blocks 32/64/128; conv 3x3 + bias, BatchNorm
+  # scale + bias): 384 + 9,312 + 18,624 + 37,056 + 74,112 + 147,840 = 287,328 in the convs, then
+  # Dense 5*5*128 -> 256 (819,456) and the 7 logits (1,799).
+  three = dict(name='vgg_fer', image_size=40, blocks=(64, 128, 256), width=0.5, dense=(512,))
+  assert models.count_params(_shapes(three)['params']) == 1_108_583
 
 
 def test_builders_validate_their_own_options():
