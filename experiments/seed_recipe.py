@@ -25,6 +25,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.warmup_epochs = 0.0
   c.train.weight_decay = 0.0
   c.train.l2 = 0.01
-  c.train.ema_decay = 0.0
   c.train.epochs = 30
   return c

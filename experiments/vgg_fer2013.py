@@ -55,5 +55,4 @@ def get_config() -> ml_collections.ConfigDict:
   t.warmup_epochs = 0.0
   t.keep_latest = 1
   t.final_tta = ('tencrop',)
-  t.ema_decay = 0.0  # the paper's recipe has no weight averaging
   return c

@@ -100,6 +100,8 @@ def test_resume_config_changes_name_recipe_keys_only():
   del saved['train']['ema_decay']  # a checkpoint from before the key existed: it was off
   c = tiny_config(max_steps=3, eval_every_epochs=2, microbatch_size=0)
   c.data.path, c.model.lowering, c.parallel = 'elsewhere.csv', 'xla', 'pmap'
+  assert config_changes(saved, c) == []
+  c.train.ema_decay = 0.999
   assert config_changes(saved, c) == ['train.ema_decay=0.0 -> 0.999']
   c.train.ema_decay, c.augment.crop_scale = 0.0, (0.5, 1.0)
   assert config_changes(saved, c) == ['augment.crop_scale=[1.0, 1.0] -> [0.5, 1.0]']
