@@ -1,4 +1,5 @@
-"""Test setup: 4 simulated CPU devices (set before jax starts), shared paths and fixtures."""
+"""Test setup: 4 simulated CPU devices (set before jax starts), the files' order for xdist,
+shared paths and fixtures."""
 
 import importlib
 import os
@@ -22,6 +23,35 @@ def require(module: str):
     if os.environ.get('CI'):
       pytest.fail(f'{module} is a declared dependency but does not import: {e}', pytrace=False)
     pytest.skip(f'{module} does not import: {e}', allow_module_level=True)
+
+
+# The files that train or start processes, longest first (the slowest measured, then those that
+# train end to end). xdist (--dist loadfile, --no-loadscope-reorder in pyproject.toml) hands
+# files to its workers in this order, so the long ones start first and the short ones fill in
+# at the end, instead of a worker finishing alone on a long file that came last.
+LONGEST_FIRST = (
+  'test_zoo_train.py',
+  'test_multihost.py',
+  'test_faults.py',
+  'test_native.py',
+  'test_train.py',
+  'test_benchmarks.py',
+  'test_export.py',
+  'test_serve.py',
+  'test_safety_net.py',
+  'test_gcs.py',
+  'test_bad_input.py',
+  'test_evaluate.py',
+  'test_predict.py',
+  'test_report.py',
+  'test_cluster.py',
+  'test_web.py',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture
