@@ -1,12 +1,25 @@
-"""Test setup: 4 simulated CPU devices (set before jax starts), the files' order for xdist,
-shared paths and fixtures."""
+"""Test setup: 4 simulated CPU devices and a compilation cache (set before jax starts), the
+files' order for xdist, shared paths and fixtures."""
 
 import importlib
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# Most of the suite's CPU time is XLA compiling the same train and eval steps again: in this
+# process, in the other xdist workers (which inherit this environment) and in the launch.py
+# subprocesses. One persistent compilation cache serves the whole session; the process that
+# made it removes it at the end. A loaded executable is the same code as a freshly compiled one,
+# so the tests' bitwise comparisons between runs are unaffected.
+_XLA_CACHE_MADE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _XLA_CACHE_MADE = tempfile.mkdtemp(prefix='fer_jax_tests_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE_MADE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import pytest  # noqa: E402
 
@@ -52,6 +65,11 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_unconfigure(config):
+  if _XLA_CACHE_MADE:
+    shutil.rmtree(_XLA_CACHE_MADE, ignore_errors=True)
 
 
 @pytest.fixture
