@@ -7,6 +7,7 @@ running when it ends, passed or not.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +58,25 @@ def _start(workdir, extra, *, devices, log, procs, process_id=None, num_processe
   return proc
 
 
+def _start_pair(workdir, extra, *, logs, procs):
+  """Starts launch.py as 2 processes x 2 CPU devices on a fresh coordinator port; process i
+  logs to logs[i]."""
+  port = _free_port()
+  return [
+    _start(
+      workdir,
+      extra,
+      devices=2,
+      log=log,
+      procs=procs,
+      process_id=i,
+      num_processes=2,
+      port=port,
+    )
+    for i, log in enumerate(logs)
+  ]
+
+
 def _wait_ok(proc, log, timeout=RUN_TIMEOUT_S) -> str:
   rc = proc.wait(timeout=timeout)
   text = log.read_text()
@@ -82,6 +102,26 @@ def _kill_all(procs) -> None:
     if p.poll() is None:
       p.kill()
       p.wait(timeout=30)
+
+
+SIX_STEPS = ['--config.train.epochs=1', '--config.train.max_steps=6']
+
+
+@pytest.fixture(scope='module')
+def six_steps(tmp_path_factory):
+  """(workdir, log) of 1 process x 4 devices stopped at step 6 of 12: the reference of the
+  2 x 2 run and the start of the resumed one. Tests that resume it work on a copy."""
+  path = tmp_path_factory.mktemp('six_steps')
+  procs = []
+  with pytest.MonkeyPatch.context() as mp:  # module scope: set up before conftest's cache fixture
+    # The session's data cache, which the later processes share.
+    mp.setenv('FER_JAX_CACHE', str(tmp_path_factory.getbasetemp() / 'fer_jax_cache'))
+    try:
+      proc = _start(path / 'run', SIX_STEPS, devices=4, log=path / 'run.log', procs=procs)
+      log = _wait_ok(proc, path / 'run.log')
+    finally:
+      _kill_all(procs)
+  return path / 'run', log
 
 
 def final_params(workdir):
@@ -115,40 +155,26 @@ def test_watcher_single_process_sigterm_is_one_shot():
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
-def test_two_processes_of_two_devices_equal_one_of_four(tmp_path):
-  extra = ['--config.train.epochs=1', '--config.train.max_steps=6']
+def test_two_processes_of_two_devices_equal_one_of_four(six_steps, tmp_path):
+  one, one_log = six_steps
   procs = []
   try:
-    one = _start(tmp_path / 'one', extra, devices=4, log=tmp_path / 'one.log', procs=procs)
-    one_log = _wait_ok(one, tmp_path / 'one.log')  # also fills the data cache the pair shares
-    port = _free_port()
-    pair = [
-      _start(
-        tmp_path / 'two',
-        extra,
-        devices=2,
-        log=tmp_path / f'two{i}.log',
-        procs=procs,
-        process_id=i,
-        num_processes=2,
-        port=port,
-      )
-      for i in range(2)
-    ]
-    two_logs = [_wait_ok(p, tmp_path / f'two{i}.log') for i, p in enumerate(pair)]
+    logs = [tmp_path / f'two{i}.log' for i in range(2)]
+    pair = _start_pair(tmp_path / 'two', SIX_STEPS, logs=logs, procs=procs)
+    two_logs = [_wait_ok(p, log) for p, log in zip(pair, logs)]
   finally:
     _kill_all(procs)
   assert 'devices: 4 (cpu) on 1 process(es)' in one_log
   assert all('devices: 4 (cpu) on 2 process(es)' in log for log in two_logs)
 
-  step_one, params_one = final_params(tmp_path / 'one')
+  step_one, params_one = final_params(one)
   step_two, params_two = final_params(tmp_path / 'two')
   assert step_one == step_two == 6
   diff = _max_abs_diff(params_one, params_two)
   print(f'2x2 vs 1x4: max |param difference| = {diff:.3g}')
   assert diff < 1e-5
 
-  one_res = json.loads((tmp_path / 'one' / 'results.json').read_text())
+  one_res = json.loads((one / 'results.json').read_text())
   two_res = json.loads((tmp_path / 'two' / 'results.json').read_text())
   for split in ('PublicTest', 'PrivateTest'):
     one_split, two_split = one_res['splits'][split], two_res['splits'][split]
@@ -157,7 +183,7 @@ def test_two_processes_of_two_devices_equal_one_of_four(tmp_path):
     assert two_split['accuracy'] == one_split['accuracy']
     print(f'{split} accuracy: 1x4 {one_split["accuracy"]:.4f}, 2x2 {two_split["accuracy"]:.4f}')
   # Only process 0 writes logs: no record twice, one TensorBoard event file.
-  one_lines = (tmp_path / 'one' / 'metrics.jsonl').read_text().splitlines()
+  one_lines = (one / 'metrics.jsonl').read_text().splitlines()
   two_lines = (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()
   assert len(two_lines) == len(one_lines)
   assert len(os.listdir(tmp_path / 'two' / 'tensorboard')) == 1
@@ -205,20 +231,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   run = tmp_path / 'run'
   procs = []
   try:
-    port = _free_port()
-    pair = [
-      _start(
-        run,
-        extra,
-        devices=2,
-        log=tmp_path / f'first{i}.log',
-        procs=procs,
-        process_id=i,
-        num_processes=2,
-        port=port,
-      )
-      for i in range(2)
-    ]
+    pair = _start_pair(run, extra, logs=[tmp_path / f'first{i}.log' for i in range(2)], procs=procs)
     _wait_for(tmp_path / 'first0.log', r'step 4/48 ', pair[0])
     pair[1].send_signal(signal.SIGTERM)  # only one host is told
     logs = [_wait_ok(p, tmp_path / f'first{i}.log') for i, p in enumerate(pair)]
@@ -228,20 +241,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert 4 <= stopped < 48
     assert final_params(run)[0] == stopped
 
-    port = _free_port()
-    pair = [
-      _start(
-        run,
-        extra,
-        devices=2,
-        log=tmp_path / f'second{i}.log',
-        procs=procs,
-        process_id=i,
-        num_processes=2,
-        port=port,
-      )
-      for i in range(2)
-    ]
+    pair = _start_pair(
+      run, extra, logs=[tmp_path / f'second{i}.log' for i in range(2)], procs=procs
+    )
     second = [_wait_ok(p, tmp_path / f'second{i}.log') for i, p in enumerate(pair)]
   finally:
     _kill_all(procs)
@@ -251,7 +253,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3 * RUN_TIMEOUT_S + 60)
-def test_resume_with_another_process_count_continues_the_same_run(tmp_path):
+def test_resume_with_another_process_count_continues_the_same_run(six_steps, tmp_path):
   """1 process x 4 devices trains to step 6; 2 processes x 2 devices resume it to step 12 and
   end where a straight 1 x 4 run does (the data position is the step, not per-process state)."""
   procs = []
@@ -264,28 +266,13 @@ def test_resume_with_another_process_count_continues_the_same_run(tmp_path):
       procs=procs,
     )
     _wait_ok(straight, tmp_path / 'straight.log')
-    first = _start(
+    shutil.copytree(six_steps[0], tmp_path / 'run')
+    pair = _start_pair(
       tmp_path / 'run',
-      ['--config.train.epochs=1', '--config.train.max_steps=6'],
-      devices=4,
-      log=tmp_path / 'first.log',
+      ['--config.train.epochs=1'],
+      logs=[tmp_path / f'resume{i}.log' for i in range(2)],
       procs=procs,
     )
-    _wait_ok(first, tmp_path / 'first.log')
-    port = _free_port()
-    pair = [
-      _start(
-        tmp_path / 'run',
-        ['--config.train.epochs=1'],
-        devices=2,
-        log=tmp_path / f'resume{i}.log',
-        procs=procs,
-        process_id=i,
-        num_processes=2,
-        port=port,
-      )
-      for i in range(2)
-    ]
     logs = [_wait_ok(p, tmp_path / f'resume{i}.log') for i, p in enumerate(pair)]
   finally:
     _kill_all(procs)

@@ -221,6 +221,8 @@ def test_every_instruction_set_matches_lax(tmp_path, march, isa):
     'FER_JAX_CACHE_DIR': str(tmp_path),
     'FER_JAX_NATIVE_MARCH': march,
     'JAX_PLATFORMS': 'cpu',
+    # Compiled here against this build of the kernels, not loaded from the session's cache.
+    'JAX_ENABLE_COMPILATION_CACHE': 'false',
   }
   proc = subprocess.run(
     [sys.executable, '-c', _ISA_CHECK, __file__],
