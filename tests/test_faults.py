@@ -110,7 +110,10 @@ def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(
   tmp_path, four_steps, every, expected
 ):
   workdir = copy_of(four_steps, tmp_path)
-  config = tiny_config(learning_rate=float('inf'), checkpoint_every_steps=every)
+  # Resuming under an infinite learning rate is a deliberate change of recipe.
+  config = tiny_config(
+    learning_rate=float('inf'), checkpoint_every_steps=every, allow_config_change=True
+  )
   with pytest.raises(FerJaxError) as info:
     train.train_and_evaluate(config, str(workdir))
   message = str(info.value)
