@@ -248,10 +248,15 @@ def main() -> None:
   p.add_argument(
     '--images-per-window',
     type=int,
-    default=512,
+    default=256,
     help='steps per window = ceil(this / batch), the same on every side',
   )
-  p.add_argument('--warmup-steps', type=int, default=2, help='untimed steps first, every side')
+  p.add_argument(
+    '--warmup-images',
+    type=int,
+    default=128,
+    help='untimed steps first (compilation) = ceil(this / batch), every side',
+  )
   p.add_argument('--no-augment', action='store_true', help='no crop or flip on any side')
   p.add_argument('--peak-size', type=int, default=2048, help='N of the N x N matmul peak')
   p.add_argument('--jax-python', default=sys.executable)
@@ -293,9 +298,9 @@ def main() -> None:
   print(f'f32 matmul peak: {peaks[0]:.1f} GFLOP/s', file=sys.stderr, flush=True)
 
   def command(framework: str, name: str, width: float | None, batch: int) -> list[str]:
-    steps = -(-args.images_per_window // batch)
+    steps, warmup = -(-args.images_per_window // batch), -(-args.warmup_images // batch)
     timing = ['--batch', str(batch), '--windows', str(args.windows)]
-    timing += ['--steps-per-window', str(steps), '--warmup-steps', str(args.warmup_steps)]
+    timing += ['--steps-per-window', str(steps), '--warmup-steps', str(max(1, warmup))]
     timing += ['--no-augment'] if args.no_augment else []
     if framework == 'fer_jax':
       cmd = [args.jax_python, 'benchmarks/train_throughput.py', '--model', name]
@@ -362,7 +367,7 @@ def main() -> None:
         'augment': 'none' if args.no_augment else 'crop_flip',
         'windows': args.windows,
         'images_per_window': args.images_per_window,
-        'warmup_steps': args.warmup_steps,
+        'warmup_images': args.warmup_images,
         'pythons': {'jax': args.jax_python, **pythons},
         'versions': {k: v[0] for k, v in versions.items()},
         'skipped': skipped,

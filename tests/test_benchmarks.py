@@ -130,7 +130,7 @@ def test_compare_peers_without_peer_venvs_reports_fer_jax_only(tmp_path):
       '1',
       '--images-per-window',
       '8',
-      '--warmup-steps',
+      '--warmup-images',
       '1',
       '--peak-size',
       '256',
