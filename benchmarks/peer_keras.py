@@ -148,7 +148,7 @@ def build_model(args, seed: int = 0):
     if rates[0] > 0:
       x = layers.Dropout(rates[0], seed=seed, name='drop')(x)
   logits = layers.Dense(peer_common.NUM_CLASSES, kernel_regularizer=reg(), name='logits')(x)
-  return keras.Model(inputs, logits, name=args.model_name or args.net)
+  return keras.Model(inputs, logits, name=args.net)  # Keras names allow no ':'
 
 
 class WindowTimer:
