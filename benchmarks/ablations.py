@@ -18,7 +18,20 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_keras import parse_rows, run_one  # noqa: E402  (same folder)
+from compare_peers import run_one  # noqa: E402  (same folder)
+
+
+def parse_rows(text: str) -> list[tuple[int, int]]:
+  """'48x64,150x64' -> [(48, 64), (150, 64)]."""
+  rows = []
+  for item in text.split(','):
+    try:
+      size, batch = (int(v) for v in item.strip().lower().split('x'))
+    except ValueError:
+      raise SystemExit(f'--rows: {item!r} is not SIZExBATCH (e.g. 48x64)') from None
+    rows.append((size, batch))
+  return rows
+
 
 # name: (what it is, extra train_throughput.py args, extra environment)
 VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {

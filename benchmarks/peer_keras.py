@@ -1,22 +1,18 @@
-"""Images/s of the same model and loss in Keras (TensorFlow backend): the speed issue's peer.
+"""Images/s of fer_jax's zoo models trained in Keras (TensorFlow backend): a peer.
 
-  .venv-keras/bin/python benchmarks/peer_keras.py --size 48 --batch 64
+  .venv-keras/bin/python benchmarks/peer_keras.py --size 48 --batch 64     # the seed CNN
+  compare_peers.py passes each zoo model's network and recipe (see peer_common.py)
 prints per-window rates on stderr and, as its last stdout line, one JSON object.
 
-Standalone on purpose (tensorflow/keras, numpy and the standard library only) so it runs in
-its own virtualenv. It trains the way Keras users do, `model.fit` on in-memory numpy arrays
-(fit feeds them through tf.data), and mirrors what benchmarks/train_throughput.py times for
-fer_jax with the base config (experiments/base.py):
-- input: uint8 48x48x1 batches; preprocessing runs inside the model (fer_jax does it inside
-  the jitted step): x / 255, at --size 150 a bilinear resize 48 -> 150 (pixel-centre aligned,
-  as fer_jax's resample), a random horizontal flip unless --no-augment, then per-image
-  standardization (x - mean) / max(std, 1/sqrt(N)) -- fer_jax standardizes with or without
-  augmentation, so --no-augment drops the flip only;
-- SeedCNN: Conv(32,3,relu,valid) MaxPool(2) Dropout(.1) Conv(64,3,relu,valid) MaxPool(2)
-  Dropout(.1) Flatten Dense(128,relu,l2(1e-4)) Dropout(.25) Dense(7) logits, float32;
-- loss: sparse softmax cross-entropy on logits (mean over the batch) + the L2 term;
-- optimizer: AdamW(2e-3, weight_decay=1e-4), biases excluded from the decay (fer_jax decays
-  kernels only); accuracy is computed every step as fer_jax's step does.
+Standalone on purpose (tensorflow/keras, numpy, the standard library and peer_common.py) so it
+runs in its own virtualenv. It trains the way Keras users do, `model.fit` on in-memory numpy
+arrays (fit feeds them through tf.data), with the network, loss, optimizer and input
+pipeline that peer_common.py describes; the preprocessing (x / 255, RandomCrop, RandomFlip,
+resize, standardization) are layers of the model, so they run inside the step as fer_jax's do.
+Keras specifics: SGD's coupled weight decay is an l2(wd / 2) kernel regularizer (gradient
++= wd * w, as optax.add_decayed_weights); label smoothing uses one-hot labels with
+CategoricalCrossentropy; `--ema` is the optimizer's use_ema. Keras' RandomCrop draws one
+offset per batch (fer_jax and the PyTorch peer one per image): the same work.
 Threading is TensorFlow's default (intra/inter-op pools sized to the machine) unless
 --intra-op/--inter-op say otherwise. Warm-up steps (tracing) are excluded; the figure is the
 median of consecutive timed windows, as in train_throughput.py.
@@ -24,20 +20,14 @@ median of consecutive timed windows, as in train_throughput.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import sys
 import time
 
-# fer_jax's SeedCNN (7 classes) at each input size; the peer must match it exactly.
-EXPECTED_TRAINABLE_PARAMS = {48: 839_047, 150: 10_636_679}
-NUM_CLASSES = 7
-DROPOUT = (0.1, 0.1, 0.25)  # experiments/base.py
-LEARNING_RATE = 2e-3
-WEIGHT_DECAY = 1e-4
-L2 = 1e-4
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer_common  # noqa: E402  (standard library only)
+
 # glibc settings that fer_jax's runtime.py applies at start-up (copied: this file is
 # standalone); off by default here, since Keras users run with glibc's defaults.
 MALLOC_ENV = {
@@ -47,14 +37,7 @@ MALLOC_ENV = {
 }
 
 
-def _parse_args() -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--size', type=int, default=48, choices=sorted(EXPECTED_TRAINABLE_PARAMS))
-  p.add_argument('--batch', type=int, default=32, help='batch size (base config: 32)')
-  p.add_argument('--no-augment', action='store_true', help='no random flip (still standardizes)')
-  p.add_argument('--windows', type=int, default=5)
-  p.add_argument('--steps-per-window', type=int, default=10)
-  p.add_argument('--warmup-steps', type=int, default=3, help='untimed steps first (tracing)')
+def _keras_args(p) -> None:
   p.add_argument('--intra-op', type=int, default=0, help='TF intra-op threads (0: TF default)')
   p.add_argument('--inter-op', type=int, default=0, help='TF inter-op threads (0: TF default)')
   p.add_argument(
@@ -74,7 +57,6 @@ def _parse_args() -> argparse.Namespace:
     choices=('auto', 'true', 'false'),
     help="model.compile(jit_compile=...); Keras' 'auto' means no XLA on CPU",
   )
-  return p.parse_args()
 
 
 def _onednn_enabled() -> bool | None:
@@ -87,7 +69,7 @@ def _onednn_enabled() -> bool | None:
     return None
 
 
-def build_model(size: int, augment: bool, seed: int = 0):
+def build_model(args, seed: int = 0):
   """uint8 (B, 48, 48, 1) -> float32 (B, 7) logits, preprocessing included."""
   import keras
   import tensorflow as tf
@@ -99,27 +81,74 @@ def build_model(size: int, augment: bool, seed: int = 0):
     def call(self, x):
       return tf.image.per_image_standardization(x)
 
+  sgd_decay = args.weight_decay / 2 if args.optimizer == 'sgd' else 0.0
+
+  def reg(extra: float = 0.0):
+    total = sgd_decay + extra
+    return keras.regularizers.l2(total) if total else None
+
+  def bn(name: str, zero: bool = False):
+    return layers.BatchNormalization(
+      momentum=0.9, epsilon=1e-5, gamma_initializer='zeros' if zero else 'ones', name=name
+    )
+
+  def conv(x, c: int, k: int, stride: int, bias: bool, name: str):
+    return layers.Conv2D(
+      c, k, strides=stride, padding='same', use_bias=bias, kernel_regularizer=reg(), name=name
+    )(x)
+
   inputs = keras.Input((48, 48, 1), dtype='uint8', name='image')
-  x = layers.Rescaling(1 / 255, name='rescale')(inputs)
-  if size != 48:
-    x = layers.Resizing(size, size, interpolation='bilinear', name='resize')(x)
-  if augment:
+  if args.standardize == 'dataset':  # x / 255, then (x - mean) / std, in one affine map
+    scale, offset = 1 / (255 * peer_common.DATASET_STD), -peer_common.DATASET_MEAN
+    x = layers.Rescaling(scale, offset / peer_common.DATASET_STD, name='rescale')(inputs)
+  else:
+    x = layers.Rescaling(1 / 255, name='rescale')(inputs)
+  if args.crop < 48:
+    crop = layers.CenterCrop if args.no_augment else layers.RandomCrop
+    x = crop(args.crop, args.crop, name='crop')(x)
+  if args.size != args.crop:
+    x = layers.Resizing(args.size, args.size, interpolation='bilinear', name='resize')(x)
+  if not args.no_augment:
     x = layers.RandomFlip('horizontal', seed=seed, name='flip')(x)
-  x = PerImageStandardization(name='standardize')(x)
-  p1, p2, p3 = DROPOUT
-  x = layers.Conv2D(32, 3, activation='relu', padding='valid', name='conv1')(x)
-  x = layers.MaxPooling2D(2, name='pool1')(x)
-  x = layers.Dropout(p1, seed=seed, name='drop1')(x)
-  x = layers.Conv2D(64, 3, activation='relu', padding='valid', name='conv2')(x)
-  x = layers.MaxPooling2D(2, name='pool2')(x)
-  x = layers.Dropout(p2, seed=seed + 1, name='drop2')(x)
-  x = layers.Flatten(name='flatten')(x)
-  x = layers.Dense(
-    128, activation='relu', kernel_regularizer=keras.regularizers.l2(L2), name='dense1'
-  )(x)
-  x = layers.Dropout(p3, seed=seed + 2, name='drop3')(x)
-  logits = layers.Dense(NUM_CLASSES, name='logits')(x)
-  return keras.Model(inputs, logits, name='seed_cnn')
+  if args.standardize == 'per_image':
+    x = PerImageStandardization(name='standardize')(x)
+
+  rates = peer_common.dropout(args)
+  if args.net == 'seed_cnn':
+    x = layers.Conv2D(32, 3, activation='relu', kernel_regularizer=reg(), name='conv1')(x)
+    x = layers.MaxPooling2D(2, name='pool1')(x)
+    x = layers.Dropout(rates[0], seed=seed, name='drop1')(x)
+    x = layers.Conv2D(64, 3, activation='relu', kernel_regularizer=reg(), name='conv2')(x)
+    x = layers.MaxPooling2D(2, name='pool2')(x)
+    x = layers.Dropout(rates[1], seed=seed + 1, name='drop2')(x)
+    x = layers.Flatten(name='flatten')(x)
+    x = layers.Dense(128, activation='relu', kernel_regularizer=reg(args.l2), name='dense1')(x)
+    x = layers.Dropout(rates[2], seed=seed + 2, name='drop3')(x)
+  elif args.net == 'vgg':
+    for b, channels in enumerate(peer_common.blocks(args)):
+      for j, c in enumerate(channels):
+        x = conv(x, c, 3, 1, True, f'conv{b + 1}_{j}')
+        x = layers.ReLU()(bn(f'bn{b + 1}_{j}')(x))
+      x = layers.MaxPooling2D(2, name=f'pool{b + 1}')(x)
+    x = layers.Flatten(name='flatten')(x)
+    for i, d in enumerate(peer_common.ints(args.dense)):
+      x = layers.Dense(d, activation='relu', kernel_regularizer=reg(), name=f'dense{i + 1}')(x)
+      x = layers.Dropout(rates[0], seed=seed + i, name=f'drop{i + 1}')(x)
+  else:
+    x = layers.ReLU()(bn('stem_bn')(conv(x, args.width, 3, 1, False, 'stem')))
+    for i, n in enumerate(peer_common.ints(args.stages)):
+      for j in range(n):
+        c, stride, name = args.width * 2**i, 2 if i > 0 and j == 0 else 1, f's{i + 1}b{j + 1}'
+        y = layers.ReLU()(bn(f'{name}_bn1')(conv(x, c, 3, stride, False, f'{name}_conv1')))
+        y = bn(f'{name}_bn2', zero=True)(conv(y, c, 3, 1, False, f'{name}_conv2'))
+        if x.shape[-1] != c or stride != 1:
+          x = bn(f'{name}_bn_sc')(conv(x, c, 1, stride, False, f'{name}_shortcut'))
+        x = layers.ReLU()(layers.Add()([x, y]))
+    x = layers.GlobalAveragePooling2D(name='pool')(x)
+    if rates[0] > 0:
+      x = layers.Dropout(rates[0], seed=seed, name='drop')(x)
+  logits = layers.Dense(peer_common.NUM_CLASSES, kernel_regularizer=reg(), name='logits')(x)
+  return keras.Model(inputs, logits, name=args.net)  # Keras names allow no ':'
 
 
 class WindowTimer:
@@ -164,7 +193,7 @@ class WindowTimer:
 
 
 def main() -> None:
-  args = _parse_args()
+  args = peer_common.parse_args(__doc__.splitlines()[0], _keras_args)
   if args.malloc_tuned and not any(k in os.environ for k in MALLOC_ENV):
     os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **MALLOC_ENV})
   if args.onednn != 'default':
@@ -180,28 +209,37 @@ def main() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
   keras.utils.set_random_seed(0)
 
-  augment = not args.no_augment
-  model = build_model(args.size, augment)
+  model = build_model(args)
   trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
   print(f'trainable params: {trainable:,}', file=sys.stderr)
-  expected = EXPECTED_TRAINABLE_PARAMS[args.size]
-  assert trainable == expected, f'{trainable} trainable params, fer_jax SeedCNN has {expected}'
+  peer_common.check_params(args, trainable)
 
-  optimizer = keras.optimizers.AdamW(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-  optimizer.exclude_from_weight_decay(var_names=['bias'])
-  jit = {'auto': 'auto', 'true': True, 'false': False}[args.jit_compile]
-  model.compile(
-    optimizer=optimizer,
-    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    metrics=['accuracy'],
-    jit_compile=jit,
+  ema = dict(use_ema=True, ema_momentum=args.ema) if args.ema else {}
+  if args.optimizer == 'adamw':
+    optimizer = keras.optimizers.AdamW(
+      learning_rate=args.lr, weight_decay=args.weight_decay, epsilon=1e-8, **ema
+    )
+    optimizer.exclude_from_weight_decay(var_names=['bias', 'gamma', 'beta'])
+  else:  # the decay is the kernels' l2(wd / 2) regularizer (build_model)
+    optimizer = keras.optimizers.SGD(
+      learning_rate=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov, **ema
+    )
+  smoothing = args.label_smoothing
+  loss = (
+    keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing)
+    if smoothing
+    else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   )
+  jit = {'auto': 'auto', 'true': True, 'false': False}[args.jit_compile]
+  model.compile(optimizer=optimizer, loss=loss, metrics=['accuracy'], jit_compile=jit)
 
   # One epoch just long enough for warm-up plus the windows, so no epoch boundary is timed.
   steps = args.warmup_steps + args.windows * args.steps_per_window
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (steps * args.batch, 48, 48, 1), dtype=np.uint8)
-  y = rng.integers(0, NUM_CLASSES, (steps * args.batch,)).astype(np.int32)
+  y = rng.integers(0, peer_common.NUM_CLASSES, (steps * args.batch,)).astype(np.int32)
+  if smoothing:
+    y = np.eye(peer_common.NUM_CLASSES, dtype=np.float32)[y]
   timer = WindowTimer(args.warmup_steps, args.windows, args.steps_per_window, args.batch)
   model.fit(
     x, y, batch_size=args.batch, epochs=1, shuffle=True, verbose=0, callbacks=[timer.callback()]
@@ -209,26 +247,18 @@ def main() -> None:
   if len(timer.rates) != args.windows:
     raise SystemExit(f'timed {len(timer.rates)} of {args.windows} windows')
 
-  result = {
-    'images_per_s': round(float(np.median(timer.rates)), 1),
-    'size': args.size,
-    'batch': args.batch,
-    'framework': 'keras',
-    'augment': augment,
-    'windows': [round(r, 1) for r in timer.rates],
-    'trainable_params': trainable,
-    'tf': tf.__version__,
-    'keras': keras.__version__,
-    'jit_compile': bool(model.jit_compile),
-    'onednn_enabled': _onednn_enabled(),
-    'TF_ENABLE_ONEDNN_OPTS': os.environ.get('TF_ENABLE_ONEDNN_OPTS'),
-    'malloc_tuned': all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
-    'intra_op_threads': tf.config.threading.get_intra_op_parallelism_threads(),
-    'inter_op_threads': tf.config.threading.get_inter_op_parallelism_threads(),
-    'threads_note': '0 means TF default (sized to the machine)',
-    'cpu_count': os.cpu_count(),
-    'python': platform.python_version(),
-  }
+  result = peer_common.result(args, 'keras', timer.rates, trainable)
+  result.update(
+    tf=tf.__version__,
+    keras=keras.__version__,
+    jit_compile=bool(model.jit_compile),
+    onednn_enabled=_onednn_enabled(),
+    TF_ENABLE_ONEDNN_OPTS=os.environ.get('TF_ENABLE_ONEDNN_OPTS'),
+    malloc_tuned=all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
+    intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+    inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
+    threads_note='0 means TF default (sized to the machine)',
+  )
   print(json.dumps(result))
 
 

@@ -28,6 +28,65 @@ MODEL_CONFIGS = {
 }
 
 
+# --augment crop_flip: what the Keras / PyTorch peers (compare_peers.py) also do.
+CROP_FLIP_OFF = dict(
+  rotation_deg=0.0,
+  zoom=0.0,
+  shift=0.0,
+  shear_deg=0.0,
+  brightness=0.0,
+  contrast=0.0,
+  erase_prob=0.0,
+  mixup_alpha=0.0,
+  cutmix_alpha=0.0,
+)
+
+
+def load_config(
+  path: str,
+  *,
+  size: int | None = None,
+  batch: int | None = None,
+  dtype: str | None = None,
+  parallel: str | None = None,
+  augment: str = 'config',
+  microbatch: int | None = None,
+  width: float | None = None,
+):
+  """The experiment config at `path` with the benchmark's overrides.
+
+  augment: 'config' (the experiment's own), 'crop_flip' (its random crop, if it crops, without
+  scale jitter, and a horizontal flip; nothing else) or 'none'.
+  """
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location('cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  if size:
+    config.model.image_size = size
+  if batch:
+    config.train.batch_size = batch
+  if dtype:
+    config.model.dtype = dtype
+  if parallel:
+    config.parallel = parallel
+  if augment == 'none':
+    config.augment.enabled = False
+  elif augment == 'crop_flip':
+    config.augment.update(CROP_FLIP_OFF)
+    config.augment.flip = True
+    config.augment.crop_scale = (1.0, 1.0)
+  elif augment != 'config':
+    raise ValueError(f'augment={augment!r}: expected config, crop_flip or none')
+  if microbatch is not None:
+    config.train.microbatch_size = microbatch
+  if width is not None and 'width' in config.model:  # seed_cnn has no width
+    config.model.width = type(config.model.width)(width)
+  return config
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', default='experiments/base.py')
@@ -58,12 +117,19 @@ def main() -> None:
   p.add_argument('--devices', type=int, default=0, help='simulate N CPU devices (0: as found)')
   p.add_argument('--no-augment', action='store_true')
   p.add_argument(
+    '--augment',
+    default='config',
+    choices=('config', 'crop_flip'),
+    help="the config's augmentation, or its random crop + flip only (as the peers)",
+  )
+  p.add_argument(
     '--microbatch',
     type=int,
     default=None,
     help='examples per gradient chunk (-1: auto, 0: whole batch; default: config)',
   )
   p.add_argument('--windows', type=int, default=5)
+  p.add_argument('--warmup-steps', type=int, default=3, help='untimed steps first (compilation)')
   p.add_argument('--steps-per-window', type=int, default=10)
   p.add_argument(
     '--no-malloc-tuning',
@@ -87,8 +153,6 @@ def main() -> None:
       os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={args.devices}'
     )
 
-  import importlib.util
-
   import jax
 
   if not args.async_dispatch:
@@ -100,34 +164,22 @@ def main() -> None:
   from fer_jax.train import compile_steps, make_step_context, sums_factory
   from fer_jax.train_step import create_train_state, make_optimizer
 
-  def load_config(path):
-    spec = importlib.util.spec_from_file_location('cfg', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    if args.size:
-      config.model.image_size = args.size
-    if args.batch:
-      config.train.batch_size = args.batch
-    if args.dtype:
-      config.model.dtype = args.dtype
-    if args.parallel:
-      config.parallel = args.parallel
-    if args.no_augment:
-      config.augment.enabled = False
-    if args.microbatch is not None:
-      config.train.microbatch_size = args.microbatch
-    if args.width is not None and 'width' in config.model:  # seed_cnn has no width
-      config.model.width = type(config.model.width)(args.width)
-    return config
-
   paths = [(m, MODEL_CONFIGS[m]) for m in args.model] if args.model else [(None, args.config)]
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   runs = []
   for label, path in paths:
     for lowering in args.lowering or [None]:
-      config = load_config(path)
+      config = load_config(
+        path,
+        size=args.size,
+        batch=args.batch,
+        dtype=args.dtype,
+        parallel=args.parallel,
+        augment='none' if args.no_augment else args.augment,
+        microbatch=args.microbatch,
+        width=args.width,
+      )
       if lowering:
         config.model.lowering = lowering
       batch_size = config.train.batch_size
@@ -177,7 +229,7 @@ def main() -> None:
     r['state'] = state
 
   for r in runs:
-    run(r, 3)  # compile + warm up
+    run(r, max(1, args.warmup_steps))  # compile + warm up
   for w in range(args.windows):
     for r in runs:  # alternate: each window of each run under the same load
       batch_size = r['config'].train.batch_size
@@ -201,6 +253,7 @@ def main() -> None:
       'lowering_resolved': resolved,
       'parallel': config.parallel,
       'augment': bool(config.augment.enabled),
+      'augment_mode': 'none' if args.no_augment else args.augment,
       'model': config.model.name,
       'zoo_name': r['label'],
       'width': config.model.get('width'),

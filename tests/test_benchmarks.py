@@ -1,4 +1,4 @@
-"""The benchmark scripts run and print their JSON; the Keras side is skipped cleanly without TF."""
+"""The benchmark scripts run and print their JSON; peers without their venvs are skipped cleanly."""
 
 import json
 import subprocess
@@ -117,21 +117,27 @@ def test_forward_backward_prints_one_line_per_lowering():
   assert all(l['model'] == 'vgg_fer' and l['images_per_s'] > 0 for l in lines)
 
 
-def test_compare_keras_without_tensorflow_reports_fer_jax_only(tmp_path):
+def test_compare_peers_without_peer_venvs_reports_fer_jax_only(tmp_path):
   out = subprocess.run(
     [
       sys.executable,
-      'benchmarks/compare_keras.py',
-      '--rounds',
-      '1',
-      '--rows',
-      '48x8',
+      'benchmarks/compare_peers.py',
+      '--models',
+      'seed_cnn',
+      '--batches',
+      '8',
       '--windows',
       '1',
-      '--steps-per-window',
+      '--images-per-window',
+      '8',
+      '--warmup-images',
       '1',
+      '--peak-size',
+      '256',
       '--keras-python',
-      str(tmp_path / 'no-python'),
+      str(tmp_path / 'no-keras'),
+      '--torch-python',
+      str(tmp_path / 'no-torch'),
     ],
     cwd=REPO,
     capture_output=True,
@@ -139,60 +145,20 @@ def test_compare_keras_without_tensorflow_reports_fer_jax_only(tmp_path):
     timeout=300,
   )
   assert out.returncode == 0, out.stderr[-2000:]
+  assert 'Keras skipped' in out.stderr and 'PyTorch skipped' in out.stderr
   result = _last_json(out.stdout)
-  assert result['keras_skipped'] and 'does not exist' in result['keras_skipped']
+  assert set(result['skipped']) == {'keras', 'torch'}
+  assert 'does not exist' in result['skipped']['keras']
   (row,) = result['summary']
-  assert row['fer_jax_images_per_s'] > 0 and row['keras_images_per_s'] is None
-  assert row['plain_jax_images_per_s'] > 0 and row['ratio_vs_plain_jax'] > 0
-  table = [l for l in out.stdout.splitlines() if l.startswith('| 48x48')]
-  assert len(table) == 1 and table[0].count('|') == 5  # row, fer_jax, plain JAX, ratio
-
-
-def test_conv_kernels_benchmark_prints_a_row_per_shape():
-  from fer_jax import native
-
-  if not native.available():
-    import pytest
-
-    pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
-  out = subprocess.run(
-    [sys.executable, 'benchmarks/conv_kernels.py', '--reps', '1', '--only', 'c2f48,c1dk48'],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert out.returncode == 0, out.stderr[-2000:]
-  rows = _last_json(out.stdout)['rows']
-  assert [r['row'] for r in rows] == ['c2f48', 'c1dk48']
-  assert all(r['native_ms'] > 0 and r['xla_ms'] > 0 for r in rows)
-
-
-def test_ablations_report_each_variant_against_the_default():
-  out = subprocess.run(
-    [
-      sys.executable,
-      'benchmarks/ablations.py',
-      '--rounds',
-      '1',
-      '--rows',
-      '48x8',
-      '--only',
-      'async,whole_batch',
-      '--windows',
-      '1',
-      '--steps-per-window',
-      '1',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert out.returncode == 0, out.stderr[-2000:]
-  summary = _last_json(out.stdout)['summary']
-  assert [s['variant'] for s in summary] == ['default', 'async', 'whole_batch']
-  assert summary[0]['relative_to_default'] == 1.0
-  assert all(s['images_per_s'] > 0 for s in summary)
-  runs = _last_json(out.stdout)['runs']
-  assert any('--async-dispatch' in r['cmd'] for r in runs)
+  assert (row['model'], row['batch'], row['params']) == ('seed_cnn', 8, 839_047)
+  assert row['images_per_s']['fer_jax'] > 0 and row['images_per_s']['keras'] is None
+  assert row['fer_jax_over'] == {'keras': None, 'torch': None}
+  # 3 x XLA's forward count of the seed CNN (19.4 MFLOP per 48x48 image) x img/s.
+  assert 0.018 < row['forward_gflop_per_image'] < 0.021
+  assert row['fer_jax_gflops'] > 0 and 0 < row['fraction_of_peak']
+  assert len(result['matmul_peak_gflops']) == 2 and min(result['matmul_peak_gflops']) > 0
+  header = next(l for l in out.stdout.splitlines() if l.startswith('| model'))
+  table = [l for l in out.stdout.splitlines() if l.startswith('| seed_cnn')]
+  # model, batch, 3 img/s, 2 ratios, GFLOP/s, fraction of peak: 9 cells
+  assert header.count('|') == 10 and len(table) == 1 and table[0].count('|') == 10
+  assert '| - | - |' in table[0]  # the skipped peers
