@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from fer_jax import augment, paths
-from fer_jax.data import datasets, ferplus
+from fer_jax.data import datasets, ferplus, resident
 from fer_jax.errors import ConfigError
 from fer_jax.evaluation import TTA_MODES
 from fer_jax.models import get_model
@@ -74,6 +74,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   augment.check_config(config.augment)
   make_optimizer(config.train, steps_per_epoch=1000)  # any epoch length that leaves cosine steps
   make_plateau(config.train)
+  resident.setting(config.data)
+  if int(config.train.get('steps_per_dispatch', 1)) < 1:
+    raise ConfigError(
+      f'config.train.steps_per_dispatch={config.train.steps_per_dispatch}: must be at least 1'
+    )
   if config.data.source == 'tfds' and config.data.ferplus_path:
     raise ConfigError(
       "config.data.ferplus_path is not used with source='tfds': the builder reads "
