@@ -1,6 +1,7 @@
 """The benchmark scripts run and print their JSON; the Keras side is skipped cleanly without TF."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -196,3 +197,25 @@ def test_ablations_report_each_variant_against_the_default():
   assert all(s['images_per_s'] > 0 for s in summary)
   runs = _last_json(out.stdout)['runs']
   assert any('--async-dispatch' in r['cmd'] for r in runs)
+
+
+def test_train_loop_row_on_resident_data_in_blocks():
+  # The smallest row: 1 device, batch 32, 512 faces, 20 steps in blocks of 2 (the indices path).
+  out = subprocess.run(
+    [sys.executable, 'benchmarks/train_loop.py', '--row', 'trivial,1,32', '--steps', '20']
+    + ['--dispatch', '2', '--examples', '512'],
+    cwd=REPO,
+    env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  row = _last_json(out.stdout)
+  assert (row['devices'], row['batch'], row['feed'], row['steps_per_dispatch']) == (
+    1,
+    32,
+    'device',
+    2,
+  )
+  assert row['loop_images_per_s'] > 0 and row['step_images_per_s'] > 0
