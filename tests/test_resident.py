@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fer_jax import checkpointing, loop_metrics, parallel, train
+from fer_jax import checkpointing, loop_metrics, models, parallel, train
 from fer_jax.data import resident
 from fer_jax.data.datasets import load_dataset
 from fer_jax.data.epoch_order import EpochBatches
@@ -99,22 +99,21 @@ def test_steps_per_dispatch_scan_equals_single_steps():
   np.testing.assert_allclose(host_a['sum']['loss'], host_b['sum']['loss'], rtol=1e-5)
 
 
-def test_resume_on_device_in_blocks_equals_the_host_fed_run(tmp_path):
-  def config(**kw):
+def test_resume_on_device_in_blocks_equals_the_host_fed_run(tmp_path, monkeypatch):
+  monkeypatch.setitem(models.MODELS, 'tiny', lambda cfg, k: _Tiny())
+
+  def config(on_device='off', **kw):
     c = synthetic_config(
       train_examples=96, test_examples=16, batch_size=16, epochs=2, log_every_steps=4, **kw
     )
-    c.data.on_device = 'on'
+    c.model.name, c.data.on_device = 'tiny', on_device
     return c
 
   # 6 steps an epoch: blocks of 2 up to 4, single steps up to the epoch end, blocks again.
-  host = synthetic_config(
-    train_examples=96, test_examples=16, batch_size=16, epochs=2, log_every_steps=4
-  )
-  train.train_and_evaluate(host, str(tmp_path / 'host'))
-  train.train_and_evaluate(config(max_steps=5, steps_per_dispatch=2), str(tmp_path / 'dev'))
+  train.train_and_evaluate(config(), str(tmp_path / 'host'))
+  train.train_and_evaluate(config('on', max_steps=5, steps_per_dispatch=2), str(tmp_path / 'dev'))
   assert final_params(tmp_path / 'dev')[0] == 5
-  train.train_and_evaluate(config(steps_per_dispatch=2), str(tmp_path / 'dev'))
+  train.train_and_evaluate(config('on', steps_per_dispatch=2), str(tmp_path / 'dev'))
   (step_a, p_a), (step_b, p_b) = final_params(tmp_path / 'host'), final_params(tmp_path / 'dev')
   assert step_a == step_b == 12
   for a, b in zip(_leaves(p_a), _leaves(p_b)):
