@@ -2,20 +2,34 @@
 
   python benchmarks/train_loop.py                 # the table (1 and 8 simulated CPU devices)
   python benchmarks/train_loop.py --quick         # two small rows (a smoke test)
+  python benchmarks/train_loop.py --feed host     # the host-fed loop (batches gathered on the host)
+  python benchmarks/train_loop.py --dispatch 5    # 5 steps per dispatch (a lax.scan)
 
 Each row runs in its own process (the simulated device count is fixed when JAX starts):
-- `loop`: `train.train_and_evaluate` on synthetic faces for `--steps` steps: grain feeding,
-  the device transfer, the step, the device-side metric sums fetched once per log window,
+- `loop`: `train.train_and_evaluate` on synthetic faces for `--steps` steps. `--feed device`
+  (default): the training split resident on the devices (`data.on_device='on'`), each step
+  shipping its int32 indices; `--feed host`: the batch gathered on the host and transferred.
+  Then the step, the device-side metric sums fetched once per log window,
   the preemption check; evaluation and checkpoint every 10 minutes (so, in these short runs,
   at the end only), on 16384 synthetic faces. Its figure is `train_images_per_s` (the first log
   window, which compiles, and evaluation/save time are left out, as in results.json).
-- `step`: the same compiled step in a Python loop over batches already on the device.
+- `step`: the same compiled step in a Python loop over inputs already on the device (the
+  indices for `--feed device`, so the on-device gather counts as step time; the batches for
+  `--feed host`), `--dispatch` steps per call.
 - host µs/step = (loop s/step - step s/step): what the loop adds per step. The goal is
   <= 100 µs + 0.2 µs per example of the global batch, with a trivial model (one Dense layer,
   no augmentation) so that the step itself costs little; and loop >= 95 % of step for the seed
   CNN at global batch 512 on 8 simulated devices.
 On a CPU the "device" is the same cores as the host, so both figures move with machine load:
 run it on a quiet machine, and read the host time as an upper bound.
+
+8 simulated devices on a loaded 2-core machine: XLA:CPU runs the 8 devices' parts of a step on
+threads that meet at every all-reduce, and aborts a step whose threads do not all arrive within
+`xla_cpu_collective_call_terminate_timeout_seconds` (40 s by default: "Termination timeout for
+all reduce ... only 6 of 8 threads arrived"). With a trivial model the host dispatches steps far
+faster than 2 busy cores run them, so many steps queue up and a late thread can wait past 40 s.
+The rows therefore run with that timeout raised to 600 s and at most `_MAX_IN_FLIGHT` steps
+queued in the bare-step loop (the train loop itself syncs once per log window).
 """
 
 from __future__ import annotations
@@ -40,6 +54,11 @@ ROWS = [  # (model, devices, global batch)
   ('seed_cnn', 8, 512),
 ]
 QUICK = [('trivial', 1, 32), ('trivial', 8, 512)]
+_MAX_IN_FLIGHT = 16  # bare-step loop: wait for the queued steps every this many calls
+_XLA_CPU_TIMEOUTS = (
+  '--xla_cpu_collective_call_terminate_timeout_seconds=600 '
+  '--xla_cpu_collective_call_warn_stuck_seconds=60'
+)
 
 
 def _register_trivial() -> None:
@@ -59,18 +78,20 @@ def _register_trivial() -> None:
   models.MODELS['trivial'] = lambda cfg, k: Trivial(k)
 
 
-def _config(model: str, batch: int, steps: int):
+def _config(model: str, batch: int, steps: int, feed: str, dispatch: int, examples: int):
   from experiments import synthetic
 
   c = synthetic.get_config()
   # A fixed 16384 faces (rendered once, then cached): at batch 4096 an epoch is 4 steps.
-  c.data.synthetic_train = 16384
+  c.data.synthetic_train = examples
   c.data.synthetic_test = 64
+  c.data.on_device = 'on' if feed == 'device' else 'off'
   c.train.batch_size = batch
   c.train.eval_batch_size = 512
-  c.train.epochs = -(-steps // (16384 // batch))
+  c.train.epochs = -(-steps // (examples // batch))
   c.train.max_steps = steps
-  c.train.log_every_steps = 50
+  c.train.steps_per_dispatch = dispatch
+  c.train.log_every_steps = 50 * dispatch
   c.train.eval_every_epochs = 0  # evaluate + checkpoint by the clock only (and at the end)
   c.train.eval_every_minutes = 10.0
   c.train.final_tta = ()
@@ -80,20 +101,25 @@ def _config(model: str, batch: int, steps: int):
   return c
 
 
-def one_row(model: str, batch: int, steps: int) -> dict:
+def one_row(
+  model: str, batch: int, steps: int, feed: str = 'device', dispatch: int = 1, examples: int = 16384
+) -> dict:
   """Runs in a fresh process with its simulated device count already set."""
   import jax
   import numpy as np
   from absl import logging
 
   from fer_jax import checkpointing, parallel, runtime, train
+  from fer_jax.data import resident
+  from fer_jax.data.datasets import load_dataset
+  from fer_jax.data.epoch_order import EpochBatches
   from fer_jax.train_step import create_train_state, make_optimizer
 
   logging.set_verbosity(logging.WARNING)
   runtime.inline_cpu_dispatch()
   if model == 'trivial':
     _register_trivial()
-  config = _config(model, batch, steps)
+  config = _config(model, batch, steps, feed, dispatch, examples)
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
     results = train.train_and_evaluate(config, workdir)
@@ -114,32 +140,36 @@ def one_row(model: str, batch: int, steps: int) -> dict:
     'label': jax.ShapeDtypeStruct((batch,), np.int32),
   }
   fresh = train.sums_factory(ctx, checkpointing.abstract_like(state), spec, 'jit', mesh)
-  compiled = train.compile_steps(ctx, 'jit', mesh)
-  rng = np.random.default_rng(0)
-  batches = [
-    compiled.put_batch(
-      {
-        'image': rng.integers(0, 256, (batch, 48, 48, 1), np.uint8),
-        'label': rng.integers(0, 7, batch).astype(np.int32),
-      }
-    )
-    for _ in range(4)
-  ]
+  split = load_dataset(config.data, image_size=48)['Training']
+  on_device = feed == 'device'
+  compiled = train.compile_steps(
+    ctx, 'jit', mesh, resident.put_split(split, mesh) if on_device else None
+  )
+  order = EpochBatches(split, global_batch=batch, seed=0, indices_only=on_device, prefetch=False)
+  if dispatch > 1:
+    inputs, run = [order.next_block(dispatch) for _ in range(4)], compiled.train_block
+  else:
+    inputs, run = [next(order) for _ in range(4)], compiled.train
+  inputs = [compiled.put_batch(x) for x in inputs]
   sums = fresh()
   for i in range(3):
-    state, sums = compiled.train(state, batches[i % 4], sums)
+    state, sums = run(state, inputs[i % 4], sums)
   jax.block_until_ready(sums)
-  n = max(steps - 50, 20)
+  calls = max(max(steps - 50, 20) // dispatch, 4)
   t = time.perf_counter()
-  for i in range(n):
-    state, sums = compiled.train(state, batches[i % 4], sums)
+  for i in range(calls):
+    state, sums = run(state, inputs[i % 4], sums)
+    if i % _MAX_IN_FLIGHT == _MAX_IN_FLIGHT - 1:
+      jax.block_until_ready(sums)  # bounds the queue (see the module docstring)
   jax.block_until_ready(sums)
-  step_s = (time.perf_counter() - t) / n
+  step_s = (time.perf_counter() - t) / (calls * dispatch)
   loop_s = batch / loop_ips
   return {
     'model': model,
     'devices': jax.device_count(),
     'batch': batch,
+    'feed': feed,
+    'steps_per_dispatch': dispatch,
     'loop_images_per_s': round(loop_ips, 1),
     'step_images_per_s': round(batch / step_s, 1),
     'loop_vs_step': round(step_s / loop_s, 3),
@@ -154,11 +184,15 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--steps', type=int, default=250, help='loop steps per row')
   p.add_argument('--quick', action='store_true', help='two small rows, few steps')
-  p.add_argument('--row', help=argparse.SUPPRESS)  # model,devices,batch: run one row here
+  p.add_argument('--feed', choices=('device', 'host'), default='device')
+  p.add_argument('--dispatch', type=int, default=1, help='steps per dispatch (lax.scan)')
+  p.add_argument('--examples', type=int, default=16384, help='synthetic training faces')
+  p.add_argument('--row', help='model,devices,batch: run that one row in this process')
   args = p.parse_args()
   if args.row:
     model, _, batch = args.row.split(',')
-    print(json.dumps(one_row(model, int(batch), args.steps)))
+    row = one_row(model, int(batch), args.steps, args.feed, args.dispatch, args.examples)
+    print(json.dumps(row))
     return
   rows, steps = (QUICK, 60) if args.quick else (ROWS, args.steps)
   from fer_jax import runtime
@@ -169,9 +203,18 @@ def main() -> None:
     f'{"loop/step":>9} {"host us":>8} {"goal us":>8}'
   )
   for model, devices, batch in rows:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices} {_XLA_CPU_TIMEOUTS}'
+    flags = ['--steps', str(steps), '--feed', args.feed, '--dispatch', str(args.dispatch)]
     out = subprocess.run(
-      [sys.executable, __file__, '--row', f'{model},{devices},{batch}', '--steps', str(steps)],
+      [
+        sys.executable,
+        __file__,
+        '--row',
+        f'{model},{devices},{batch}',
+        *flags,
+        '--examples',
+        str(args.examples),
+      ],
       env=env,
       capture_output=True,
       text=True,

@@ -13,6 +13,9 @@ What changes from the CPU recipe, and why:
 - bfloat16 compute, float32 parameters, optimizer state and loss (the model casts its logits
   to float32; `model.dtype` only sets the compute dtype).
 - XLA's convolution (`lowering='auto'` resolves to 'xla' off CPU), no gradient chunks.
+- the uint8 training split on the devices (data.on_device='auto' turns it on off CPU), each
+  step shipping only its int32 indices, and 4 steps per dispatch (a lax.scan): the host issues
+  one call per 4 steps.
 - evaluation + checkpoint every 2 epochs or 10 minutes, whichever comes first; at this batch an
   epoch is well under a second of accelerator time, so evaluating every epoch would dominate.
 Not yet run on an accelerator (benchmarks/accelerator_check.sh measures it on a GPU machine).
@@ -37,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.microbatch_size = 0
   t.eval_batch_size = 2048
   t.log_every_steps = 100
+  t.steps_per_dispatch = 4  # falls back to 1 with a notice where the split is not on the devices
   t.eval_every_epochs = 2
   t.eval_every_minutes = 10.0
   return c

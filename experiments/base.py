@@ -39,6 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic_train = 6000  # rows per split for source='synthetic'
   c.data.synthetic_test = 1000
   c.data.synthetic_seed = 0
+  # The uint8 training split on the devices, each step shipping only its indices
+  # (fer_jax/data/resident.py): 'auto' = on GPU/TPU under 'jit' when it fits
+  # on_device_max_mb per device, off on CPU | 'on' | 'off' (fed from the host).
+  c.data.on_device = 'auto'
+  c.data.on_device_max_mb = 2048.0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'seed_cnn'
@@ -96,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 0  # > 0: also evaluate + checkpoint every N steps
   c.train.eval_every_epochs = 1  # evaluate + checkpoint every N epochs (0: not by epochs)
   c.train.eval_every_minutes = 0.0  # > 0: also every N minutes of wall time
+  # K > 1: K steps per jitted call (a lax.scan), the split on the devices; log_every_steps and
+  # checkpoint_every_steps must be multiples of K.
+  c.train.steps_per_dispatch = 1
   c.train.keep_latest = 2
   c.train.keep_best = 1
   c.train.restart_if_unreadable = False  # True: no readable checkpoint -> train from scratch

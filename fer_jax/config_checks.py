@@ -7,7 +7,7 @@ import json
 import ml_collections
 
 from fer_jax import augment, paths
-from fer_jax.data import datasets, ferplus
+from fer_jax.data import datasets, ferplus, resident
 from fer_jax.errors import ConfigError
 from fer_jax.evaluation import TTA_MODES
 from fer_jax.models import get_model
@@ -76,6 +76,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   augment.check_config(config.augment)
   make_optimizer(config.train, steps_per_epoch=1000)  # any epoch length that leaves cosine steps
   make_plateau(config.train)
+  resident.setting(config.data)
+  if int(config.train.get('steps_per_dispatch', 1)) < 1:
+    raise ConfigError(
+      f'config.train.steps_per_dispatch={config.train.steps_per_dispatch}: must be at least 1'
+    )
   if config.data.source == 'tfds' and config.data.ferplus_path:
     raise ConfigError(
       "config.data.ferplus_path is not used with source='tfds': the builder reads "
@@ -98,8 +103,11 @@ RESUMABLE_CHANGES = frozenset(
     'data.cache_dir',
     'data.tfds_data_dir',
     'data.ferplus_path',
+    'data.on_device',
+    'data.on_device_max_mb',
     'model.lowering',
     'train.microbatch_size',
+    'train.steps_per_dispatch',
     'train.max_steps',
     'train.log_every_steps',
     'train.checkpoint_every_steps',

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fer_jax.errors import ConfigError
+
 
 def zeros_like_metrics(metric_shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
   """An empty accumulator for metrics shaped like `metric_shapes` (from jax.eval_shape)."""
@@ -92,3 +94,41 @@ class Cadence:
   def done(self) -> None:
     """An evaluation + checkpoint just happened: restart the minute clock."""
     self._last = time.time()
+
+
+def steps_per_dispatch(train_cfg: ml_collections.ConfigDict, resident: bool) -> int:
+  """`train.steps_per_dispatch` K checked against the feeding and the cadence.
+
+  K > 1 runs K steps in one jitted call (a `lax.scan`), fed K blocks of indices at once, so
+  it needs the training split on the devices; with data.on_device='auto' left off (CPU) it
+  falls back to 1 step. The loop can log and checkpoint only between dispatches, so
+  `log_every_steps` and `checkpoint_every_steps` must be multiples of K; epoch ends and the
+  last step need not be (the loop runs single steps up to them: `block_length`).
+  """
+  k = int(train_cfg.get('steps_per_dispatch', 1))
+  if k < 1:
+    raise ConfigError(f'config.train.steps_per_dispatch={k}: must be at least 1')
+  if k == 1:
+    return 1
+  if not resident:
+    return 0  # the caller decides: a notice (on_device 'auto') or an error ('off')
+  for key in ('log_every_steps', 'checkpoint_every_steps'):
+    every = int(train_cfg.get(key, 0))
+    if every % k:
+      raise ConfigError(
+        f'config.train.{key}={every} is not a multiple of config.train.steps_per_dispatch={k}: '
+        'the loop logs and checkpoints only between dispatches'
+      )
+  return k
+
+
+def block_length(step: int, k: int, *, periods: tuple[int, ...], stop_step: int) -> int:
+  """Steps to run in the next dispatch after `step`: k when none of the next k - 1 steps ends a
+  period (log window, epoch, checkpoint period; 0 = none) or is the stop step, else 1."""
+  if k == 1:
+    return 1
+  nearest = stop_step
+  for p in periods:
+    if p:
+      nearest = min(nearest, (step // p + 1) * p)
+  return k if nearest - step >= k else 1

@@ -33,7 +33,7 @@ from fer_jax import (
   scaling,
 )
 from fer_jax.config_checks import check_resume_config, check_workdir_writable, validate_config
-from fer_jax.data import pipeline
+from fer_jax.data import pipeline, resident
 from fer_jax.data.datasets import class_weights, load_dataset, pixel_stats
 from fer_jax.data.epoch_order import EpochBatches
 from fer_jax.data.types import Split
@@ -111,6 +111,9 @@ class Steps(NamedTuple):
   put_batch: Callable  # host batch -> device batch
   prepare_state: Callable  # canonical (mesh-replicated) state -> the step's layout
   canonical: Callable  # the step's layout -> canonical state (for checkpoints)
+  # With the training split resident on the devices (data/resident.py), batches are
+  # {'index': int32} and `train_block` runs K steps in one dispatch on {'index': (K, B)}.
+  train_block: Callable | None = None
 
 
 def eval_spec(ctx: StepContext, tta: str = 'none') -> evaluation.EvalSpec:
@@ -127,9 +130,20 @@ def eval_spec(ctx: StepContext, tta: str = 'none') -> evaluation.EvalSpec:
   )
 
 
-def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps:
-  """jit over the mesh (batch on 'data', state replicated) or pmap: the same step functions."""
+def compile_steps(
+  ctx: StepContext,
+  mode: str,
+  mesh: jax.sharding.Mesh,
+  resident_data: dict[str, jax.Array] | None = None,
+) -> Steps:
+  """jit over the mesh (batch on 'data', state replicated) or pmap: the same step functions.
+
+  With `resident_data` (the training split on the devices, `resident.put_split`; jit only) the
+  step takes the batch's indices and gathers its rows first: the same step behind a gather.
+  """
   if mode == 'pmap':
+    if resident_data is not None:
+      raise ConfigError("the training split on the devices needs config.parallel='jit'")
     axis = parallel.DATA_AXIS
     ctx = dataclasses.replace(ctx, model=for_pmap(ctx.model, axis))  # BatchNorm over all devices
     return Steps(
@@ -144,17 +158,35 @@ def compile_steps(ctx: StepContext, mode: str, mesh: jax.sharding.Mesh) -> Steps
       canonical=parallel.unreplicate_from_pmap,
     )
   repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return Steps(
-    train=jax.jit(
+  common = dict(
+    eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
+    prepare_state=lambda s: s,
+    canonical=lambda s: s,
+  )
+  if resident_data is None:
+    train_fn = jax.jit(
       functools.partial(_step_and_sum, ctx=ctx),
       in_shardings=(repl, data, repl),
       out_shardings=(repl, repl),
       donate_argnums=(0, 2),
-    ),
-    eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
-    put_batch=functools.partial(parallel.to_global, mesh=mesh),
-    prepare_state=lambda s: s,
-    canonical=lambda s: s,
+    )
+    return Steps(
+      train=train_fn, put_batch=functools.partial(parallel.to_global, mesh=mesh), **common
+    )
+  one, block = (
+    jax.jit(
+      functools.partial(fn, ctx=ctx, mesh=mesh),
+      in_shardings=(repl, resident.index_sharding(mesh, ndim), repl, repl),
+      out_shardings=(repl, repl),
+      donate_argnums=(0, 2),
+    )
+    for fn, ndim in ((_gather_step_and_sum, 1), (_gather_steps_and_sum, 2))
+  )
+  return Steps(
+    train=lambda state, feed, sums: one(state, feed, sums, resident_data),
+    train_block=lambda state, feed, sums: block(state, feed, sums, resident_data),
+    put_batch=functools.partial(resident.put_indices, mesh=mesh),
+    **common,
   )
 
 
@@ -164,6 +196,28 @@ def _step_and_sum(
   """One train step whose metrics are added to the device-side window sums (loop_metrics)."""
   state, step_metrics = train_step(state, batch, ctx, axis_name)
   return state, loop_metrics.accumulate(sums, step_metrics, state.step)
+
+
+def _gather_step_and_sum(
+  state: Any, feed: Any, sums: Any, data: Any, ctx: StepContext, mesh: jax.sharding.Mesh
+) -> tuple[Any, Any]:
+  """`_step_and_sum` on the rows `feed['index']` of the resident split."""
+  batch = jax.lax.with_sharding_constraint(
+    resident.gather(data, feed['index']), parallel.batch_sharded(mesh)
+  )
+  return _step_and_sum(state, batch, sums, ctx)
+
+
+def _gather_steps_and_sum(
+  state: Any, feed: Any, sums: Any, data: Any, ctx: StepContext, mesh: jax.sharding.Mesh
+) -> tuple[Any, Any]:
+  """K steps in one dispatch: a scan of `_gather_step_and_sum` over feed['index'] (K, B)."""
+
+  def body(carry, index):
+    state, sums = carry
+    return _gather_step_and_sum(state, {'index': index}, sums, data, ctx, mesh), None
+
+  return jax.lax.scan(body, (state, sums), feed['index'])[0]
 
 
 def sums_factory(
@@ -270,6 +324,27 @@ def _train_and_evaluate(
     std,
   )
 
+  # The split on the devices, each step shipping its indices (data/resident.py), or fed from
+  # the host; K steps per dispatch need the former.
+  on_device = resident.use_resident(
+    config.data, backend=jax.default_backend(), mode=mode, nbytes=resident.split_bytes(train_split)
+  )
+  dispatch = loop_metrics.steps_per_dispatch(config.train, on_device)
+  if not dispatch:
+    if resident.setting(config.data) == 'off':
+      raise ConfigError(
+        f'config.train.steps_per_dispatch={config.train.steps_per_dispatch} needs the training '
+        "split on the devices: config.data.on_device='on' or 'auto' (GPU/TPU)"
+      )
+    logging.warning('steps_per_dispatch > 1 needs the split on the devices: 1 step per dispatch')
+    dispatch = 1
+  logging.info(
+    'training split %s (%.1f MB); %d step(s) per dispatch',
+    'on the devices, steps ship indices' if on_device else 'fed from the host',
+    resident.split_bytes(train_split) / 2**20,
+    dispatch,
+  )
+
   # ---- Model and optimizer ------------------------------------------------------------------
   ctx = make_step_context(
     config, num_classes=dataset.num_classes, weights=weights, mean=mean, std=std
@@ -288,6 +363,7 @@ def _train_and_evaluate(
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        indices_only=on_device,
       )
     )
   )
@@ -350,7 +426,9 @@ def _train_and_evaluate(
       (global_batch, *train_split.soft_labels.shape[1:]), np.float32
     )
   fresh_sums = sums_factory(ctx, checkpointing.abstract_like(state), batch_spec, mode, mesh)
-  steps = compile_steps(ctx, mode, mesh)
+  steps = compile_steps(
+    ctx, mode, mesh, resident.put_split(train_split, mesh) if on_device else None
+  )
   train_fn, eval_fn, put_batch, canonical = (
     steps.train,
     steps.eval,
@@ -374,12 +452,18 @@ def _train_and_evaluate(
     preemption.PreemptionWatcher(start_step, agree_every=config.train.log_every_steps)
   )
   preempted = False
+  periods = (config.train.log_every_steps, spe, cadence.every_steps)
   while step < stop_step:
-    batch = put_batch(next(train_iter))
-    state, sums = train_fn(state, batch, sums)
-    step += 1
-    window += 1
-    preempted = watcher.should_stop(step)  # the same answer on every process
+    k = loop_metrics.block_length(step, dispatch, periods=periods, stop_step=stop_step)
+    if k == 1:
+      state, sums = train_fn(state, put_batch(next(train_iter)), sums)
+    else:
+      state, sums = steps.train_block(state, put_batch(train_iter.next_block(k)), sums)
+    preempted = False
+    for s in range(step + 1, step + k + 1):  # every step, in order (the sync protocol counts)
+      preempted = watcher.should_stop(s) or preempted  # the same answer on every process
+    step += k
+    window += k
     window_end = (
       step % config.train.log_every_steps == 0 or step == stop_step or step % spe == 0 or preempted
     )

@@ -1,6 +1,7 @@
 """The benchmark scripts run and print their JSON; peers without their venvs are skipped cleanly."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -162,3 +163,75 @@ def test_compare_peers_without_peer_venvs_reports_fer_jax_only(tmp_path):
   # model, batch, 3 img/s, 2 ratios, GFLOP/s, fraction of peak: 9 cells
   assert header.count('|') == 10 and len(table) == 1 and table[0].count('|') == 10
   assert '| - | - |' in table[0]  # the skipped peers
+
+
+def test_conv_kernels_benchmark_prints_a_row_per_shape():
+  from fer_jax import native
+
+  if not native.available():
+    import pytest
+
+    pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
+  out = subprocess.run(
+    [sys.executable, 'benchmarks/conv_kernels.py', '--reps', '1', '--only', 'c2f48,c1dk48'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = _last_json(out.stdout)['rows']
+  assert [r['row'] for r in rows] == ['c2f48', 'c1dk48']
+  assert all(r['native_ms'] > 0 and r['xla_ms'] > 0 for r in rows)
+
+
+def test_ablations_report_each_variant_against_the_default():
+  out = subprocess.run(
+    [
+      sys.executable,
+      'benchmarks/ablations.py',
+      '--rounds',
+      '1',
+      '--rows',
+      '48x8',
+      '--only',
+      'async,whole_batch',
+      '--windows',
+      '1',
+      '--steps-per-window',
+      '1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  summary = _last_json(out.stdout)['summary']
+  assert [s['variant'] for s in summary] == ['default', 'async', 'whole_batch']
+  assert summary[0]['relative_to_default'] == 1.0
+  assert all(s['images_per_s'] > 0 for s in summary)
+  runs = _last_json(out.stdout)['runs']
+  assert any('--async-dispatch' in r['cmd'] for r in runs)
+
+
+def test_train_loop_row_on_resident_data_in_blocks():
+  # The smallest row: 1 device, batch 32, 512 faces, 20 steps in blocks of 2 (the indices path).
+  out = subprocess.run(
+    [sys.executable, 'benchmarks/train_loop.py', '--row', 'trivial,1,32', '--steps', '20']
+    + ['--dispatch', '2', '--examples', '512'],
+    cwd=REPO,
+    env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  row = _last_json(out.stdout)
+  assert (row['devices'], row['batch'], row['feed'], row['steps_per_dispatch']) == (
+    1,
+    32,
+    'device',
+    2,
+  )
+  assert row['loop_images_per_s'] > 0 and row['step_images_per_s'] > 0

@@ -27,7 +27,8 @@ Batch = dict[str, np.ndarray]
 class EpochBatches:
   """This process's uint8 training batches, from `start_step` on; `seek(step)` repositions.
 
-  The next batch is gathered on one background thread while the current step runs.
+  The next batch is gathered on one background thread while the current step runs
+  (`indices_only`: no gather, no thread; batches are {'index': this process's int32 indices}).
   """
 
   def __init__(
@@ -40,6 +41,7 @@ class EpochBatches:
     process_count: int = 1,
     start_step: int = 0,
     prefetch: bool = True,
+    indices_only: bool = False,
   ):
     if global_batch % process_count:
       raise ValueError(f'global batch {global_batch} not divisible by {process_count} processes')
@@ -52,6 +54,8 @@ class EpochBatches:
     per_process = global_batch // process_count
     self._lo, self._hi = process_index * per_process, (process_index + 1) * per_process
     self._epoch, self._order = -1, None
+    self._indices_only = indices_only
+    prefetch = prefetch and not indices_only
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
     self._pending: tuple[int, concurrent.futures.Future] | None = None
     self.step = start_step
@@ -67,8 +71,19 @@ class EpochBatches:
       self._epoch, self._order = epoch, self.epoch_order(epoch)
     return self._order[k * self._batch : (k + 1) * self._batch]
 
+  def _local_indices(self, step: int) -> np.ndarray:
+    return self.global_indices(step)[self._lo : self._hi].astype(np.int32)
+
   def _gather(self, step: int) -> Batch:
-    return self._take(self.global_indices(step)[self._lo : self._hi])
+    return self._take(self._local_indices(step))
+
+  def next_block(self, count: int) -> Batch:
+    """The next `count` steps' indices at once, {'index': (count, B / processes) int32}."""
+    if not self._indices_only:
+      raise ValueError('next_block needs indices_only=True')
+    step = self.step
+    self.step = step + count
+    return {'index': np.stack([self._local_indices(s) for s in range(step, step + count)])}
 
   def seek(self, step: int) -> None:
     self.step = step
@@ -79,6 +94,9 @@ class EpochBatches:
 
   def __next__(self) -> Batch:
     step = self.step
+    if self._indices_only:
+      self.step = step + 1
+      return {'index': self._local_indices(step)}
     if self._pending is not None and self._pending[0] == step:
       batch = self._pending[1].result()
     else:
