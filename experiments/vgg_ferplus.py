@@ -8,6 +8,8 @@ Needs fer2013new.csv beside the FER2013 CSV (or --config.data.ferplus_path). Bar
 here the FER2013 VGG recipe (40x40 crops of the 48x48 faces, SGD-Nesterov, reduce-on-plateau)
 with the soft-label cross-entropy. Selected on PublicTest (FER+ validation), PrivateTest (FER+
 test) reported against the majority labels, single view and ten-crop. 150 epochs.
+Measured on one H200 at vgg_fer2013.py's GPU settings (README.md): 87.1 % FER+ test single
+view, 87.7 % ten-crop, in 2 min 52 s.
 """
 
 import ml_collections
