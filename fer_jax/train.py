@@ -441,6 +441,7 @@ def _train_and_evaluate(
   # ---- Train loop ---------------------------------------------------------------------------
   writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_chief)))
   cadence = loop_metrics.Cadence(config.train, spe)
+  log_every = config.train.log_every_steps  # read once: a ConfigDict lookup costs ~3 µs
   t_start = time.time()
   timed_images, timed_s = 0, 0.0
   sums, window = fresh_sums(), 0  # device-side metric sums over the log window, its length
@@ -448,11 +449,9 @@ def _train_and_evaluate(
   epoch_count = 0
   step = start_step
   t_last = time.time()
-  watcher = cleanup.enter_context(
-    preemption.PreemptionWatcher(start_step, agree_every=config.train.log_every_steps)
-  )
+  watcher = cleanup.enter_context(preemption.PreemptionWatcher(start_step, agree_every=log_every))
   preempted = False
-  periods = (config.train.log_every_steps, spe, cadence.every_steps)
+  periods = (log_every, spe, cadence.every_steps)
   while step < stop_step:
     k = loop_metrics.block_length(step, dispatch, periods=periods, stop_step=stop_step)
     if k == 1:
@@ -464,9 +463,7 @@ def _train_and_evaluate(
       preempted = watcher.should_stop(s) or preempted  # the same answer on every process
     step += k
     window += k
-    window_end = (
-      step % config.train.log_every_steps == 0 or step == stop_step or step % spe == 0 or preempted
-    )
+    window_end = step % log_every == 0 or step == stop_step or step % spe == 0 or preempted
     if window_end:
       host = _sums_to_host(sums, mode)
       now = time.time()
