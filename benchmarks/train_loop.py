@@ -90,6 +90,11 @@ def _null_step(state: Any, batch: Any, sums: Any, ctx: Any, axis_name: Any = Non
   return state.replace(step=state.step + 1), {**sums, 'count': sums['count'] + 1}
 
 
+def _log_window(dispatch: int) -> int:
+  """~50 steps, a multiple of K (the loop logs only between dispatches)."""
+  return -(-50 // dispatch) * dispatch
+
+
 def _config(model: str, batch: int, steps: int, feed: str, dispatch: int, examples: int):
   from experiments import synthetic
 
@@ -103,7 +108,7 @@ def _config(model: str, batch: int, steps: int, feed: str, dispatch: int, exampl
   c.train.epochs = -(-steps // (examples // batch))
   c.train.max_steps = steps
   c.train.steps_per_dispatch = dispatch
-  c.train.log_every_steps = -(-50 // dispatch) * dispatch  # ~50 steps, a multiple of K
+  c.train.log_every_steps = _log_window(dispatch)
   c.train.eval_every_epochs = 0  # evaluate + checkpoint by the clock only (and at the end)
   c.train.eval_every_minutes = 10.0
   c.train.final_tta = ()
@@ -133,6 +138,9 @@ def one_row(
   _register_trivial()
   if model == 'null':
     train._step_and_sum = _null_step  # pylint: disable=protected-access
+  # Whole log windows: a shorter last one would run single steps, compiling the single-step
+  # function inside a timed window (the loop compiles it at the first epoch end or stop step).
+  steps = -(-steps // _log_window(dispatch)) * _log_window(dispatch)
   config = _config(model, batch, steps, feed, dispatch, examples)
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
