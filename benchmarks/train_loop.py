@@ -2,6 +2,7 @@
 
   python benchmarks/train_loop.py                 # the table (1 and 8 simulated CPU devices)
   python benchmarks/train_loop.py --dispatch 4    # 4 steps per dispatch (as accelerator.py)
+  python benchmarks/train_loop.py --models null   # the host-time rows only (~1 min)
   python benchmarks/train_loop.py --quick         # two small rows (a smoke test)
   python benchmarks/train_loop.py --feed host     # the host-fed loop (batches gathered on the host)
 
@@ -136,7 +137,9 @@ def one_row(
   logging.set_verbosity(logging.WARNING)
   runtime.inline_cpu_dispatch()
   _register_trivial()
-  if model == 'null':
+  if model == 'null':  # every compiled train step (host-fed, gather, scan) calls this one
+    if not callable(getattr(train, '_step_and_sum', None)):
+      raise SystemExit('train._step_and_sum is gone: update _null_step to what replaced it')
     train._step_and_sum = _null_step  # pylint: disable=protected-access
   # Whole log windows: a shorter last one would run single steps, compiling the single-step
   # function inside a timed window (the loop compiles it at the first epoch end or stop step).
@@ -219,6 +222,7 @@ def main() -> None:
   p.add_argument('--dispatch', type=int, default=1, help='steps per dispatch (lax.scan)')
   p.add_argument('--examples', type=int, default=16384, help='synthetic training faces')
   p.add_argument('--row', help='model,devices,batch: run that one row in this process')
+  p.add_argument('--models', help="only these models' rows, e.g. null (the host-time rows)")
   args = p.parse_args()
   if args.row:
     model, _, batch = args.row.split(',')
@@ -226,6 +230,8 @@ def main() -> None:
     print(json.dumps(row))
     return
   rows, steps = (QUICK, 60) if args.quick else (ROWS, args.steps)
+  if args.models:
+    rows = [r for r in rows if r[0] in args.models.split(',')]
   from fer_jax import runtime
 
   env = dict(os.environ, **(runtime.tuned_environ() or {}), JAX_PLATFORMS='cpu')
