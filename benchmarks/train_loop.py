@@ -23,8 +23,8 @@ spends per step issuing work (indices, dispatch, the metrics window, the checks)
 is not the bottleneck. It is measured, not derived: the full loop's wall µs/step with the step
 replaced by a no-op of the same signature, shardings and donation (`_null_step`: the trivial
 model's state, no device work), so nothing but the host's side remains. A wall time, it cannot
-be negative. It includes the cost of calling a jitted function (~10 µs on 1 CPU device; on 8
-simulated CPU devices ~250 µs, XLA:CPU's cost to run any computation on 8 devices, which
+be negative. It includes the cost of calling a jitted function (`step us`: ~15–85 µs on 1 CPU
+device; 500–800 µs on 8 simulated CPU devices, XLA:CPU running the 8 device parts in turn, which
 `--dispatch K` divides by K); it leaves out copying the indices (4 bytes an example; the
 no-op does not read them, so jit drops them). The earlier figure, loop s/step − bare step
 s/step, subtracted two noisy wall times of the same 2 cores and came out negative.
