@@ -35,7 +35,9 @@ class MetricWriter:
     self._uploaded_at = time.time()
     if not enabled:
       return
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter, summary
+
+    self._summary = summary
 
     local = workdir
     if self._remote is not None:
@@ -55,9 +57,15 @@ class MetricWriter:
     clean = {k: _jsonable(v) for k, v in record.items()}
     self._jsonl.write(json.dumps({'step': int(step), 'split': prefix, **clean}) + '\n')
     self._jsonl.flush()
-    for k, v in clean.items():
-      if isinstance(v, (int, float)) and k != 'epoch':
-        self._tb.add_scalar(f'{prefix}/{k}', v, step)
+    # All of the record's scalars in one TensorBoard event: tensorboardX sends each event through
+    # a multiprocessing queue (~80 µs), so one add_scalar per value cost ~0.6 ms a record.
+    values = [
+      self._summary.scalar(f'{prefix}/{k}', v).value[0]
+      for k, v in clean.items()
+      if isinstance(v, (int, float)) and k != 'epoch'
+    ]
+    if values:
+      self._tb.file_writer.add_summary(self._summary.Summary(value=values), step)
     if self._remote is not None and time.time() - self._uploaded_at >= self._upload_every_s:
       self.upload()
 

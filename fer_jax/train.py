@@ -150,7 +150,7 @@ def compile_steps(
       train=jax.pmap(
         functools.partial(_step_and_sum, ctx=ctx, axis_name=axis),
         axis_name=axis,
-        donate_argnums=(0, 2),
+        donate_argnums=0,  # not the window sums: one zeroed set starts every window
       ),
       eval=evaluation.CompiledEval(eval_spec(ctx), mode, mesh),
       put_batch=parallel.to_pmap,
@@ -168,7 +168,7 @@ def compile_steps(
       functools.partial(_step_and_sum, ctx=ctx),
       in_shardings=(repl, data, repl),
       out_shardings=(repl, repl),
-      donate_argnums=(0, 2),
+      donate_argnums=0,  # not the window sums: one zeroed set starts every window
     )
     return Steps(
       train=train_fn, put_batch=functools.partial(parallel.to_global, mesh=mesh), **common
@@ -178,7 +178,7 @@ def compile_steps(
       functools.partial(fn, ctx=ctx, mesh=mesh),
       in_shardings=(repl, resident.index_sharding(mesh, ndim), repl, repl),
       out_shardings=(repl, repl),
-      donate_argnums=(0, 2),
+      donate_argnums=0,  # not the window sums: one zeroed set starts every window
     )
     for fn, ndim in ((_gather_step_and_sum, 1), (_gather_steps_and_sum, 2))
   )
@@ -224,7 +224,9 @@ def sums_factory(
   ctx: StepContext, state: Any, batch: Any, mode: str, mesh: jax.sharding.Mesh
 ) -> Callable[[], Any]:
   """A function that returns zeroed window sums in the train step's layout (replicated over the
-  mesh; stacked per device for pmap). The metric shapes are traced once, here."""
+  mesh; stacked per device for pmap). The metric shapes are traced once, here. The steps do not
+  donate their sums argument, so one zeroed set can start every log window (making a new one
+  was a dispatch per window, ~340 µs on 8 simulated CPU devices)."""
   shapes = jax.eval_shape(functools.partial(train_step, ctx=ctx), state, batch)[1]
   if mode == 'pmap':
     host = parallel.to_host(loop_metrics.zeros_like_metrics(shapes))
@@ -441,18 +443,18 @@ def _train_and_evaluate(
   # ---- Train loop ---------------------------------------------------------------------------
   writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_chief)))
   cadence = loop_metrics.Cadence(config.train, spe)
+  log_every = config.train.log_every_steps  # read once: a ConfigDict lookup costs ~3 µs
   t_start = time.time()
   timed_images, timed_s = 0, 0.0
-  sums, window = fresh_sums(), 0  # device-side metric sums over the log window, its length
+  zero_sums = fresh_sums()  # never donated (compile_steps): it starts every window
+  sums, window = zero_sums, 0  # device-side metric sums over the log window, its length
   epoch_sums: dict[str, float] = {}
   epoch_count = 0
   step = start_step
   t_last = time.time()
-  watcher = cleanup.enter_context(
-    preemption.PreemptionWatcher(start_step, agree_every=config.train.log_every_steps)
-  )
+  watcher = cleanup.enter_context(preemption.PreemptionWatcher(start_step, agree_every=log_every))
   preempted = False
-  periods = (config.train.log_every_steps, spe, cadence.every_steps)
+  periods = (log_every, spe, cadence.every_steps)
   while step < stop_step:
     k = loop_metrics.block_length(step, dispatch, periods=periods, stop_step=stop_step)
     if k == 1:
@@ -464,9 +466,7 @@ def _train_and_evaluate(
       preempted = watcher.should_stop(s) or preempted  # the same answer on every process
     step += k
     window += k
-    window_end = (
-      step % config.train.log_every_steps == 0 or step == stop_step or step % spe == 0 or preempted
-    )
+    window_end = step % log_every == 0 or step == stop_step or step % spe == 0 or preempted
     if window_end:
       host = _sums_to_host(sums, mode)
       now = time.time()
@@ -490,7 +490,7 @@ def _train_and_evaluate(
         ips,
       )
       writer.write(step, {**means, 'images_per_s': ips}, 'train_steps')
-      sums, window, t_last = fresh_sums(), 0, time.time()
+      sums, window, t_last = zero_sums, 0, time.time()
     epoch_end = step % spe == 0
     if epoch_end and epoch_count:
       train_means = {k: v / epoch_count for k, v in epoch_sums.items()}

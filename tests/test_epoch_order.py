@@ -66,3 +66,36 @@ def test_a_large_global_batch_costs_microseconds_per_example():
     next(it)
   per_example = (time.perf_counter() - t) / (8 * 4096)
   assert per_example < 5e-6, per_example  # grain's index shuffle: ~40 us/example here
+
+
+def _indices(process_count: int, start: int, steps: int, *, block: int = 1) -> list[np.ndarray]:
+  """The global batches of steps [start, start + steps) as `process_count` processes feed them
+  (each its slice; blocks of `block` steps via next_block), concatenated in process order."""
+  parts = [
+    EpochBatches(
+      make_split(100),
+      global_batch=12,
+      seed=2,
+      process_index=p,
+      process_count=process_count,
+      start_step=start,
+      indices_only=True,
+    )
+    for p in range(process_count)
+  ]
+  out = []
+  for _ in range(steps // block):
+    feeds = [p.next_block(block)['index'] if block > 1 else next(p)['index'] for p in parts]
+    assert all(f.dtype == np.int32 and f.flags.c_contiguous for f in feeds)
+    assert all(f.shape[-1] == 12 // process_count for f in feeds)
+    out.extend(np.concatenate(feeds, axis=-1).reshape(block, 12))
+  return out
+
+
+def test_a_checkpoint_resumes_with_any_process_count():
+  # The saved position is the step alone: 2 processes stop at step 7, 4 (or 1, or 3 in blocks of
+  # 3 steps, crossing epoch ends: 8 steps an epoch) go on, and feed what one process would have.
+  straight = _indices(1, 0, 19)
+  np.testing.assert_array_equal(_indices(2, 0, 7), straight[:7])
+  for count, block in ((4, 1), (1, 1), (3, 3), (6, 2)):
+    np.testing.assert_array_equal(_indices(count, 7, 12, block=block), straight[7:19])
