@@ -45,10 +45,11 @@ def require(module: str):
 LONGEST_FIRST = (
   'test_zoo_train.py',
   'test_multihost.py',
-  'test_faults.py',
   'test_native.py',
-  'test_train.py',
   'test_benchmarks.py',
+  'test_train.py',
+  'test_zoo.py',
+  'test_faults.py',
   'test_export.py',
   'test_serve.py',
   'test_safety_net.py',

@@ -1,6 +1,7 @@
 """The C++ direct-convolution kernels (fer_jax.native) against lax.conv, and their build."""
 
 import os
+import pathlib
 import platform
 import shutil
 import subprocess
@@ -207,18 +208,36 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1], '-k', 'match_
 """
 
 
+@pytest.fixture(scope='module')
+def portable_build(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+  """(cache directory, library) of one real build of the portable kernels (-march=x86-64;
+  the default target off x86), made in this process: the build-cache test checks it and the
+  portable instruction-set test's subprocess loads it, one compile for both."""
+  directory = tmp_path_factory.mktemp('portable_build')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('FER_JAX_CACHE_DIR', str(directory))
+    if platform.machine() in ('x86_64', 'AMD64'):
+      mp.setenv('FER_JAX_NATIVE_MARCH', 'x86-64')
+    else:
+      mp.delenv('FER_JAX_NATIVE_MARCH', raising=False)
+    return directory, native.build()
+
+
 @needs_native
 @pytest.mark.parametrize('march, isa', [('haswell', 'avx2'), ('x86-64', 'portable')])
-def test_every_instruction_set_matches_lax(tmp_path, march, isa):
+def test_every_instruction_set_matches_lax(request, tmp_path, march, isa):
   """The AVX-512, AVX2 and portable kernels are separate code: check the ones this CPU runs
-  besides its own (-march=native) build."""
+  besides its own (-march=native) build, which the tests above check in this process."""
   if platform.machine() not in ('x86_64', 'AMD64'):
     pytest.skip('x86 targets')
   if isa == 'avx2' and not all(f in _cpu_flags() for f in ('avx2', 'fma')):
     pytest.skip('this CPU has no AVX2/FMA')
+  if native.isa() == isa:
+    pytest.skip(f"this CPU's own build has the {isa} kernels: the tests above check them")
+  cache = request.getfixturevalue('portable_build')[0] if isa == 'portable' else tmp_path
   env = {
     **os.environ,
-    'FER_JAX_CACHE_DIR': str(tmp_path),
+    'FER_JAX_CACHE_DIR': str(cache),
     'FER_JAX_NATIVE_MARCH': march,
     'JAX_PLATFORMS': 'cpu',
     # Compiled here against this build of the kernels, not loaded from the session's cache.
@@ -414,13 +433,17 @@ def test_native_build_uses_this_cpus_widest_vectors():
 
 
 @needs_native
-def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
-  monkeypatch.setenv('FER_JAX_CACHE_DIR', str(tmp_path))
-  path = native.build()
-  assert path.is_relative_to(tmp_path) and path.stat().st_size > 0
+def test_build_is_cached_and_atomic(portable_build, monkeypatch):
+  directory, path = portable_build  # built by a real compiler into an empty cache
+  assert path.is_relative_to(directory) and path.stat().st_size > 0
+  monkeypatch.setenv('FER_JAX_CACHE_DIR', str(directory))
+  if platform.machine() in ('x86_64', 'AMD64'):
+    monkeypatch.setenv('FER_JAX_NATIVE_MARCH', 'x86-64')
+  else:
+    monkeypatch.delenv('FER_JAX_NATIVE_MARCH', raising=False)
   mtime = path.stat().st_mtime_ns
   assert native.build() == path and path.stat().st_mtime_ns == mtime  # not rebuilt
-  assert not list(tmp_path.rglob('*.tmp'))
+  assert not list(directory.rglob('*.tmp'))
 
 
 @needs_native
