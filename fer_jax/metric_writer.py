@@ -58,7 +58,7 @@ class MetricWriter:
     self._jsonl.write(json.dumps({'step': int(step), 'split': prefix, **clean}) + '\n')
     self._jsonl.flush()
     # All of the record's scalars in one TensorBoard event: tensorboardX sends each event through
-    # a multiprocessing queue (~80 µs), so one add_scalar per value cost ~0.6 ms a record.
+    # a multiprocessing queue, so one add_scalar per value multiplied that cost (benchmarks/README).
     values = [
       self._summary.scalar(f'{prefix}/{k}', v).value[0]
       for k, v in clean.items()

@@ -102,9 +102,9 @@ def index_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def put_indices(feed: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:
   """This process's slice of the indices ({'index': (B/P,) or (K, B/P) int32}) -> the step's feed.
 
-  One process: the numpy array itself, which the jitted step's `in_shardings` place from C++
-  at no measurable cost, where a `jax.device_put` first took ~100 µs of host time per step on
-  1 CPU device and ~140 µs on 8 (benchmarks/README.md). Several processes: the global array
+  One process: the numpy array itself, which the jitted step's `in_shardings` place from C++;
+  a `jax.device_put` first was a large share of the loop's host time per step (measured in
+  benchmarks/README.md, train_loop section). Several processes: the global array
   assembled from each process's slice (jit cannot take a process-local numpy slice).
   """
   if jax.process_count() == 1:
