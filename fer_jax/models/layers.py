@@ -350,39 +350,41 @@ class ConvBNReLU(nn.Module):
     return nn.relu(x) if self.relu else x
 
 
-def _first_max_mask(windows: jax.Array, pooled: jax.Array) -> jax.Array:
-  """(B, H, 2, W, 2, C) bool: each window's first maximum in row-major order (nn.max_pool's
-  gradient picks it; a NaN counts as the maximum, as it propagates through max)."""
-  hit = (windows == pooled[:, :, None, :, None, :]) | jnp.isnan(windows)
-  flat = hit.transpose(0, 1, 3, 5, 2, 4).reshape(*hit.shape[:2], hit.shape[3], hit.shape[5], 4)
-  seen = jnp.cumsum(flat.astype(jnp.int8), axis=-1)
-  first = flat & (seen == 1)
-  b, h, w, c = pooled.shape
-  return first.reshape(b, h, w, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+def _window_quarters(x: jax.Array) -> list[jax.Array]:
+  """The four (B, H, W, C) corners of every 2x2 window of x (floor), in row-major order."""
+  _, h, w, _ = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2, :]
+  return [x[:, i::2, j::2, :] for i in (0, 1) for j in (0, 1)]
 
 
 @jax.custom_vjp
 def max_pool_2x2_fast(x: jax.Array) -> jax.Array:
-  """2x2 / stride-2 floor max-pool as reshape + max, with a mask gradient to each window's first
-  maximum (JAX's own max gradient counts ties, XLA's pool gradient is a slow select_and_scatter)."""
+  """2x2 / stride-2 floor max-pool as reshape + max, whose gradient goes to each window's first
+  maximum (JAX's own max gradient counts ties, XLA's pool gradient is a slow select_and_scatter).
+
+  The winner is recorded in the forward pass as a one-byte code per pooled value (argmax,
+  a NaN counting as the maximum), never found again by comparing values in the backward pass:
+  under jit XLA may fuse the layer that produced x into two consumers and recompute it with
+  different rounding, and an equality test against the forward's maximum would then miss and
+  drop that window's gradient."""
   _, h, w, _ = x.shape
   return jnp.max(_pool_windows(x[:, : h // 2 * 2, : w // 2 * 2, :]), axis=(2, 4))
 
 
 def _max_pool_fwd(x):
   _, h, w, _ = x.shape
-  windows = _pool_windows(x[:, : h // 2 * 2, : w // 2 * 2, :])
-  pooled = jnp.max(windows, axis=(2, 4))
-  return pooled, (x, pooled)
+  pooled = jnp.max(_pool_windows(x[:, : h // 2 * 2, : w // 2 * 2, :]), axis=(2, 4))
+  code = jnp.argmax(jnp.stack(_window_quarters(x), axis=-1), axis=-1).astype(jnp.int8)
+  return pooled, (code, jnp.zeros((0, h, w), x.dtype))  # an empty array: x's size and dtype
 
 
 def _max_pool_bwd(res, d_pooled):
-  x, pooled = res
-  _, h, w, _ = x.shape
-  windows = _pool_windows(x[:, : h // 2 * 2, : w // 2 * 2, :])
-  mask = _first_max_mask(windows, pooled)
-  d = jnp.where(mask, d_pooled[:, :, None, :, None, :], 0).astype(x.dtype)
-  d = d.reshape(x.shape[0], h // 2 * 2, w // 2 * 2, x.shape[3])
+  code, like = res
+  _, h, w = like.shape
+  d = [jnp.where(code == k, d_pooled, 0).astype(like.dtype) for k in range(4)]
+  # (B, H/2, 2, W/2, 2, C): each window's two rows from its four quarters, then the image layout.
+  d = jnp.stack([jnp.stack(d[0:2], axis=3), jnp.stack(d[2:4], axis=3)], axis=2)
+  d = d.reshape(d.shape[0], h // 2 * 2, w // 2 * 2, d.shape[-1])
   return (jnp.pad(d, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
 
 
