@@ -12,11 +12,13 @@ Two ways in, best first:
 - `mallopt` at run time, for library users who `import fer_jax` into a running process
   (`tune_malloc`; a little less effective because the thresholds are capped at 32 MiB).
 
-The same page faults come back when the step runs on a thread other than the main one: JAX's
-CPU client executes asynchronously on a worker thread, whose glibc arena cannot keep the
-step's large temporary buffer (a thread arena's heaps are at most 64 MiB; a larger block is
-mmap'ed and unmapped again on free, whatever the MALLOC_* settings). `inline_cpu_dispatch`
-has the CPU client run each computation on the calling thread instead.
+The same page faults come back for blocks allocated on a thread other than the main one: a
+glibc thread arena's heaps are at most 64 MiB, so a larger block is mmap'ed and unmapped again
+on free, whatever the thresholds. Two sources: JAX's CPU client executes asynchronously on a
+worker thread (`inline_cpu_dispatch` has it run each computation on the calling thread), and
+XLA's YNNPACK fusions allocate their scratch on the intra-op worker threads (100 MiB per step
+for the compact VGG at batch 128). One arena for the process (MALLOC_ARENA_MAX=1) serves every
+thread from the tuned main heap.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ _ENV = {
   'MALLOC_MMAP_THRESHOLD_': str(1 << 32),
   'MALLOC_TRIM_THRESHOLD_': str(1 << 32),
   'MALLOC_TOP_PAD_': str(512 << 20),
+  'MALLOC_ARENA_MAX': '1',
 }
 _MARK = 'FER_JAX_MALLOC_TUNED'
 _ASYNC_OPT_OUT = 'FER_JAX_ASYNC_DISPATCH'
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 
 
 # JAX's accelerator plugins: with one installed (and JAX_PLATFORMS not 'cpu') JAX trains there.
@@ -93,6 +96,7 @@ def tune_malloc() -> bool:
   libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
   libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
   libc.mallopt(_M_TOP_PAD, 256 << 20)
+  libc.mallopt(_M_ARENA_MAX, 1)  # effective only if no second thread has allocated yet
   return True
 
 

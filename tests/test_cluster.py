@@ -256,6 +256,7 @@ def test_cpu_runtime_tweaks_only_for_the_cpu_backend(monkeypatch):
     'MALLOC_MMAP_THRESHOLD_',
     'MALLOC_TRIM_THRESHOLD_',
     'MALLOC_TOP_PAD_',
+    'MALLOC_ARENA_MAX',
     'FER_JAX_ASYNC_DISPATCH',
   ):
     monkeypatch.delenv(key, raising=False)

@@ -2,7 +2,10 @@
 comments say (malloc tuning, inline dispatch, when the C++ kernels are built)."""
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -60,6 +63,7 @@ def test_tune_malloc_is_a_no_op_after_launch_py(monkeypatch, environ, applies):
     'MALLOC_MMAP_THRESHOLD_',
     'MALLOC_TRIM_THRESHOLD_',
     'MALLOC_TOP_PAD_',
+    'MALLOC_ARENA_MAX',
   ):
     monkeypatch.delenv(key, raising=False)
   for key, value in environ.items():
@@ -79,6 +83,51 @@ def test_tune_malloc_is_a_no_op_after_launch_py(monkeypatch, environ, applies):
     assert runtime.tuned_environ()['FER_JAX_MALLOC_TUNED'] == '1'
     monkeypatch.setenv('FER_JAX_MALLOC_TUNED', runtime.tuned_environ()['FER_JAX_MALLOC_TUNED'])
     assert runtime.tune_malloc() is False
+
+
+# A worker thread allocates, touches and frees a 100 MiB block three times (what XLA's YNNPACK
+# fusions do each step on the intra-op threads) and prints the page faults of each round.
+_WORKER_THREAD_BLOCKS = """
+import ctypes, resource, threading
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+n, faults = 100 << 20, []
+def work():
+  for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(not runtime._glibc(), reason='glibc malloc only')
+def test_launch_py_environment_keeps_worker_threads_large_blocks(monkeypatch):
+  """Under launch.py's MALLOC_* environment a large block freed on a worker thread stays in the
+  process, so allocating it again faults no pages in; under glibc's defaults every round
+  faults all 25,600 pages in again."""
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  for key in ('FER_JAX_MALLOC_TUNED', *runtime._ENV):
+    monkeypatch.delenv(key, raising=False)
+  pages = (100 << 20) // 4096
+
+  def rounds(env):
+    out = subprocess.run(
+      [sys.executable, '-c', _WORKER_THREAD_BLOCKS], env=env, capture_output=True, text=True,
+      check=True,
+    )
+    return [int(f) for f in out.stdout.split()]
+
+  default = rounds(dict(os.environ))
+  assert all(f > pages // 2 for f in default), default
+  tuned = rounds(runtime.tuned_environ())
+  assert tuned[0] > pages // 2 and max(tuned[1:]) < pages // 20, tuned
 
 
 def test_inline_cpu_dispatch_sets_the_public_option(monkeypatch):
