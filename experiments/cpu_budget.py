@@ -4,15 +4,14 @@ Run: python launch.py --config experiments/cpu_budget.py \
        --config.data.path=../shared/data/fer2013.csv.gz --workdir runs/cpu_budget
 
 A compact VGG (`vgg_fer` at width 0.5: two 3x3 conv + BatchNorm + ReLU per block, 32/64/128/256
-channels, 2x2 pools, one Dense-256 head; 1.31 M parameters, 0.14 GFLOPs per 40x40 image
-forward) on 40x40 crops of the 48x48 faces, on the C++ conv kernels. Recipe: random 40-px
-crops and flips only (in a 15-epoch budget the model underfits: heavier augmentation with SGD
-learnt slower, see benchmarks/README.md); adamw 1e-3, one epoch of warmup, cosine decay over
-15 epochs at batch 128. Selected on PublicTest; PrivateTest reported single view (the
-headline) and with ten-crop TTA. Measured time and accuracy: README.md. A three-block variant
-(about 1.3x faster per epoch, so 25 epochs in the hour, with label smoothing and an EMA) did
-worse (65.2 % PrivateTest): benchmarks/README.md. Both trials ran before the CPU max-pool
-gradient fix (benchmarks/README.md), which moved this recipe's result within noise.
+channels, 2x2 pools, one Dense-128 head (256 x width 0.5); 1.31 M parameters, 0.17 GFLOPs per
+44x44 image forward) on 44x44 crops of the 48x48 faces, on the C++ conv kernels. Recipe: random
+44-px crops and flips only (in a 15-epoch budget the model underfits: heavier augmentation
+with SGD learnt slower, see benchmarks/README.md); adamw 1e-3, one epoch of warmup, cosine
+decay over 15 epochs at batch 128. Selected on PublicTest; PrivateTest reported single view
+(the headline) and with ten-crop TTA. Measured time and accuracy: README.md. 40-px crops (0.14
+GFLOPs) did about a point worse on both test splits; a three-block variant with 25 epochs
+worse still: benchmarks/README.md.
 """
 
 import ml_collections
@@ -23,8 +22,10 @@ from experiments import vgg_fer2013
 def get_config() -> ml_collections.ConfigDict:
   c = vgg_fer2013.get_config()
   c.model.width, c.model.dense, c.model.dropout = 0.5, (256,), 0.25
+  c.model.image_size = 44
   a = c.augment
-  a.crop_scale = (1.0, 1.0)  # random 40-px crops at any position, no scale jitter
+  a.crop_fraction = 44 / 48
+  a.crop_scale = (1.0, 1.0)  # random 44-px crops at any position, no scale jitter
   a.shift, a.rotation_deg, a.erase_prob = 0.0, 0.0, 0.0
   t = c.train
   t.epochs = 15
