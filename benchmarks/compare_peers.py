@@ -14,9 +14,9 @@ conv channels and dense widths read off its parameters, optimizer, learning rate
 decay, label smoothing, EMA and standardization off the config; the peer asserts that its
 trainable-parameter count equals fer_jax's. `NAME:W` sets config.model.width (resnet18:32 is
 the 32-channel ResNet-18). Augmentation is the same on all sides: each config's random crop
-(40 px of the 48-px faces for the zoo's VGGs and ResNet, none for the seed CNN) and a
-random horizontal flip, nothing else (fer_jax runs with `--augment crop_flip`); `--no-augment`
-turns both off everywhere (centre crop).
+(40 px of the 48-px faces for vgg_fer and ResNet, 44 px for the compact VGG, none for the
+seed CNN) and a random horizontal flip, nothing else (fer_jax runs with `--augment
+crop_flip`); `--no-augment` turns both off everywhere (centre crop).
 
 fer_jax's GFLOP/s column is 3 x the forward FLOPs that XLA's cost analysis counts for the model
 with lowering='xla' (the C++ kernels are custom calls, which XLA does not count), times its

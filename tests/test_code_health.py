@@ -119,7 +119,10 @@ def test_launch_py_environment_keeps_worker_threads_large_blocks(monkeypatch):
 
   def rounds(env):
     out = subprocess.run(
-      [sys.executable, '-c', _WORKER_THREAD_BLOCKS], env=env, capture_output=True, text=True,
+      [sys.executable, '-c', _WORKER_THREAD_BLOCKS],
+      env=env,
+      capture_output=True,
+      text=True,
       check=True,
     )
     return [int(f) for f in out.stdout.split()]
