@@ -4,6 +4,7 @@ comments say (malloc tuning, inline dispatch, when the C++ kernels are built).""
 import ast
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 
@@ -111,11 +112,11 @@ print(*faults)
 def test_launch_py_environment_keeps_worker_threads_large_blocks(monkeypatch):
   """Under launch.py's MALLOC_* environment a large block freed on a worker thread stays in the
   process, so allocating it again faults no pages in; under glibc's defaults every round
-  faults all 25,600 pages in again."""
+  faults all its pages (25,600 of 4 KiB) in again."""
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   for key in ('FER_JAX_MALLOC_TUNED', *runtime._ENV):
     monkeypatch.delenv(key, raising=False)
-  pages = (100 << 20) // 4096
+  pages = (100 << 20) // resource.getpagesize()
 
   def rounds(env):
     out = subprocess.run(
