@@ -28,7 +28,7 @@ def main(argv):
   from fer_jax import logs
 
   logs.quiet_library_logs()  # orbax's and grain's INFO records only with --verbosity=1
-  from fer_jax import parallel, runtime, train  # after flag parsing: jax reads XLA_FLAGS at import
+  from fer_jax import parallel, runtime, time_budget, train  # after flag parsing: XLA_FLAGS
   from fer_jax.errors import FerJaxError
 
   runtime.inline_cpu_dispatch()  # before JAX starts its CPU client
@@ -37,7 +37,7 @@ def main(argv):
     parallel.maybe_initialize_distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
-    train.train_and_evaluate(_CONFIG.value, workdir)
+    train.train_and_evaluate(_CONFIG.value, workdir, started=time_budget.process_start_time())
   except FerJaxError as e:
     if logging.get_verbosity() > logging.INFO:  # --verbosity=1 or more: show the traceback
       raise

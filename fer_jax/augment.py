@@ -31,6 +31,11 @@ Ingredients of the published FER2013 recipes (e.g. Khaireddin & Chen 2021):
   the other geometry (crop first), so the crop costs no second interpolation;
   evaluation takes the centre crop (`crop_side`), a pixel copy when its side is
   the model's input size.
+- Whole pixels (`whole_pixels`): the random crop's position (at a fixed crop size) and the
+  shifts are drawn as whole pixels, so when flips are the only other geometry and no resize
+  follows, a training view is a pixel copy of the stored face (torchvision's RandomCrop).
+  Fractional offsets make every training view a bilinear blend of neighbouring pixels while
+  evaluation sees the sharp centre crop.
 - Random erasing (`erase_*`, torchvision's RandomErasing): training only, after
   standardization, zeroes one rectangle per example so the model cannot rely on
   a single facial region.
@@ -118,6 +123,14 @@ def _pair(
   return lo, up
 
 
+def _whole_pixels(cfg: Any) -> bool:
+  """augment.whole_pixels (False for configs and checkpoints older than the field)."""
+  value = getattr(cfg, 'whole_pixels', False)
+  if not isinstance(value, (bool, np.bool_)):
+    raise ConfigError(f'augment.whole_pixels must be True or False, got {value!r}')
+  return bool(value)
+
+
 def _crop(cfg: Any) -> tuple[float, tuple[float, float]]:
   """(crop_fraction, crop_scale); crop_fraction 0 means no crop."""
   return _opt(cfg, 'crop_fraction', 0.0, hi=1.0), _pair(cfg, 'crop_scale', (1.0, 1.0))
@@ -151,6 +164,7 @@ def check_config(cfg: Any) -> None:
   _num(cfg, 'brightness')
   _num(cfg, 'contrast')
   _crop(cfg)
+  _whole_pixels(cfg)
   _erase(cfg)
   _mix(cfg)
 
@@ -198,21 +212,36 @@ def sample_crop(
   the area of the evaluation view) and is not rounded; the top-left is uniform over the
   positions that keep the crop inside the image, or centred when the crop is larger than the
   image (warp then repeats the edges). Only meaningful when crop_fraction > 0.
+
+  With augment.whole_pixels and a fixed crop_scale of (1, 1), the side is the evaluation crop's
+  (`crop_side`) and the top-left a uniform whole pixel in [0, n - side], as in
+  torchvision's RandomCrop.
   """
   fraction, (lo, hi) = _crop(cfg)
   f32 = jnp.float32
-  if lo == hi:
+  if _pixel_crop(cfg):
+    crop_w, crop_h = f32(_crop_len(width, fraction)), f32(_crop_len(height, fraction))
+  elif lo == hi:
     root = f32(math.sqrt(lo))
+    crop_w, crop_h = f32(width * fraction) * root, f32(height * fraction) * root
   else:
     root = jnp.sqrt(jax.random.uniform(jax.random.fold_in(key, _CROP_SCALE), (), f32, lo, hi))
-  crop_w, crop_h = f32(width * fraction) * root, f32(height * fraction) * root
+    crop_w, crop_h = f32(width * fraction) * root, f32(height * fraction) * root
 
   def start(tag: int, n: int, side: jax.Array) -> jax.Array:
     room = f32(n) - side
     u = jax.random.uniform(jax.random.fold_in(key, tag), (), f32)
+    if _pixel_crop(cfg):  # room is a whole number >= 0
+      return jnp.minimum(jnp.floor(u * (room + 1)), room)
     return jnp.where(room >= 0, u * room, room / 2)
 
   return start(_CROP_X, width, crop_w), start(_CROP_Y, height, crop_h), crop_w, crop_h
+
+
+def _pixel_crop(cfg: Any) -> bool:
+  """Whether random crops are whole-pixel windows of the evaluation crop's size."""
+  fraction, scale = _crop(cfg)
+  return bool(fraction) and scale == (1.0, 1.0) and _whole_pixels(cfg)
 
 
 def sample_transform(key: jax.Array, cfg: Any, height: int, width: int, out_size: int) -> jax.Array:
@@ -286,13 +315,26 @@ def sample_affine(key: jax.Array, cfg: Any, out_size: int) -> jax.Array:
     return jax.random.uniform(jax.random.fold_in(key, tag), (), jnp.float32, lo, hi)
 
   flip = flip_draw(key) if g['flip'] else False
-  r, z, t, sh = g['rotation_deg'], g['zoom'], g['shift'] * out_size, g['shear_deg']
+  r, z, sh = g['rotation_deg'], g['zoom'], g['shear_deg']
   angle = uniform(_ANGLE, -r, r) if r else 0.0
   scale = uniform(_SCALE, 1 - z, 1 + z) if z else 1.0
-  tx = uniform(_TX, -t, t) if t else 0.0
-  ty = uniform(_TY, -t, t) if t else 0.0
+  tx, ty = sample_shift(key, cfg, out_size)
   shear = uniform(_SHEAR, -sh, sh) if sh else 0.0
   return affine_matrix(flip, angle, scale, tx, ty, shear, out_size)
+
+
+def sample_shift(key: jax.Array, cfg: Any, out_size: int) -> tuple[jax.Array, jax.Array]:
+  """ONE example's shift (tx, ty) in output pixels, uniform in +-shift * out_size (0.0 when
+  off); with augment.whole_pixels, rounded to whole pixels."""
+  t = _geometry(cfg)['shift'] * out_size
+  if not t:
+    return jnp.float32(0), jnp.float32(0)
+
+  def draw(tag: int) -> jax.Array:
+    v = jax.random.uniform(jax.random.fold_in(key, tag), (), jnp.float32, -t, t)
+    return jnp.round(v) if _whole_pixels(cfg) else v
+
+  return draw(_TX), draw(_TY)
 
 
 def warp(image: jax.Array, matrix: jax.Array, out_size: int) -> jax.Array:
@@ -328,6 +370,24 @@ def warp(image: jax.Array, matrix: jax.Array, out_size: int) -> jax.Array:
   # flips reproduce the input bit for bit.
   channels = [map_coordinates(image[..., k], [y, x], order=1, mode='nearest') for k in range(ch)]
   return jnp.stack(channels, axis=-1)
+
+
+def translate(
+  image: jax.Array, x0: jax.Array, y0: jax.Array, tx: jax.Array, ty: jax.Array, flip, out_size: int
+) -> jax.Array:
+  """`warp` of one (H, W, C) image for a crop of side out_size at whole-pixel top-left
+  (x0, y0), then a flip, then a whole-pixel shift (tx, ty), as a pixel copy: output pixel
+  (y, x) takes input pixel (y0 + y - ty, x0 + q) with q = x - tx, or out_size - 1 - (x - tx)
+  when flipped, clamped to the image (warp's repeated edges): warp's result without the float
+  rounding of its composed matrix."""
+  h, w, _ = image.shape
+  i32 = jnp.int32
+  grid = jnp.arange(out_size, dtype=i32)
+  q = grid - jnp.asarray(tx).astype(i32)
+  q = jnp.where(jnp.asarray(flip), out_size - 1 - q, q)
+  cols = jnp.clip(jnp.asarray(x0).astype(i32) + q, 0, w - 1)
+  rows = jnp.clip(jnp.asarray(y0).astype(i32) + grid - jnp.asarray(ty).astype(i32), 0, h - 1)
+  return jnp.take(jnp.take(image, rows, axis=0), cols, axis=1)
 
 
 def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -466,6 +526,7 @@ def preprocess_batch(
   augment = bool(train) and bool(cfg.enabled)
   geometry = _geometry(cfg)
   fraction, _ = _crop(cfg)
+  whole_pixels = _whole_pixels(cfg)
   erase_prob, erase_area, erase_ratio = _erase(cfg)
   random_crop = augment and fraction > 0
   if fraction and not random_crop:
@@ -477,10 +538,18 @@ def preprocess_batch(
   resizing = (h, w) != (out_size, out_size)
 
   geometric = augment and (random_crop or any(geometry.values()))
-  # A flip alone is a pixel copy: no affine resample, at most the fixed `resize`. A random
-  # crop always needs the general resample.
-  flip_only = (
-    geometric and not random_crop and not any(v for k, v in geometry.items() if k != 'flip')
+  # A flip alone is a pixel copy: no affine resample, at most the fixed `resize`. So are
+  # whole-pixel crops and shifts with at most a flip and no resize (`translate`); any other
+  # random crop needs the general resample.
+  flips_and_shifts = not any(v for k, v in geometry.items() if k not in ('flip', 'shift'))
+  flip_only = geometric and not random_crop and flips_and_shifts and not geometry['shift']
+  pixel_copy = (
+    geometric
+    and not flip_only
+    and flips_and_shifts
+    and whole_pixels
+    and (not random_crop or _pixel_crop(cfg))
+    and (crop_side(h, cfg), crop_side(w, cfg)) == (out_size, out_size)
   )
   brightness = _num(cfg, 'brightness') if augment else 0.0
   contrast = _num(cfg, 'contrast') if augment else 0.0
@@ -496,7 +565,11 @@ def preprocess_batch(
   if geometric or brightness or contrast:
 
     def one(image: jax.Array, key: jax.Array) -> jax.Array:
-      if geometric and not flip_only:
+      if pixel_copy:
+        x0, y0 = sample_crop(key, cfg, h, w)[:2] if random_crop else (0, 0)
+        flip = flip_draw(key) if geometry['flip'] else False
+        image = translate(image, x0, y0, *sample_shift(key, cfg, out_size), flip, out_size)
+      elif geometric and not flip_only:
         image = warp(image, sample_transform(key, cfg, h, w, out_size), out_size)
       else:
         if flip_only:

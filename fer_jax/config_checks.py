@@ -119,6 +119,7 @@ RESUMABLE_CHANGES = frozenset(
     'train.eval_batch_size',
     'train.final_tta',
     'train.allow_config_change',
+    'train.time_budget_min',  # a resume keeps the epochs it fixed
   }
 )
 # Values that keys added after a checkpoint was written had in effect before they existed.

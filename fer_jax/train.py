@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from fer_jax import (
   preemption,
   runtime,
   scaling,
+  time_budget,
 )
 from fer_jax.config_checks import check_resume_config, check_workdir_writable, validate_config
 from fer_jax.data import pipeline, resident
@@ -220,6 +222,63 @@ def _gather_steps_and_sum(
   return jax.lax.scan(body, (state, sums), feed['index'])[0]
 
 
+def _epochs_in_budget(
+  config: ml_collections.ConfigDict,
+  *,
+  budget: float,
+  started: float,
+  spe: int,
+  steps: Steps,
+  state: Any,
+  sums: Any,
+  train_iter: EpochBatches,
+  run_eval: Callable,
+  eval_split: Split,
+  test_size: int,
+) -> int:
+  """`train.time_budget_min`: times the train step and the evaluation on a copy of the fresh
+  state, then the most epochs that fit (time_budget.py), the same on every process."""
+  probe = jax.tree.map(jnp.copy, state)
+  batches = (steps.put_batch(next(train_iter)) for _ in itertools.count())
+  step_s, first_s, probe = time_budget.time_train_step(steps.train, probe, batches, sums)
+  train_iter.seek(0)
+  variables = eval_variables(probe)
+  run_eval(variables, eval_split)  # compiles
+  t0 = time.time()
+  run_eval(variables, eval_split)
+  eval_s = time.time() - t0
+  every = int(config.train.get('eval_every_epochs', 1)) or 1
+  final_s = time_budget.final_eval_s(
+    eval_s, len(eval_split), test_size, config.train.get('final_tta', ())
+  )
+  elapsed = time.time() - started
+  max_epochs = int(config.train.epochs)
+  fit = functools.partial(
+    time_budget.epochs_that_fit,
+    budget=budget,
+    step_s=step_s,
+    steps_per_epoch=spe,
+    eval_s=eval_s / every,
+    final_eval_s=final_s,
+    max_epochs=max_epochs,
+  )
+  epochs = fit(elapsed=elapsed)
+  if epochs != max_epochs:  # a new schedule: the step compiles again
+    epochs = fit(elapsed=elapsed + max(first_s - step_s, 0.0))
+  epochs = time_budget.agree(epochs)
+  time_budget.log_choice(
+    budget,
+    epochs,
+    max_epochs,
+    elapsed=elapsed,
+    step=step_s,
+    epoch=step_s * spe,
+    evaluation=eval_s,
+    final_evaluation=final_s,
+  )
+  return epochs
+
+
 def sums_factory(
   ctx: StepContext, state: Any, batch: Any, mode: str, mesh: jax.sharding.Mesh
 ) -> Callable[[], Any]:
@@ -262,26 +321,33 @@ def make_step_context(
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, started: float | None = None
+) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.json.
+
+  `started` (a `time.time()`; default: now) is when `train.time_budget_min` starts counting;
+  launch.py passes its process's start.
 
   On SIGTERM (preemption) it checkpoints at the next step boundary and returns
   `{'preempted': True, 'steps': step}` without the final evaluation; rerunning resumes.
   Whatever way it ends (an error included), the checkpoint manager and the metric writer are
   closed and the SIGTERM handler is restored.
   """
+  started = time.time() if started is None else started
   with contextlib.ExitStack() as cleanup:
-    return _train_and_evaluate(config, workdir, cleanup)
+    return _train_and_evaluate(config, workdir, cleanup, started)
 
 
 def _train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
+  config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack, started: float
 ) -> dict[str, Any]:
   # ---- Setup --------------------------------------------------------------------------------
   runtime.tune_malloc()  # no-op when launch.py already started us with tuned MALLOC_* variables
   runtime.inline_cpu_dispatch()  # takes effect only if JAX has not started yet (launch.py: first)
   config = scaling.resolve(config, jax.device_count())  # per_device_batch_size, if set
   validate_config(config)
+  budget = time_budget.budget_s(config.train)  # seconds, 0: none
   check_workdir_writable(workdir)
   paths.check_shared(workdir)  # several processes: all must see one workdir
   is_chief = jax.process_index() == 0
@@ -311,10 +377,6 @@ def _train_and_evaluate(
       f'config.train.batch_size={global_batch} is larger than the '
       f'{len(train_split)} training examples'
     )
-  total_steps = spe * config.train.epochs
-  stop_step = (
-    total_steps if config.train.max_steps < 0 else min(total_steps, config.train.max_steps)
-  )
   mean, std = pixel_stats(train_split.images)
   weights = class_weights(train_split.labels, dataset.num_classes, config.data.class_weights)
   logging.info(
@@ -347,6 +409,27 @@ def _train_and_evaluate(
     dispatch,
   )
 
+  # ---- Checkpoints: a resume keeps the checkpoint's recipe -----------------------------------
+  manager = cleanup.enter_context(
+    contextlib.closing(
+      checkpointing.make_manager(
+        workdir, keep_latest=config.train.keep_latest, keep_best=config.train.keep_best
+      )
+    )
+  )
+  if manager.all_steps():
+    newest = max(manager.all_steps())
+    try:
+      saved_config = checkpointing.restore_meta(manager, newest)['config']
+    except Exception:  # pylint: disable=broad-except
+      saved_config = None  # unreadable: restore_newest_readable below says why
+    if saved_config is not None:
+      if budget:  # the epochs were fixed when the run first started
+        config = time_budget.with_epochs(config, saved_config['train']['epochs'])
+      check_resume_config(
+        saved_config, config, f'{manager.directory} (checkpoint of step {newest})'
+      )
+
   # ---- Model and optimizer ------------------------------------------------------------------
   ctx = make_step_context(
     config, num_classes=dataset.num_classes, weights=weights, mean=mean, std=std
@@ -354,7 +437,11 @@ def _train_and_evaluate(
   tx = make_optimizer(config.train, spe)
   plateau = make_plateau(config.train)
   repl = parallel.replicated(mesh)
-  state = jax.jit(lambda: create_train_state(ctx, tx, plateau), out_shardings=repl)()
+
+  def init_state(tx):
+    return jax.jit(lambda: create_train_state(ctx, tx, plateau), out_shardings=repl)()
+
+  state = init_state(tx)
   abstract_state = checkpointing.abstract_like(state)  # restore target: replicated on the mesh
   # Positioned by the step alone (nothing per process in the checkpoint): see epoch_order.
   train_iter = cleanup.enter_context(
@@ -378,24 +465,8 @@ def _train_and_evaluate(
   }
 
   # ---- Restore ------------------------------------------------------------------------------
-  manager = cleanup.enter_context(
-    contextlib.closing(
-      checkpointing.make_manager(
-        workdir, keep_latest=config.train.keep_latest, keep_best=config.train.keep_best
-      )
-    )
-  )
   start_step = 0
   if manager.all_steps():
-    newest = max(manager.all_steps())
-    try:
-      saved_config = checkpointing.restore_meta(manager, newest)['config']
-    except Exception:  # pylint: disable=broad-except
-      saved_config = None  # unreadable: restore_newest_readable below says why
-    if saved_config is not None:
-      check_resume_config(
-        saved_config, config, f'{manager.directory} (checkpoint of step {newest})'
-      )
     found = checkpointing.restore_newest_readable(manager, abstract_state)
     if found.step is None and not config.train.restart_if_unreadable:
       reasons = '; '.join(f'step {s}: {r}' for s, r in found.unreadable.items())
@@ -439,6 +510,31 @@ def _train_and_evaluate(
   )
   state = steps.prepare_state(state)
   run_eval = functools.partial(evaluate, eval_fn, global_batch=eval_batch)
+  if budget and start_step == 0 and config.train.max_steps < 0:
+    epochs = _epochs_in_budget(
+      config,
+      budget=budget,
+      started=started,
+      spe=spe,
+      steps=steps,
+      state=state,
+      sums=fresh_sums(),
+      train_iter=train_iter,
+      run_eval=run_eval,
+      eval_split=eval_split,
+      test_size=len(dataset[config.data.test_split]),
+    )
+    if epochs != config.train.epochs:
+      config = time_budget.with_epochs(config, epochs)
+      tx = make_optimizer(config.train, spe)  # the schedule's length changes, not its state
+      fresh = init_state(tx)
+      abstract_state = checkpointing.abstract_like(fresh)  # the best checkpoint's restore target
+      state = steps.prepare_state(fresh)
+      meta['config'] = config.to_dict()
+  total_steps = spe * config.train.epochs
+  stop_step = (
+    total_steps if config.train.max_steps < 0 else min(total_steps, config.train.max_steps)
+  )
 
   # ---- Train loop ---------------------------------------------------------------------------
   writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_chief)))

@@ -304,6 +304,7 @@ class _NewCfg(_Cfg):
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
   mix_prob: float = 1.0
+  whole_pixels: bool = False
 
 
 _CROP = 40 / 48
@@ -440,6 +441,55 @@ def test_random_crop_is_composed_before_flip_in_one_resample():
 
   ref = jax.jit(jax.vmap(ref_one))(augment.rescale(jnp.asarray(batch)), keys)
   np.testing.assert_allclose(out, np.asarray(ref), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'crop,shift,flip',
+  [(44 / 48, 0.0, True), (44 / 48, 0.1, True), (0.0, 0.1, True), (40 / 48, 0.1, False)],
+)
+def test_whole_pixel_crops_and_shifts_are_pixel_copies_equal_to_the_resample(crop, shift, flip):
+  cfg = _NewCfg(crop_fraction=crop, shift=shift, flip=flip, whole_pixels=True)
+  side = augment.crop_side(48, cfg)
+  batch = np.stack([_image(seed=s, channels=2) for s in range(64)])
+  keys = _keys(64, 3)
+  out = _pre(batch, keys, cfg, out_size=side, train=True)
+  # Every view holds only the stored pixels: no bilinear blend.
+  for i in range(64):
+    assert np.isin(out[i], _float(batch[i])).all()
+  # The same views as the general resample of the same (whole-pixel) draws (which is exact up
+  # to the float rounding of its composed matrix).
+  ref = jax.jit(
+    jax.vmap(lambda im, k: augment.warp(im, augment.sample_transform(k, cfg, 48, 48, side), side))
+  )(augment.rescale(jnp.asarray(batch)), keys)
+  np.testing.assert_allclose(out, np.asarray(ref), atol=1e-5)
+  # Fractional draws would blend pixels: the option changes the views.
+  blended = _pre(
+    batch, keys, dataclasses.replace(cfg, whole_pixels=False), out_size=side, train=True
+  )
+  assert not np.array_equal(out, blended)
+
+
+def test_whole_pixel_draws_are_uniform_over_the_positions():
+  cfg = _NewCfg(crop_fraction=44 / 48, shift=0.05, whole_pixels=True)
+  keys = _keys(4000, 5)
+  x0, y0, cw, ch = (
+    np.asarray(v) for v in jax.jit(jax.vmap(lambda k: augment.sample_crop(k, cfg, 48, 48)))(keys)
+  )
+  np.testing.assert_array_equal(cw, 44.0)
+  np.testing.assert_array_equal(ch, 44.0)
+  for v in (x0, y0):
+    np.testing.assert_array_equal(v, np.round(v))
+    counts = np.bincount(v.astype(int), minlength=5)
+    assert counts.size == 5 and counts.min() > 650  # 0..4, 800 each expected
+  tx, ty = (
+    np.asarray(v) for v in jax.jit(jax.vmap(lambda k: augment.sample_shift(k, cfg, 44)))(keys)
+  )
+  for v in (tx, ty):  # +-2.2 px -> whole pixels -2..2
+    assert set(np.unique(v)) == {-2.0, -1.0, 0.0, 1.0, 2.0}
+  # A random crop that scales keeps fractional positions (it resamples anyway).
+  scaled = dataclasses.replace(cfg, crop_scale=(0.8, 1.0))
+  x0 = np.asarray(jax.vmap(lambda k: augment.sample_crop(k, scaled, 48, 48)[0])(keys[:100]))
+  assert not np.array_equal(x0, np.round(x0))
 
 
 def _rectangle(mask: np.ndarray) -> tuple[int, int]:
@@ -586,6 +636,7 @@ def test_mix_pairs_is_deterministic_and_independent_of_the_split():
     ('mixup_alpha', -1.0),
     ('cutmix_alpha', float('nan')),
     ('mix_prob', 2.0),
+    ('whole_pixels', 'yes'),
   ],
 )
 def test_invalid_recipe_fields_raise_one_line(field, value):

@@ -237,3 +237,24 @@ def test_train_loop_null_row_on_resident_data_in_blocks():
   )
   assert row['loop_images_per_s'] > 0 and row['step_images_per_s'] > 0
   assert row['host_us_per_step'] == row['loop_us_per_step'] > 0
+
+
+def test_augment_speed_times_each_variant_against_the_first():
+  cmd = [sys.executable, 'benchmarks/augment_speed.py', '--batch', '4', '--windows', '1']
+  cmd += [
+    '--calls-per-window',
+    '1',
+    '--variant',
+    'shift=0.1',
+    '--variant',
+    'shift=0.1,whole_pixels=True',
+  ]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = _last_json(out.stdout)['rows']
+  assert [r['variant'] for r in rows] == ['shift=0.1', 'shift=0.1,whole_pixels=True']
+  assert rows[0]['ratio'] == 1.0 and all(r['images_per_s'] > 0 for r in rows)
+  bad = subprocess.run(
+    cmd[:-2] + ['--variant', 'shfit=0.1'], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  assert bad.returncode != 0 and "no field 'shfit'" in bad.stderr

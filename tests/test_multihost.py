@@ -281,3 +281,22 @@ def test_resume_with_another_process_count_continues_the_same_run(six_steps, tmp
   step_b, params_b = final_params(tmp_path / 'run')
   assert step_a == step_b == 12
   assert _max_abs_diff(params_a, params_b) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_two_processes_time_the_budget_together_and_agree_on_the_epochs(tmp_path):
+  """train.time_budget_min times collective train steps and evaluations before training: both
+  processes run the same number (process 0's) and train the epochs process 0 chose."""
+  procs = []
+  # 0.01 min is spent by the time the step is timed: the least, 1 epoch of the cap of 3.
+  extra = ['--config.train.epochs=3', '--config.train.time_budget_min=0.01']
+  try:
+    logs = [tmp_path / f'budget{i}.log' for i in range(2)]
+    pair = _start_pair(tmp_path / 'run', extra, logs=logs, procs=procs)
+    texts = [_wait_ok(p, log) for p, log in zip(pair, logs)]
+  finally:
+    _kill_all(procs)
+  assert all(re.search(r'time budget 0\.0 min: .* -> 1 epoch\(s\)', t) for t in texts)
+  results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+  assert results['epochs'] == results['config']['train']['epochs'] == 1 and results['steps'] == 12

@@ -1,0 +1,82 @@
+"""`train.time_budget_min`: the epochs that fit a wall-clock budget, fixed at the first start."""
+
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from fer_jax import time_budget, train
+from fer_jax.errors import ConfigError
+from tests.conftest import REPO, synthetic_config
+from tests.test_train import final_params
+
+
+def _config(**train_overrides):
+  return synthetic_config(
+    train_examples=384,
+    test_examples=100,
+    batch_size=32,
+    eval_batch_size=64,
+    log_every_steps=4,
+    **train_overrides,
+  )
+
+
+def test_epochs_that_fit_counts_steps_evaluations_and_the_final_evaluation():
+  fit = dict(step_s=0.1, steps_per_epoch=10, eval_s=1.0, final_eval_s=5.0, max_epochs=100)
+  # 100 s less the 3 % margin, 10 s gone, 5 s for the end: 82 s of 2-s epochs.
+  assert time_budget.epochs_that_fit(budget=100.0, elapsed=10.0, **fit) == 41
+  assert time_budget.epochs_that_fit(budget=100.0, elapsed=10.0, **{**fit, 'max_epochs': 7}) == 7
+  assert time_budget.epochs_that_fit(budget=100.0, elapsed=99.0, **fit) == 1  # at least one
+  # Both splits single view, then flip (2 views) and ten-crop (10) on both.
+  assert time_budget.final_eval_s(2.0, 100, 300, ('flip', 'tencrop')) == 2.0 * 13 * 4
+
+
+@pytest.mark.parametrize('value', [-1.0, 'ten', True, float('nan')])
+def test_a_bad_budget_is_a_clear_error(value):
+  with pytest.raises(ConfigError, match=r'^config.train.time_budget_min=.*minutes >= 0'):
+    time_budget.budget_s(ml_collections.ConfigDict({'time_budget_min': value}))
+  assert time_budget.budget_s(ml_collections.ConfigDict({'time_budget_min': 2})) == 120.0
+
+
+def test_process_start_time_is_when_the_process_started():
+  code = (
+    'import time; t = time.time(); from fer_jax import time_budget; '
+    'print(time_budget.process_start_time(), t)'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, check=True
+  )
+  started, before_import = map(float, out.stdout.split())
+  assert before_import - 30 < started <= before_import + 1  # /proc/stat's boot time is whole s
+
+
+@pytest.mark.parametrize('parallel', ['jit', 'pmap'])
+def test_a_spent_budget_trains_one_epoch_exactly_as_epochs_1_and_a_resume_keeps_it(
+  tmp_path, parallel
+):
+  budgeted = _config(epochs=40, time_budget_min=1.0)
+  budgeted.parallel = parallel
+  # The minute is gone before training starts: the step is timed, then one epoch (the least).
+  out = train.train_and_evaluate(budgeted, str(tmp_path / 'budget'), started=time.time() - 60)
+  assert out['epochs'] == out['config']['train']['epochs'] == 1 and out['steps'] == 12
+  # Timing the step and the evaluation left no trace: the same run as asking for 1 epoch.
+  plain = _config(epochs=1)
+  plain.parallel = parallel
+  train.train_and_evaluate(plain, str(tmp_path / 'plain'))
+  (step_a, p_a), (step_b, p_b) = final_params(tmp_path / 'budget'), final_params(tmp_path / 'plain')
+  assert step_a == step_b == 12
+  for x, y in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Rerun with a full budget: the checkpoint's epoch count stands (no config-change error).
+  again = train.train_and_evaluate(budgeted, str(tmp_path / 'budget'))
+  assert again['epochs'] == 1 and again['steps'] == 12
+
+
+def test_a_budget_that_holds_every_epoch_trains_them_all(tmp_path):
+  out = train.train_and_evaluate(_config(epochs=2, time_budget_min=600.0), str(tmp_path))
+  assert out['epochs'] == 2 and out['config']['train']['time_budget_min'] == 600.0
