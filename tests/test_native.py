@@ -240,11 +240,10 @@ def test_every_instruction_set_matches_lax(request, tmp_path, march, isa):
     'FER_JAX_CACHE_DIR': str(cache),
     'FER_JAX_NATIVE_MARCH': march,
     'JAX_PLATFORMS': 'cpu',
-    # The session's compilation cache serves the subprocess the programs the tests above
-    # compiled (unoptimised, as conftest.py compiles them): an executable calls its kernels by
-    # FFI target name, looked up when it is loaded, so a cached one runs this build's kernels,
-    # the ones the subprocess registered.
-    'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
+    # The session's compilation cache serves the subprocess (its pytest loads conftest.py, so it
+    # compiles as this process does) the programs the tests above compiled: an executable calls
+    # its kernels by FFI target name, looked up when it is loaded, so a cached one runs this
+    # build's kernels, the ones the subprocess registered.
   }
   proc = subprocess.run(
     [sys.executable, '-c', _ISA_CHECK, __file__],
