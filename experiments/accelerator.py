@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.lr_base_batch = 32
   t.learning_rate = 2e-3  # at lr_base_batch; scaled to the global batch at start
   t.epochs = 60
+  t.time_budget_min = 0.0
   t.warmup_steps = 300
   t.microbatch_size = 0
   t.eval_batch_size = 2048

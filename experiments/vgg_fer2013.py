@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   a.standardize = 'dataset'
   t = c.train
   t.epochs = 300
+  t.time_budget_min = 0.0
   t.batch_size = 64
   t.optimizer = 'sgd'
   t.momentum = 0.9

@@ -510,7 +510,7 @@ def _train_and_evaluate(
   )
   state = steps.prepare_state(state)
   run_eval = functools.partial(evaluate, eval_fn, global_batch=eval_batch)
-  if budget and start_step == 0 and config.train.max_steps < 0:
+  if time_budget.applies(config.train, start_step):
     epochs = _epochs_in_budget(
       config,
       budget=budget,

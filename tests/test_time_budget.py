@@ -28,12 +28,26 @@ def _config(**train_overrides):
 
 def test_epochs_that_fit_counts_steps_evaluations_and_the_final_evaluation():
   fit = dict(step_s=0.1, steps_per_epoch=10, eval_s=1.0, final_eval_s=5.0, max_epochs=100)
-  # 100 s less the 3 % margin, 10 s gone, 5 s for the end: 82 s of 2-s epochs.
-  assert time_budget.epochs_that_fit(budget=100.0, elapsed=10.0, **fit) == 41
+  # 100 s less the 3 % margin, 10 s gone, 5.4 s for the end: 81.6 s of 2.16-s epochs (8 %
+  # slower than timed).
+  assert time_budget.SLOWER == 0.08
+  assert time_budget.epochs_that_fit(budget=100.0, elapsed=10.0, **fit) == 37
+  assert time_budget.epochs_that_fit(budget=100.0, elapsed=10.0 - 0.5, **fit) == 38  # 82.1 s
   assert time_budget.epochs_that_fit(budget=100.0, elapsed=10.0, **{**fit, 'max_epochs': 7}) == 7
   assert time_budget.epochs_that_fit(budget=100.0, elapsed=99.0, **fit) == 1  # at least one
   # Both splits single view, then flip (2 views) and ten-crop (10) on both.
   assert time_budget.final_eval_s(2.0, 100, 300, ('flip', 'tencrop')) == 2.0 * 13 * 4
+
+
+def test_only_a_fresh_full_run_of_several_epochs_times_itself():
+  def cfg(**kw):
+    return ml_collections.ConfigDict({'time_budget_min': 10.0, 'epochs': 30, 'max_steps': -1, **kw})
+
+  assert time_budget.applies(cfg(), start_step=0)
+  assert not time_budget.applies(cfg(), start_step=5)  # a resume keeps the epochs it fixed
+  assert not time_budget.applies(cfg(time_budget_min=0.0), start_step=0)
+  assert not time_budget.applies(cfg(max_steps=3), start_step=0)  # a smoke run
+  assert not time_budget.applies(cfg(epochs=1), start_step=0)  # nothing to choose
 
 
 @pytest.mark.parametrize('value', [-1.0, 'ten', True, float('nan')])
