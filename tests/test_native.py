@@ -86,6 +86,31 @@ def test_conv_and_its_gradients_match_lax(x_shape, k_shape):
   )
 
 
+@needs_native
+@pytest.mark.parametrize(
+  'x_shape, k_shape, pad',
+  [
+    ((2, 5, 5, 16), (3, 3, 16, 24), (1, 1)),  # 'SAME' 3x3 on the smallest VGG block
+    ((1, 11, 9, 8), (3, 3, 8, 20), (0, 2)),
+    ((2, 6, 7, 3), (5, 5, 3, 9), (2, 2)),
+    ((1, 4, 6, 2), (2, 2, 2, 5), (1, 0)),
+  ],
+)
+def test_input_grad_of_a_padded_conv_is_computed_for_the_unpadded_input(x_shape, k_shape, pad):
+  """conv_input_grad(dy, k, pad) is the gradient for x of conv(pad(x), k): the padded border's
+  outputs are not computed, and what is left equals lax's gradient."""
+  kx, kk, kd = jax.random.split(jax.random.key(sum(x_shape) + sum(pad)), 3)
+  x = jax.random.normal(kx, x_shape)
+  k = jax.random.normal(kk, k_shape)
+  padded = lambda v: jnp.pad(v, ((0, 0), pad, pad, (0, 0)))
+  y_ref, vjp = jax.vjp(lambda v: _lax_conv(padded(v), k), x)
+  dy = jax.random.normal(kd, y_ref.shape)
+  dx = jax.jit(native.conv_input_grad, static_argnums=2)(dy, k, pad)
+  _assert_close(dx, vjp(dy)[0])
+  with pytest.raises(ValueError, match='below the kernel size'):
+    native.conv_input_grad(dy, k, (k_shape[0], 0))
+
+
 # Conv outputs of even size (the fused pool needs it), with remainders in every tile width.
 POOL_SHAPES = [
   ((2, 48, 48, 1), (3, 3, 1, 32)),

@@ -250,9 +250,7 @@ def _native_conv_fwd(x, kernel, pad):
 def _native_conv_bwd(pad, res, dy):
   xp, kernel = res
   d_kernel = native.conv_kernel_grad(xp, dy, kernel.shape[:2])
-  d_xp = native.conv_input_grad(dy, kernel)
-  h, w = xp.shape[1] - sum(pad), xp.shape[2] - sum(pad)
-  return d_xp[:, pad[0] : pad[0] + h, pad[0] : pad[0] + w, :], d_kernel
+  return native.conv_input_grad(dy, kernel, pad), d_kernel
 
 
 native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)

@@ -378,8 +378,18 @@ def conv_kernel_grad_pooled(
   )
 
 
-def conv_input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:
-  """d(conv(x, k))/dx contracted with dy: the full correlation of dy with the flipped kernel."""
+def conv_input_grad(dy: jax.Array, kernel: jax.Array, pad: tuple[int, int] = (0, 0)) -> jax.Array:
+  """d(conv(x, k))/dx contracted with dy: the correlation of dy with the flipped kernel.
+
+  `pad` is the zero padding (before, after) the forward conv put around x on both spatial
+  axes: the gradient is then computed for x itself, not for its padded border, which would
+  be thrown away (at 5x5 a 'SAME' 3x3 border is half of the padded input's outputs).
+  """
   kh, kw, _, _ = kernel.shape
-  padded = jnp.pad(dy, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+  before, after = pad
+  if not (0 <= before < kh and 0 <= after < kh and before < kw and after < kw):
+    raise ValueError(f'conv_input_grad: padding {pad} must be below the kernel size {kh}x{kw}')
+  padded = jnp.pad(
+    dy, ((0, 0), (kh - 1 - before, kh - 1 - after), (kw - 1 - before, kw - 1 - after), (0, 0))
+  )
   return conv(padded, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))

@@ -54,6 +54,7 @@ constexpr int64_t kFwdMaxChunk = 192;     // output pixels per ConvForward work 
 constexpr int64_t kStreamBytes = int64_t{16} << 20;  // streaming stores for outputs this large
 constexpr int64_t kStreamMaxDepth = 64;   // ... of convs with a reduction this short
 constexpr int64_t kDkChunkPixels = 128;   // output pixels per ConvKernelGrad chunk (about)
+constexpr int64_t kDkImageChunkPixels = 256;  // ... when a chunk holds whole (small) images
 constexpr int64_t kDkMaxItems = 16;       // ConvKernelGrad partial sums (fixed, not per thread)
 constexpr int64_t kDkPartialBytes = int64_t{64} << 20;  // cap on all partial sums together
 
@@ -509,11 +510,12 @@ void PoolRowPair(const float* r0, const float* r1, int64_t pw, int64_t o, float*
 // ---------------------------------------------------------------------------------------------
 // Kernel gradient.
 
-// acc[t][v] += sum over rows p < nrows, q < ow of xb[p*xrs + q*c + t] * dyp[(p*ow + q)*NV*L + Lv ..]
+// acc[t][v] += sum over rows p < nrows, q < ow of xrows[p][off + q*c + t] * dyp[(p*ow + q)*NV*L + Lv ..]
 // with acc loaded from / stored to dkt[t*ldk + Lv ..]; dyp is a packed (pixel, NV*L) panel.
+// xrows[p]: the input row under output row p (rows may come from several images).
 // TAIL: the last vector of dk has `tail` valid lanes.
 template <int MR, int NV, bool TAIL>
-inline void DkTile(const float* __restrict xb, int64_t xrs, int64_t c,
+inline void DkTile(const float* const* xrows, int64_t off, int64_t c,
                    const float* __restrict dyp, int64_t nrows, int64_t ow, float* dkt,
                    int64_t ldk, int tail) {
   V acc[MR][NV];
@@ -528,7 +530,7 @@ inline void DkTile(const float* __restrict xb, int64_t xrs, int64_t c,
   }
   const float* dr = dyp;
   for (int64_t p = 0; p < nrows; ++p) {
-    const float* xr = xb + p * xrs;
+    const float* __restrict xr = xrows[p] + off;
     for (int64_t q = 0; q < ow; ++q) {
       if constexpr (MR * NV + NV + 1 <= Simd::kRegs) {  // dy vectors in registers
         V bv[NV];
@@ -566,12 +568,12 @@ inline void DkTile(const float* __restrict xb, int64_t xrs, int64_t c,
 }
 
 template <int NV, int MRMAX>
-inline void DkTileMr(int mr, const float* xb, int64_t xrs, int64_t c, const float* dyp,
+inline void DkTileMr(int mr, const float* const* xrows, int64_t off, int64_t c, const float* dyp,
                      int64_t nrows, int64_t ow, float* dkt, int64_t ldk, int tail) {
   if (tail == L) {
-    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTile<MR, NV, false>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); });
+    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTile<MR, NV, false>(xrows, off, c, dyp, nrows, ow, dkt, ldk, tail); });
   } else {
-    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTile<MR, NV, true>(xb, xrs, c, dyp, nrows, ow, dkt, ldk, tail); });
+    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTile<MR, NV, true>(xrows, off, c, dyp, nrows, ow, dkt, ldk, tail); });
   }
 }
 
@@ -604,11 +606,15 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const OutputGrad& g,
     pw += int64_t{L} * b.nv;
   }
 
-  // Chunks of output rows (within one image) of ~kDkChunkPixels pixels; items are fixed runs of
-  // consecutive chunks, independent of the thread count.
-  const int64_t rows = std::min<int64_t>(oh, RowsPerChunk(ow, kDkChunkPixels));
-  const int64_t chunks_per_image = CeilDiv(oh, rows);
-  const int64_t nchunks = s.n * chunks_per_image;
+  // Chunks of ~kDkChunkPixels output pixels of one image's rows or, where two or more images
+  // fit, ~kDkImageChunkPixels of whole images (a small image alone would load and store its dk
+  // tiles for too few pixels); items are fixed runs of consecutive chunks, independent of the
+  // thread count.
+  const int64_t target_rows = RowsPerChunk(ow, kDkChunkPixels);
+  const int64_t images = target_rows >= 2 * oh ? RowsPerChunk(ow, kDkImageChunkPixels) / oh : 1;
+  const int64_t rows = images > 1 ? images * oh : std::min<int64_t>(oh, target_rows);
+  const int64_t chunks_per_image = images > 1 ? 1 : CeilDiv(oh, rows);
+  const int64_t nchunks = images > 1 ? CeilDiv(s.n, images) : s.n * chunks_per_image;
   const double flops = 2.0 * s.n * oh * ow * kdepth * o;
   const int64_t max_items = std::max<int64_t>(1, static_cast<int64_t>(flops / 4e6));
   const int64_t mem_items = std::max<int64_t>(1, kDkPartialBytes / (len * int64_t{sizeof(float)}));
@@ -626,30 +632,39 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const OutputGrad& g,
     // Packed dy chunk: per block, a (pixel, nv*L) panel, zero padded.
     std::vector<float> pack_storage(static_cast<size_t>(rows * ow * pw + 2 * L));
     float* pack = AlignUp(pack_storage.data());
+    std::vector<const float*> xrows(static_cast<size_t>(rows));
     for (int64_t ci = c0; ci < c1; ++ci) {
-      const int64_t b = ci / chunks_per_image;
-      const int64_t p0 = (ci % chunks_per_image) * rows;
-      const int64_t nrows = std::min(rows, oh - p0);
+      // Output rows g0 .. g0 + nrows of the (n * oh) rows of the whole batch.
+      const int64_t g0 = images > 1 ? ci * images * oh : (ci / chunks_per_image) * oh +
+                                                             (ci % chunks_per_image) * rows;
+      const int64_t nrows = images > 1 ? std::min(rows, s.n * oh - g0)
+                                       : std::min(rows, oh - (ci % chunks_per_image) * rows);
       const int64_t npx = nrows * ow;
-      const float* dyb = direct ? dy + (b * oh + p0) * ow * o : nullptr;
+      for (int64_t r = 0; r < nrows; ++r) {
+        const int64_t b = (g0 + r) / oh, p = (g0 + r) % oh;
+        xrows[r] = x + (b * s.h + p) * xrs;
+      }
+      const float* dyb = direct ? dy + g0 * ow * o : nullptr;
       for (int64_t px = 0; px < npx && !direct; ++px) {  // sequential over dy
+        const int64_t grow = g0 + px / ow;
         for (const Block& blk : blocks) {
-          PackOutputGrad(g, s, b, p0 + px / ow, px % ow, blk,
+          PackOutputGrad(g, s, grow / oh, grow % oh, px % ow, blk,
                          pack + blk.offset * npx + px * int64_t{L} * blk.nv);
         }
       }
+      const float* const* xr = xrows.data();
       for (const Block& blk : blocks) {
         const float* dyp = direct ? dyb : pack + blk.offset * npx;
         for (int64_t i = 0; i < s.kh; ++i) {
-          const float* xb = x + (b * s.h + p0 + i) * xrs;
           float* dki = part + i * run * o + blk.f0;
           for (int64_t r0 = 0; r0 < run; r0 += blk.mr) {
             const int mr = static_cast<int>(std::min<int64_t>(blk.mr, run - r0));
+            const int64_t off = i * xrs + r0;
             switch (blk.nv) {
-              case 4: DkTileMr<4, (Simd::kRegs == 32 ? 6 : 3)>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
-              case 3: if constexpr (Simd::kRegs == 32) DkTileMr<3, 8>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
-              case 2: DkTileMr<2, kMaxMr>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
-              default: DkTileMr<1, kMaxMr>(mr, xb + r0, xrs, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              case 4: DkTileMr<4, (Simd::kRegs == 32 ? 6 : 3)>(mr, xr, off, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              case 3: if constexpr (Simd::kRegs == 32) DkTileMr<3, 8>(mr, xr, off, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              case 2: DkTileMr<2, kMaxMr>(mr, xr, off, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
+              default: DkTileMr<1, kMaxMr>(mr, xr, off, c, dyp, nrows, ow, dki + r0 * o, o, blk.tail); break;
             }
           }
         }
