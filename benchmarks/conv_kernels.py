@@ -1,9 +1,10 @@
 """The native C++ conv kernels against XLA's im2col + dot, side by side, at the train step's shapes.
 
 Each row is one call the train step makes per gradient chunk (auto chunk: 32 images at 48x48,
-16 at 150x150); both sides run as jitted JAX functions, so the native side includes the XLA FFI
-call. Blocks of back-to-back calls alternate between the two sides and the first call of each
-block is dropped (XLA's pool threads spin for a while after an op; an idle core clocks down).
+16 at 150x150; the 'v' rows: the compact VGG's whole batch of 64); both sides run as jitted
+JAX functions, so the native side includes the XLA FFI call. Blocks of back-to-back calls
+alternate between the two sides and the first call of each block is dropped (XLA's pool
+threads spin for a while after an op; an idle core clocks down).
 
   python benchmarks/conv_kernels.py [--reps 4] [--only c2f48,c2dk150]
 
@@ -33,6 +34,16 @@ SHAPES = {
   'c2f150': ('f', (16, 74, 74, 32), (3, 3, 32, 64)),
   'c2dx150': ('f', (16, 76, 76, 64), (3, 3, 64, 32)),
   'c2dk150': ('dk', (16, 74, 74, 32), (3, 3, 32, 64)),
+  # experiments/cpu_budget.py's compact VGG (batch 64, 'SAME' 3x3 on 44x44 crops): the second
+  # conv of blocks 1, 3 and 4. Its input gradient is a forward conv of the output gradient
+  # padded by 1 (the padded border's gradient is not computed), so with c == o the 'f' row
+  # times it too.
+  'v1f44': ('f', (64, 46, 46, 32), (3, 3, 32, 32)),
+  'v1dk44': ('dk', (64, 46, 46, 32), (3, 3, 32, 32)),
+  'v3f11': ('f', (64, 13, 13, 128), (3, 3, 128, 128)),
+  'v3dk11': ('dk', (64, 13, 13, 128), (3, 3, 128, 128)),
+  'v4f5': ('f', (64, 7, 7, 256), (3, 3, 256, 256)),
+  'v4dk5': ('dk', (64, 7, 7, 256), (3, 3, 256, 256)),
 }
 
 
