@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
@@ -179,7 +180,18 @@ def replicate_for_pmap(tree: Any) -> Any:
 
 
 def unreplicate_from_pmap(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x[0], tree)
+  """The first local device's copy: a new single-device array (numpy stays numpy).
+
+  Read from the device's own shard, so no program runs across the devices; `x[0]` compiles
+  and runs a gather over all of them for every leaf.
+  """
+
+  def first(x):
+    if isinstance(x, jax.Array):
+      return jnp.reshape(x.addressable_data(0), x.shape[1:])
+    return x[0]
+
+  return jax.tree.map(first, tree)
 
 
 def to_host(tree: Any) -> Any:
