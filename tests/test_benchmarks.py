@@ -5,7 +5,17 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+
+@pytest.fixture(autouse=True)
+def _unoptimised_subprocesses(monkeypatch):
+  """The scripts run here compile many programs and time one or two calls of each: XLA's
+  optimisation (off in this process, conftest.py) costs them more than it saves. The two
+  slowest took 26 s and 20 s instead of 61 s and 47 s (benchmarks/README.md)."""
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 
 def _last_json(stdout: str) -> dict:
@@ -169,8 +179,6 @@ def test_conv_kernels_benchmark_prints_a_row_per_shape():
   from fer_jax import native
 
   if not native.available():
-    import pytest
-
     pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
   out = subprocess.run(
     [sys.executable, 'benchmarks/conv_kernels.py', '--reps', '1', '--only', 'c2f48,c1dk48'],
