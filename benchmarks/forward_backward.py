@@ -5,7 +5,9 @@ prints one JSON line per lowering: the median of --calls timed calls after compi
 `jax.grad` of the cross-entropy through `model.apply` (BatchNorm statistics mutable, dropout on).
 Every lowering is compiled first, then the calls alternate between them (one call of each in
 turn), so a load change on a shared machine hits them alike. 'native_no_bn' is 'native' with
-every BatchNorm replaced by the identity (what BatchNorm costs).
+every BatchNorm replaced by the identity (what BatchNorm costs). `--forward-only` times the
+evaluation forward pass instead (`train=False`, BatchNorm's running averages), as evaluate and
+predict run it; `--dense` overrides the model's hidden Dense widths ('' for none).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main() -> None:
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--width', type=float, default=None, help='override config.model.width')
   p.add_argument('--calls', type=int, default=6)
+  p.add_argument('--forward-only', action='store_true', help='time the evaluation forward pass')
+  p.add_argument('--dense', default=None, help="override config.model.dense: '4096,4096', ''")
   args = p.parse_args()
   import jax
   import jax.numpy as jnp
@@ -46,6 +50,8 @@ def main() -> None:
   model_cfg = module.get_config().model
   if args.width is not None:
     model_cfg.width = type(model_cfg.width)(args.width)
+  if args.dense is not None:
+    model_cfg.dense = tuple(int(v) for v in args.dense.split(',') if v)
   size, b = model_cfg.image_size, args.batch
   x = jax.random.normal(jax.random.key(1), (b, size, size, 1))
   y = jnp.zeros((b,), jnp.int32)
@@ -87,6 +93,8 @@ def main() -> None:
         logits = out[0] if isinstance(out, tuple) else out
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+      if args.forward_only:
+        return model.apply({'params': params, **others}, x, train=False)
       return jax.grad(loss)(params)
 
     jax.block_until_ready(grads(variables['params'], x))  # compiles, with this lowering's patch
@@ -107,6 +115,8 @@ def main() -> None:
           'size': size,
           'batch': b,
           'lowering': lowering,
+          'pass': 'forward' if args.forward_only else 'forward_backward',
+          'dense': list(model_cfg.get('dense', ())),
           'images_per_s': round(b / sorted(times)[len(times) // 2], 1),
           'calls': rates,
           'backend': jax.default_backend(),

@@ -128,6 +128,22 @@ def test_forward_backward_prints_one_line_per_lowering():
   assert all(l['model'] == 'vgg_fer' and l['images_per_s'] > 0 for l in lines)
 
 
+def test_forward_backward_times_the_forward_pass_of_a_model_without_its_dense_layers():
+  out = subprocess.run(
+    [sys.executable, 'benchmarks/forward_backward.py', '--config', 'experiments/cpu_budget.py']
+    + ['--lowering', 'auto', '--batch', '2', '--width', '0.125', '--calls', '1']
+    + ['--forward-only', '--dense', ''],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  line = _last_json(out.stdout)
+  assert (line['pass'], line['dense'], line['batch']) == ('forward', [], 2)
+  assert line['images_per_s'] > 0
+
+
 def test_compare_peers_without_peer_venvs_reports_fer_jax_only(tmp_path):
   out = subprocess.run(
     [
