@@ -24,7 +24,7 @@ MODEL_CONFIGS = {
   'seed_cnn': 'experiments/base.py',
   'vgg_fer': 'experiments/vgg_fer2013.py',
   'resnet18': 'experiments/resnet18_fer2013.py',
-  'vgg_fer_compact': 'experiments/cpu_budget.py',  # width 0.5, one Dense-128
+  'vgg_fer_compact': 'experiments/cpu_budget.py',  # width 0.375, one Dense-96
 }
 
 

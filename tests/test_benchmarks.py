@@ -18,30 +18,41 @@ def _unoptimised_subprocesses(monkeypatch):
   monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 
+def _run(script: str, *args: str, timeout: int = 300, env: dict | None = None):
+  """Runs `benchmarks/<script>` with this Python in the repo root; returns the finished process."""
+  return subprocess.run(
+    [sys.executable, f'benchmarks/{script}', *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def _run_ok(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+  """`_run`, asserting that the script exited 0 (its stderr's tail in the failure)."""
+  out = _run(script, *args, **kwargs)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return out
+
+
 def _last_json(stdout: str) -> dict:
   return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_train_throughput_prints_its_settings():
-  out = subprocess.run(
-    [
-      sys.executable,
-      'benchmarks/train_throughput.py',
-      '--size',
-      '48',
-      '--batch',
-      '8',
-      '--windows',
-      '2',
-      '--steps-per-window',
-      '1',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  out = _run_ok(
+    'train_throughput.py',
+    '--size',
+    '48',
+    '--batch',
+    '8',
+    '--windows',
+    '2',
+    '--steps-per-window',
+    '1',
   )
-  assert out.returncode == 0, out.stderr[-2000:]
   result = _last_json(out.stdout)
   assert result['images_per_s'] > 0 and len(result['windows']) == 2
   assert (result['size'], result['batch'], result['augment']) == (48, 8, True)
@@ -58,32 +69,24 @@ def test_train_throughput_prints_its_settings():
 
 
 def test_train_throughput_times_zoo_models_in_alternation():
-  out = subprocess.run(
-    [
-      sys.executable,
-      'benchmarks/train_throughput.py',
-      '--model',
-      'seed_cnn',
-      'vgg_fer_compact',
-      '--lowering',
-      'auto',
-      '--width',
-      '0.125',
-      '--size',
-      '16',
-      '--batch',
-      '4',
-      '--windows',
-      '2',
-      '--steps-per-window',
-      '1',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  out = _run_ok(
+    'train_throughput.py',
+    '--model',
+    'seed_cnn',
+    'vgg_fer_compact',
+    '--lowering',
+    'auto',
+    '--width',
+    '0.125',
+    '--size',
+    '16',
+    '--batch',
+    '4',
+    '--windows',
+    '2',
+    '--steps-per-window',
+    '1',
   )
-  assert out.returncode == 0, out.stderr[-2000:]
   lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
   assert [(l['zoo_name'], l['model']) for l in lines] == [
     ('seed_cnn', 'seed_cnn'),
@@ -101,77 +104,56 @@ def test_train_throughput_times_zoo_models_in_alternation():
 
 
 def test_forward_backward_prints_one_line_per_lowering():
-  out = subprocess.run(
-    [
-      sys.executable,
-      'benchmarks/forward_backward.py',
-      '--config',
-      'experiments/cpu_budget.py',
-      '--lowering',
-      'auto',
-      'xla',
-      '--batch',
-      '4',
-      '--width',
-      '0.125',
-      '--calls',
-      '1',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  out = _run_ok(
+    'forward_backward.py',
+    '--config',
+    'experiments/cpu_budget.py',
+    '--lowering',
+    'auto',
+    'xla',
+    '--batch',
+    '4',
+    '--width',
+    '0.125',
+    '--calls',
+    '1',
   )
-  assert out.returncode == 0, out.stderr[-2000:]
   lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
   assert [l['lowering'] for l in lines] == ['auto', 'xla']
   assert all(l['model'] == 'vgg_fer' and l['images_per_s'] > 0 for l in lines)
 
 
 def test_forward_backward_times_the_forward_pass_of_a_model_without_its_dense_layers():
-  out = subprocess.run(
-    [sys.executable, 'benchmarks/forward_backward.py', '--config', 'experiments/cpu_budget.py']
-    + ['--lowering', 'auto', '--batch', '2', '--width', '0.125', '--calls', '1']
-    + ['--forward-only', '--dense', ''],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  out = _run_ok(
+    'forward_backward.py',
+    *('--config', 'experiments/cpu_budget.py', '--lowering', 'auto', '--batch', '2'),
+    *('--width', '0.125', '--calls', '1', '--forward-only', '--dense', ''),
   )
-  assert out.returncode == 0, out.stderr[-2000:]
   line = _last_json(out.stdout)
   assert (line['pass'], line['dense'], line['batch']) == ('forward', [], 2)
   assert line['images_per_s'] > 0
 
 
 def test_compare_peers_without_peer_venvs_reports_fer_jax_only(tmp_path):
-  out = subprocess.run(
-    [
-      sys.executable,
-      'benchmarks/compare_peers.py',
-      '--models',
-      'seed_cnn',
-      '--batches',
-      '8',
-      '--windows',
-      '1',
-      '--images-per-window',
-      '8',
-      '--warmup-images',
-      '1',
-      '--peak-size',
-      '256',
-      '--keras-python',
-      str(tmp_path / 'no-keras'),
-      '--torch-python',
-      str(tmp_path / 'no-torch'),
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  out = _run_ok(
+    'compare_peers.py',
+    '--models',
+    'seed_cnn',
+    '--batches',
+    '8',
+    '--windows',
+    '1',
+    '--images-per-window',
+    '8',
+    '--warmup-images',
+    '1',
+    '--peak-size',
+    '256',
+    '--keras-python',
+    str(tmp_path / 'no-keras'),
+    '--torch-python',
+    str(tmp_path / 'no-torch'),
   )
-  assert out.returncode == 0, out.stderr[-2000:]
   assert 'Keras skipped' in out.stderr and 'PyTorch skipped' in out.stderr
   result = _last_json(out.stdout)
   assert set(result['skipped']) == {'keras', 'torch'}
@@ -196,41 +178,27 @@ def test_conv_kernels_benchmark_prints_a_row_per_shape():
 
   if not native.available():
     pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
-  out = subprocess.run(
-    [sys.executable, 'benchmarks/conv_kernels.py', '--reps', '1', '--only', 'c2f48,c1dk48'],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert out.returncode == 0, out.stderr[-2000:]
+  out = _run_ok('conv_kernels.py', '--reps', '1', '--only', 'c2f48,c1dk48')
   rows = _last_json(out.stdout)['rows']
   assert [r['row'] for r in rows] == ['c2f48', 'c1dk48']
   assert all(r['native_ms'] > 0 and r['xla_ms'] > 0 for r in rows)
 
 
 def test_ablations_report_each_variant_against_the_default():
-  out = subprocess.run(
-    [
-      sys.executable,
-      'benchmarks/ablations.py',
-      '--rounds',
-      '1',
-      '--rows',
-      '48x8',
-      '--only',
-      'async,whole_batch',
-      '--windows',
-      '1',
-      '--steps-per-window',
-      '1',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
+  out = _run_ok(
+    'ablations.py',
+    '--rounds',
+    '1',
+    '--rows',
+    '48x8',
+    '--only',
+    'async,whole_batch',
+    '--windows',
+    '1',
+    '--steps-per-window',
+    '1',
     timeout=600,
   )
-  assert out.returncode == 0, out.stderr[-2000:]
   summary = _last_json(out.stdout)['summary']
   assert [s['variant'] for s in summary] == ['default', 'async', 'whole_batch']
   assert summary[0]['relative_to_default'] == 1.0
@@ -242,16 +210,11 @@ def test_ablations_report_each_variant_against_the_default():
 def test_train_loop_null_row_on_resident_data_in_blocks():
   # The smallest host-time row: 1 device, batch 32, 512 faces, 20 steps in blocks of 2 (the
   # indices path), the step a no-op: host µs/step is the loop's wall time, so it is positive.
-  out = subprocess.run(
-    [sys.executable, 'benchmarks/train_loop.py', '--row', 'null,1,32', '--steps', '20']
-    + ['--dispatch', '2', '--examples', '512'],
-    cwd=REPO,
+  out = _run_ok(
+    'train_loop.py',
+    *('--row', 'null,1,32', '--steps', '20', '--dispatch', '2', '--examples', '512'),
     env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'},
-    capture_output=True,
-    text=True,
-    timeout=300,
   )
-  assert out.returncode == 0, out.stderr[-2000:]
   row = _last_json(out.stdout)
   assert (row['devices'], row['batch'], row['feed'], row['steps_per_dispatch']) == (
     1,
@@ -264,21 +227,12 @@ def test_train_loop_null_row_on_resident_data_in_blocks():
 
 
 def test_augment_speed_times_each_variant_against_the_first():
-  cmd = [sys.executable, 'benchmarks/augment_speed.py', '--batch', '4', '--windows', '1']
-  cmd += [
-    '--calls-per-window',
-    '1',
-    '--variant',
-    'shift=0.1',
-    '--variant',
-    'shift=0.1,whole_pixels=True',
-  ]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
+  args = ['--batch', '4', '--windows', '1', '--calls-per-window', '1']
+  out = _run_ok(
+    'augment_speed.py', *args, '--variant', 'shift=0.1', '--variant', 'shift=0.1,whole_pixels=True'
+  )
   rows = _last_json(out.stdout)['rows']
   assert [r['variant'] for r in rows] == ['shift=0.1', 'shift=0.1,whole_pixels=True']
   assert rows[0]['ratio'] == 1.0 and all(r['images_per_s'] > 0 for r in rows)
-  bad = subprocess.run(
-    cmd[:-2] + ['--variant', 'shfit=0.1'], cwd=REPO, capture_output=True, text=True, timeout=300
-  )
+  bad = _run('augment_speed.py', *args, '--variant', 'shfit=0.1')
   assert bad.returncode != 0 and "no field 'shfit'" in bad.stderr
