@@ -11,9 +11,9 @@ augmentation with SGD learnt slower, see benchmarks/README.md); adamw 1e-3, one 
 warmup, cosine decay at batch 64 over as many epochs as the hour holds on the machine it runs on
 (`train.time_budget_min`, up to 30; the run logs and records the number). Selected on
 PublicTest; PrivateTest reported single view (the headline) and with ten-crop TTA. Measured
-time and accuracy: README.md. In the hour on one host, width 0.375 (15 epochs) beat width 0.5
-(9 epochs) and width 0.25 (30 epochs) on PublicTest; 40-px crops did about a point worse than
-44; a three-block variant worse still: benchmarks/README.md.
+time and accuracy: README.md. In the hour on one host, width 0.375 (15 epochs) led width 0.5
+(9 epochs) by 1.2 points on PublicTest and width 0.25 (30 epochs) by 0.3; 40-px crops did about
+a point worse than 44; a three-block variant worse still: benchmarks/README.md.
 """
 
 import ml_collections
