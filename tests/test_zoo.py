@@ -179,6 +179,25 @@ def test_jitted_vgg_gradient_matches_the_xla_lowering():
       assert error < 0.02, (jax.tree_util.keystr(path), error)  # float32 near-ties flip: < 1 %
 
 
+def test_evaluation_pads_small_batches_in_the_dense_head_without_changing_the_logits():
+  """Under a CPU lowering, evaluation runs the head on 16 rows for batches of 2-15 (a slow
+  XLA:CPU fusion, see vgg_fer.HEAD_ROWS): each example's logits are those of a batch of 1."""
+  lowering = 'native' if native.available() else 'dot'
+  model = VGGFer(blocks=(8, 8, 8, 16), dense=(32, 32), dropout=0.5, lowering=lowering)
+  x = _rand((5, 40, 40, 1), 0)
+  variables = model.init(jax.random.key(2), x, train=False)
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
+  batch = apply(x)
+  assert batch.shape == (5, 7)
+  one_by_one = jnp.concatenate([apply(x[i : i + 1]) for i in range(5)])
+  np.testing.assert_allclose(batch, one_by_one, rtol=1e-5, atol=1e-5)
+  # The padded rows are zeros; the head's text shows the 16 rows only under the CPU lowering.
+  for name, rows in ((lowering, 16), ('xla', 5)):
+    m = model.clone(lowering=name)
+    text = jax.jit(lambda x, m=m: m.apply(variables, x, train=False)).lower(x).as_text()
+    assert f'tensor<{rows}x32xf32>' in text, name
+
+
 @pytest.mark.parametrize('position', [(0, 0), (0, 1), (1, 0), (1, 1)])
 def test_fast_max_pool_propagates_a_nan_anywhere_in_the_window(position):
   x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)

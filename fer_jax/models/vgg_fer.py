@@ -18,6 +18,12 @@ import jax.numpy as jnp
 
 from fer_jax.models import layers
 
+# Evaluation runs the dense head on at least this many rows under the CPU lowerings: XLA:CPU
+# (jaxlib 0.10) fuses the head into one YNNPACK call that runs batches of 2-8 slower than 16
+# (benchmarks/README.md). Training is left as is: padding would change dropout masks drawn
+# without example ids.
+HEAD_ROWS = 16
+
 
 class VGGFer(nn.Module):
   """NHWC float (B, S, S, 1) -> (B, K) float32 logits.
@@ -56,10 +62,14 @@ class VGGFer(nn.Module):
           name=f'conv{block + 1}{j}',
         )(x, train)
       x = layers.max_pool(x, self.lowering)
-    x = x.reshape(x.shape[0], -1)
+    rows = x.shape[0]
+    x = x.reshape(rows, -1)
+    cpu = layers.resolve_lowering(self.lowering) != 'xla'  # (export uses 'xla': a symbolic N)
+    if cpu and not train and isinstance(rows, int) and 1 < rows < HEAD_ROWS:
+      x = jnp.pad(x, ((0, HEAD_ROWS - rows), (0, 0)))
     for i, features in enumerate(self.dense):
       x = nn.Dense(max(1, round(features * self.width)), dtype=self.dtype, name=f'dense{i + 1}')(x)
       x = layers.Dropout(self.dropout, deterministic=not train, name=f'drop{i + 1}')(
         nn.relu(x), example_ids
       )
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)[:rows].astype(jnp.float32)
