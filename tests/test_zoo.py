@@ -191,7 +191,7 @@ def test_evaluation_pads_small_batches_in_the_dense_head_without_changing_the_lo
   assert batch.shape == (5, 7)
   one_by_one = jnp.concatenate([apply(x[i : i + 1]) for i in range(5)])
   np.testing.assert_allclose(batch, one_by_one, rtol=1e-5, atol=1e-5)
-  # The padded rows are zeros; the head's text shows the 16 rows only under the CPU lowering.
+  # The lowered program's head runs 16 rows under the CPU lowering, the batch's 5 under 'xla'.
   for name, rows in ((lowering, 16), ('xla', 5)):
     m = model.clone(lowering=name)
     text = jax.jit(lambda x, m=m: m.apply(variables, x, train=False)).lower(x).as_text()

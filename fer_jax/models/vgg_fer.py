@@ -64,8 +64,8 @@ class VGGFer(nn.Module):
       x = layers.max_pool(x, self.lowering)
     rows = x.shape[0]
     x = x.reshape(rows, -1)
-    cpu = layers.resolve_lowering(self.lowering) != 'xla'  # (export uses 'xla': a symbolic N)
-    if cpu and not train and isinstance(rows, int) and 1 < rows < HEAD_ROWS:
+    cpu = layers.resolve_lowering(self.lowering) != 'xla'
+    if cpu and not train and isinstance(rows, int) and 1 < rows < HEAD_ROWS:  # (int: not symbolic)
       x = jnp.pad(x, ((0, HEAD_ROWS - rows), (0, 0)))
     for i, features in enumerate(self.dense):
       x = nn.Dense(max(1, round(features * self.width)), dtype=self.dtype, name=f'dense{i + 1}')(x)
