@@ -1,9 +1,9 @@
 """`train.time_budget_min`: at most `train.epochs` epochs, fewer where they would not fit a
 wall-clock budget on this machine.
 
-The 2-core hosts this project runs on differ 2.2x in speed from one day to the next, so a recipe
-sized in epochs for one host overruns its budget on another. With `time_budget_min` > 0 a fresh
-run times a few train steps and one evaluation before it starts, and trains the most epochs
+The 2-core hosts this project runs on differ up to 2.6x in speed from one day to the next, so a
+recipe sized in epochs for one host overruns its budget on another. With `time_budget_min` > 0 a
+fresh run times a few train steps and one evaluation before it starts, and trains the most epochs
 (up to `train.epochs`) that fit the budget, counted from the process's start, the per-epoch
 evaluation and the final evaluation (its test-time augmentation included) inside it. The
 number is then fixed: it is written into the checkpoints' config (a resume takes it from
