@@ -2,16 +2,21 @@
 
   python benchmarks/train_throughput.py --size 48 --batch 64
   python benchmarks/train_throughput.py --model resnet18 vgg_fer_compact --lowering native xla
-prints a progress table and one JSON object per (model, lowering), the last line being the last
-one. Defaults are the config's training settings (`--model NAME` picks a zoo model's config, see
-MODEL_CONFIGS; otherwise --config). Warm-up (compilation) is excluded; every (model, lowering)
-is compiled first and their timed windows then alternate, so a load change on a shared machine
-hits them alike; each figure is the median of its windows.
+  python benchmarks/train_throughput.py --model vgg_fer_compact \
+    --variant --variant 'model.blocks=(16,32,128,256)' 'model.width=1.0' 'model.dense=(96,)'
+prints a progress table and one JSON object per (model, variant, lowering), the last line being
+the last one. Defaults are the config's training settings (`--model NAME` picks a zoo model's
+config, see MODEL_CONFIGS; otherwise --config); each `--variant` sets config keys as launch.py's
+`--config.KEY=VALUE` would (an empty one: the config as is). Warm-up (compilation) is excluded;
+every run is compiled first and their timed windows then alternate, so a load change on a shared
+machine hits them alike; each figure is the median of its windows.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import itertools
 import json
 import os
 import sys
@@ -87,6 +92,26 @@ def load_config(
   return config
 
 
+def apply_variant(config, settings: list[str]) -> None:
+  """Sets each `KEY=VALUE` of `settings` in `config` (KEY dotted, VALUE a Python literal or a
+  bare string), as `--config.KEY=VALUE` would on the command line of launch.py."""
+  for setting in settings:
+    key, sep, text = setting.partition('=')
+    if not sep or not key:
+      raise SystemExit(f'--variant {setting!r}: expected KEY=VALUE, e.g. model.width=0.5')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.split('.')
+    node = config
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise SystemExit(f'--variant {setting!r}: the config has no {key}')
+    node[leaf] = value
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', default='experiments/base.py')
@@ -102,6 +127,15 @@ def main() -> None:
     type=float,
     default=None,
     help='override config.model.width (vgg_fer: a multiplier; resnet18: channels)',
+  )
+  p.add_argument(
+    '--variant',
+    nargs='*',
+    action='append',
+    default=None,
+    metavar='KEY=VALUE',
+    help='one variant of each config per --variant (its KEY=VALUE settings; none: the config '
+    "as is), timed in alternation, e.g. --variant --variant 'model.blocks=(16,32,128,256)'",
   )
   p.add_argument('--size', type=int, default=None, help='model input size (default: config)')
   p.add_argument('--batch', type=int, default=None, help='global batch (default: config)')
@@ -159,7 +193,7 @@ def main() -> None:
     runtime.inline_cpu_dispatch()  # as launch.py does
   import numpy as np
 
-  from fer_jax import checkpointing, native, parallel
+  from fer_jax import checkpointing, models, native, parallel
   from fer_jax.models import layers
   from fer_jax.train import compile_steps, make_step_context, sums_factory
   from fer_jax.train_step import create_train_state, make_optimizer
@@ -168,57 +202,59 @@ def main() -> None:
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   runs = []
-  for label, path in paths:
-    for lowering in args.lowering or [None]:
-      config = load_config(
-        path,
-        size=args.size,
-        batch=args.batch,
-        dtype=args.dtype,
-        parallel=args.parallel,
-        augment='none' if args.no_augment else args.augment,
-        microbatch=args.microbatch,
-        width=args.width,
-      )
-      if lowering:
-        config.model.lowering = lowering
-      batch_size = config.train.batch_size
-      parallel.check_batch_size(batch_size)
-      ctx = make_step_context(
-        config, num_classes=7, weights=np.ones(7, np.float32), mean=0.5, std=0.25
-      )
-      tx = make_optimizer(config.train, steps_per_epoch=448)
-      state = jax.jit(
-        lambda: create_train_state(ctx, tx), out_shardings=parallel.replicated(mesh)
-      )()
-      steps = compile_steps(ctx, config.parallel, mesh)
-      # FER2013 images are 48x48; a larger model input is produced by the on-device resample.
-      host = [
-        {
-          'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
-          'label': rng.integers(0, 7, (batch_size,)).astype(np.int32),
-        }
-        for _ in range(4)
-      ]
-      batch_spec = {
-        'image': jax.ShapeDtypeStruct((batch_size, 48, 48, 1), np.uint8),
-        'label': jax.ShapeDtypeStruct((batch_size,), np.int32),
+  for (label, path), variant, lowering in itertools.product(
+    paths, args.variant or [[]], args.lowering or [None]
+  ):
+    config = load_config(
+      path,
+      size=args.size,
+      batch=args.batch,
+      dtype=args.dtype,
+      parallel=args.parallel,
+      augment='none' if args.no_augment else args.augment,
+      microbatch=args.microbatch,
+      width=args.width,
+    )
+    apply_variant(config, variant)
+    if lowering:
+      config.model.lowering = lowering
+    batch_size = config.train.batch_size
+    parallel.check_batch_size(batch_size)
+    ctx = make_step_context(
+      config, num_classes=7, weights=np.ones(7, np.float32), mean=0.5, std=0.25
+    )
+    tx = make_optimizer(config.train, steps_per_epoch=448)
+    state = jax.jit(lambda: create_train_state(ctx, tx), out_shardings=parallel.replicated(mesh))()
+    steps = compile_steps(ctx, config.parallel, mesh)
+    # FER2013 images are 48x48; a larger model input is produced by the on-device resample.
+    host = [
+      {
+        'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
+        'label': rng.integers(0, 7, (batch_size,)).astype(np.int32),
       }
-      fresh_sums = sums_factory(
-        ctx, checkpointing.abstract_like(state), batch_spec, config.parallel, mesh
-      )
-      runs.append(
-        {
-          'label': label or config.model.name,
-          'config': config,
-          'ctx': ctx,
-          'steps': steps,
-          'state': steps.prepare_state(state),
-          'host': host,
-          'fresh_sums': fresh_sums,
-          'rates': [],
-        }
-      )
+      for _ in range(4)
+    ]
+    batch_spec = {
+      'image': jax.ShapeDtypeStruct((batch_size, 48, 48, 1), np.uint8),
+      'label': jax.ShapeDtypeStruct((batch_size,), np.int32),
+    }
+    fresh_sums = sums_factory(
+      ctx, checkpointing.abstract_like(state), batch_spec, config.parallel, mesh
+    )
+    runs.append(
+      {
+        'zoo_name': label or config.model.name,
+        'label': ' '.join([label or config.model.name, *variant]),
+        'variant': variant,
+        'config': config,
+        'ctx': ctx,
+        'steps': steps,
+        'state': steps.prepare_state(state),
+        'host': host,
+        'fresh_sums': fresh_sums,
+        'rates': [],
+      }
+    )
 
   def run(r, n):
     state, steps = r['state'], r['steps']
@@ -255,7 +291,9 @@ def main() -> None:
       'augment': bool(config.augment.enabled),
       'augment_mode': 'none' if args.no_augment else args.augment,
       'model': config.model.name,
-      'zoo_name': r['label'],
+      'zoo_name': r['zoo_name'],
+      'variant': r['variant'],
+      'params': models.count_params(r['state'].params),
       'width': config.model.get('width'),
       'microbatch': r['ctx'].microbatch,
       'windows': [round(x, 1) for x in rates],

@@ -103,6 +103,42 @@ def test_train_throughput_times_zoo_models_in_alternation():
   ]
 
 
+def test_train_throughput_times_config_variants_in_alternation():
+  tiny = ['--size', '16', '--batch', '4', '--windows', '2', '--steps-per-window', '1']
+  out = _run_ok(
+    'train_throughput.py',
+    '--model',
+    'vgg_fer_compact',
+    '--variant',
+    'model.width=0.125',
+    '--variant',
+    'model.width=1.0',
+    'model.blocks=(4, 8, 8, 16)',
+    'model.dense=(8,)',
+    *tiny,
+  )
+  lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
+  assert [l['variant'] for l in lines] == [
+    ['model.width=0.125'],
+    ['model.width=1.0', 'model.blocks=(4, 8, 8, 16)', 'model.dense=(8,)'],
+  ]
+  assert [l['width'] for l in lines] == [0.125, 1.0]
+  # blocks 4/8/8/16 (conv 3x3 + bias, BatchNorm scale + bias): 48 + 156 + 312 + 600 + 600 +
+  # 600 + 1,200 + 2,352 = 5,868 in the convs, Dense 1*1*16 -> 8 (136) and the logits (63).
+  assert lines[1]['params'] == 6_067
+  order = [l.split(':')[0] for l in out.stderr.splitlines() if l.startswith('window ')]
+  assert order[:2] == [
+    'window 0 vgg_fer_compact model.width=0.125 auto',
+    'window 0 vgg_fer_compact model.width=1.0 model.blocks=(4, 8, 8, 16) model.dense=(8,) auto',
+  ]
+  bad = _run(
+    'train_throughput.py', '--model', 'vgg_fer_compact', '--variant', 'model.nope=1', *tiny
+  )
+  assert bad.returncode != 0 and "--variant 'model.nope=1': the config has no model.nope" in (
+    bad.stderr
+  )
+
+
 def test_forward_backward_prints_one_line_per_lowering():
   out = _run_ok(
     'forward_backward.py',
