@@ -106,10 +106,13 @@ def apply_variant(config, settings: list[str]) -> None:
     *parents, leaf = key.split('.')
     node = config
     for part in parents:
-      node = node[part]
-    if leaf not in node:
+      node = node.get(part) if hasattr(node, 'get') else None
+    if not hasattr(node, 'get') or leaf not in node:
       raise SystemExit(f'--variant {setting!r}: the config has no {key}')
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except TypeError as e:  # ml_collections keeps each field's type
+      raise SystemExit(f'--variant {setting!r}: {e}') from None
 
 
 def main() -> None:

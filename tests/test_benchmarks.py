@@ -131,12 +131,13 @@ def test_train_throughput_times_config_variants_in_alternation():
     'window 0 vgg_fer_compact model.width=0.125 auto',
     'window 0 vgg_fer_compact model.width=1.0 model.blocks=(4, 8, 8, 16) model.dense=(8,) auto',
   ]
-  bad = _run(
-    'train_throughput.py', '--model', 'vgg_fer_compact', '--variant', 'model.nope=1', *tiny
-  )
-  assert bad.returncode != 0 and "--variant 'model.nope=1': the config has no model.nope" in (
-    bad.stderr
-  )
+  for setting, error in [
+    ('model.nope=1', "--variant 'model.nope=1': the config has no model.nope"),
+    ('nope.width=1', "--variant 'nope.width=1': the config has no nope.width"),
+    ("model.blocks='x'", '--variant "model.blocks=\'x\'": '),
+  ]:
+    bad = _run('train_throughput.py', '--model', 'vgg_fer_compact', '--variant', setting, *tiny)
+    assert bad.returncode != 0 and error in bad.stderr and 'Traceback' not in bad.stderr
 
 
 def test_forward_backward_prints_one_line_per_lowering():
