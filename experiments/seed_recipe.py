@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.rotation_deg = 20.0
   c.augment.zoom = 0.2
   c.augment.shift = 0.2
+  c.augment.whole_pixels = False  # Keras' shifts are sub-pixel
   c.augment.standardize = 'none'
   c.train.schedule = 'constant'
   c.train.warmup_epochs = 0.0

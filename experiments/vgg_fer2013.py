@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   a.crop_fraction = 40 / 48
   a.crop_scale = (0.8, 1.2)
   a.shift = 0.1
+  a.whole_pixels = False  # sub-pixel shifts, as measured (base.py's are whole pixels)
   a.rotation_deg = 10.0
   a.erase_prob = 0.5
   a.standardize = 'dataset'

@@ -65,9 +65,16 @@ def test_results_json_shape(tmp_path):
 
 def test_pmap_equals_jit(tmp_path):
   # 12 steps an epoch: 14 steps cross the epoch boundary (a new shuffle, an evaluation).
-  jit = train.train_and_evaluate(tiny_config(max_steps=14), str(tmp_path / 'jit'))
-  cfg = tiny_config(max_steps=14)
-  cfg.parallel = 'pmap'
+  # Flips only: base.py's whole-pixel shifts repeat edge pixels, and the near-ties they make in
+  # the max-pools amplify the modes' reduction-order differences faster (bit-identical after one
+  # step, 2.5e-8 apart after 2, 9e-5 after 14).
+  def cfg_for(parallel):
+    c = tiny_config(max_steps=14)
+    c.parallel, c.augment.shift = parallel, 0.0
+    return c
+
+  jit = train.train_and_evaluate(cfg_for('jit'), str(tmp_path / 'jit'))
+  cfg = cfg_for('pmap')
   pmap = train.train_and_evaluate(cfg, str(tmp_path / 'pmap'))
   _, p_jit = final_params(tmp_path / 'jit')
   _, p_pmap = final_params(tmp_path / 'pmap')
