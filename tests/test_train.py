@@ -65,9 +65,9 @@ def test_results_json_shape(tmp_path):
 
 def test_pmap_equals_jit(tmp_path):
   # 12 steps an epoch: 14 steps cross the epoch boundary (a new shuffle, an evaluation).
-  # Flips only: base.py's whole-pixel shifts repeat edge pixels, and the near-ties they make in
-  # the max-pools amplify the modes' reduction-order differences faster (bit-identical after one
-  # step, 2.5e-8 apart after 2, 9e-5 after 14).
+  # Flips only: with base.py's whole-pixel shifts the two modes drift apart faster (bit-identical
+  # after one step, 2.5e-8 apart after 2, 9e-5 after 14; sub-pixel shifts: 3e-7 after 14),
+  # presumably through max-pool near-ties over the repeated edge pixels.
   def cfg_for(parallel):
     c = tiny_config(max_steps=14)
     c.parallel, c.augment.shift = parallel, 0.0
