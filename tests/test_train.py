@@ -66,8 +66,8 @@ def test_results_json_shape(tmp_path):
 def test_pmap_equals_jit(tmp_path):
   # 12 steps an epoch: 14 steps cross the epoch boundary (a new shuffle, an evaluation).
   # Flips only: with base.py's whole-pixel shifts the two modes drift apart faster (bit-identical
-  # after one step, 2.5e-8 apart after 2, 9e-5 after 14; sub-pixel shifts: 3e-7 after 14),
-  # presumably through max-pool near-ties over the repeated edge pixels.
+  # after one step, 9e-5 apart after 14; sub-pixel shifts: 3e-7), presumably through max-pool
+  # near-ties over the repeated edge pixels (benchmarks/README.md, thirteenth session).
   def cfg_for(parallel):
     c = tiny_config(max_steps=14)
     c.parallel, c.augment.shift = parallel, 0.0
