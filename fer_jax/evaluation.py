@@ -34,8 +34,8 @@ from fer_jax.errors import ConfigError, FerJaxError
 from fer_jax.train_step import map_batch
 
 TTA_MODES = ('none', 'flip', 'tencrop')
-# Ten-crop side as a fraction of the image side for a model trained without crops: 42 of 48,
-# the usual choice for FER2013.
+# The usual FER2013 ten-crop, 42 of 48 px: for a model trained without crops its corner and
+# centre offsets (+-3 px at 48) become shifts of the whole face (tta_views).
 TENCROP_FRACTION = 42 / 48
 
 
@@ -47,10 +47,14 @@ def check_tta(tta: str) -> None:
 def tta_views(
   tta: str, height: int, width: int, crop_fraction: float = 0.0
 ) -> tuple[int, int, np.ndarray]:
-  """The views of one TTA mode as (crop_h, crop_w, int32 (V, 3) rows of [top, left, flip]).
+  """The views of one TTA mode as (view_h, view_w, int32 (V, 3) rows of [top, left, flip]).
 
-  Ten-crop cuts the model's evaluation crop (`crop_fraction`, as `augment.crop_side`), else
-  TENCROP_FRACTION of the side.
+  Ten-crop of a crop-trained model cuts its evaluation crop (`crop_fraction`, as
+  `augment.crop_side`) at the corners and the centre. A model trained on the whole face sees
+  the whole face at the same ten offsets: views of the full side, cut from the image with its
+  edges repeated out to the offsets (`padding`), i.e. the face shifted by up to half the margin
+  a TENCROP_FRACTION crop leaves (+-3 px at 48, the training shifts' fill), never resized to a
+  scale training did not show.
   """
   check_tta(tta)
   if tta == 'none':
@@ -61,8 +65,18 @@ def tta_views(
   ch, cw = augment.crop_side(height, crop), augment.crop_side(width, crop)
   dy, dx = height - ch, width - cw
   corners = [(0, 0), (0, dx), (dy, 0), (dy, dx), (dy // 2, dx // 2)]
-  rows = [(y, x, f) for f in (0, 1) for y, x in corners]
-  return ch, cw, np.array(rows, np.int32)
+  rows = np.array([(y, x, f) for f in (0, 1) for y, x in corners], np.int32)
+  return (ch, cw, rows) if crop_fraction else (height, width, rows)
+
+
+def padding(height: int, width: int, view_h: int, view_w: int, views: np.ndarray) -> tuple:
+  """((top, bottom), (left, right)) edge padding the `tta_views` rows need: none when every
+  view lies inside the image, else the overhang split evenly (the whole-face ten-crop)."""
+  pads = []
+  for side, n, offsets in ((view_h, height, views[:, 0]), (view_w, width, views[:, 1])):
+    over = max(0, side + int(offsets.max()) - n)
+    pads.append((over // 2, over - over // 2))
+  return tuple(pads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +121,9 @@ def _scores(spec: EvalSpec, variables: Any, images: jax.Array) -> tuple[jax.Arra
   # Ten-crop views are already the model's crops: preprocessing must not crop them again.
   view_cfg = cfg if whole else ml_collections.ConfigDict({**cfg.to_dict(), 'crop_fraction': 0.0})
   pixels = images.astype(jnp.float32)  # crops and resizes in [0, 255]; preprocess rescales
+  pad_y, pad_x = padding(h, w, ch, cw, views)
+  if pad_y != (0, 0) or pad_x != (0, 0):
+    pixels = jnp.pad(pixels, ((0, 0), pad_y, pad_x, (0, 0)), mode='edge')
 
   def view(row: jax.Array) -> jax.Array:
     crop = jax.lax.dynamic_slice(pixels, (0, row[0], row[1], 0), (b, ch, cw, c))

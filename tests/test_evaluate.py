@@ -6,13 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from fer_jax import evaluate, evaluation, trained_model
+from experiments import cpu_budget
+from fer_jax import evaluate, evaluation, models, trained_model
 from fer_jax.data.types import FER2013_CLASSES
 from fer_jax.errors import ConfigError, FerJaxError
 from tests.conftest import REPO
@@ -33,13 +36,20 @@ def _probs_fn(trained, tta):
 
 
 def test_tta_views_geometry():
-  ch, cw, views = evaluation.tta_views('tencrop', 48, 48)
+  ch, cw, views = evaluation.tta_views('tencrop', 48, 48, 42 / 48)
   assert (ch, cw) == (42, 42)
   assert len({tuple(v) for v in views}) == 10
   assert {(y, x) for y, x, _ in views} == {(0, 0), (0, 6), (6, 0), (6, 6), (3, 3)}
   assert sorted(views[:, 2]) == [0] * 5 + [1] * 5
+  assert evaluation.padding(48, 48, ch, cw, views) == ((0, 0), (0, 0))
   assert evaluation.tta_views('flip', 48, 48)[2].tolist() == [[0, 0, 0], [0, 0, 1]]
-  assert evaluation.tta_views('tencrop', 150, 150)[:2] == (131, 131)
+  assert evaluation.tta_views('tencrop', 150, 150, 40 / 48)[:2] == (125, 125)
+  # Trained without crops: whole-face views at the same offsets, from the edge-padded image.
+  ch, cw, whole = evaluation.tta_views('tencrop', 48, 48)
+  assert (ch, cw) == (48, 48) and whole.tolist() == views.tolist()
+  assert evaluation.padding(48, 48, ch, cw, whole) == ((3, 3), (3, 3))
+  ch, cw, whole = evaluation.tta_views('tencrop', 150, 150)  # 131-px offsets: 0, 9, 19
+  assert (ch, cw) == (150, 150) and evaluation.padding(150, 150, ch, cw, whole) == ((9, 10),) * 2
   with pytest.raises(ConfigError, match='tta'):
     evaluation.tta_views('fivecrop', 48, 48)
 
@@ -101,19 +111,45 @@ def test_flip_averages_image_and_mirror(trained, private_test):
   np.testing.assert_allclose(np.asarray(flip(trained.variables, images)), expected, atol=1e-6)
 
 
-def test_tencrop_averages_the_ten_static_crops(trained, private_test):
+def test_tencrop_averages_ten_shifted_whole_faces(trained, private_test):
+  # The fixture's model trained on whole faces: its ten views are the face shifted by the ten
+  # crops' offsets (+-3 px, edges repeated as the training shifts do) and mirrored, not resized.
+  assert not trained.config.augment.get('crop_fraction', 0.0)
   images = private_test.images[:8]
   none = jax.jit(_probs_fn(trained, 'none'))
   tencrop = jax.jit(_probs_fn(trained, 'tencrop'))
-  pixels = images.astype(np.float32)
+  padded = np.pad(images.astype(np.float32), ((0, 0), (3, 3), (3, 3), (0, 0)), mode='edge')
   total = 0
   for top, left in ((0, 0), (0, 6), (6, 0), (6, 6), (3, 3)):
-    crop = jax.image.resize(pixels[:, top : top + 42, left : left + 42], (8, 48, 48, 1), 'linear')
+    crop = padded[:, top : top + 48, left : left + 48]
     for view in (crop, crop[:, :, ::-1]):
       total = total + np.asarray(none(trained.variables, view))
   np.testing.assert_allclose(np.asarray(tencrop(trained.variables, images)), total / 10, atol=1e-5)
   # And the views differ: ten-crop is not the plain prediction.
   assert not np.allclose(total / 10, np.asarray(none(trained.variables, images)), atol=1e-4)
+
+
+def test_tencrop_of_a_crop_trained_model_cuts_its_crops():
+  # A crop-trained model (cpu_budget.py's 44 of 48 px): the ten views are its crops at the
+  # corners and the centre and their mirrors, neither padded nor resized.
+  config = cpu_budget.get_config()
+  config.model.width = 0.125
+  model = models.get_model(config.model, 7)
+  variables = model.init(jax.random.key(0), np.zeros((1, 44, 44, 1), np.float32), train=False)
+  spec = evaluation.EvalSpec(model, config.augment, 44, 7, mean=128.0, std=64.0)
+  images = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1), np.uint8)
+  tencrop = jax.jit(functools.partial(evaluation.probabilities, replace(spec, tta='tencrop')))
+  # The reference applies the model to the views as given (no centre crop of them).
+  uncropped = ml_collections.ConfigDict({**config.augment.to_dict(), 'crop_fraction': 0.0})
+  whole = replace(spec, augment_cfg=uncropped)
+  none = jax.jit(functools.partial(evaluation.probabilities, whole))
+  pixels = images.astype(np.float32)
+  views = []
+  for top, left in ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2)):
+    crop = pixels[:, top : top + 44, left : left + 44]
+    views += [np.asarray(none(variables, v)) for v in (crop, crop[:, :, ::-1])]
+  np.testing.assert_allclose(np.asarray(tencrop(variables, images)), np.mean(views, 0), atol=1e-7)
+  assert np.abs(views[0] - views[3]).max() > 1e-5  # the views differ beyond the tolerance
 
 
 def _write_class_folders(root, split, limit=None):
