@@ -11,7 +11,8 @@ augmentation with SGD learnt slower; at 42-45 epochs random erasing + rotations 
 SGD-Nesterov tied with it on PublicTest, as did whole-pixel shifts on top of the crops, within
 the 0.5 points two seeds of it differ by; AdamW-sized decay with label smoothing did no better,
 and mixup (alpha 0.2) and the whole 48-px face with shifts instead of crops did worse; a
-moving average of the weights reached the same PublicTest plateau sooner, no higher:
+moving average of the weights, alone or with erasing + rotations, reached the same PublicTest
+plateau sooner, no higher:
 benchmarks/README.md); adamw 1e-3, one epoch of warmup, cosine decay at batch 64 over as many
 epochs as the hour holds on the machine it runs on
 (`train.time_budget_min`, up to 45; the run logs and records the number). Selected on
