@@ -69,7 +69,9 @@ def tta_views(
   return (ch, cw, rows) if crop_fraction else (height, width, rows)
 
 
-def padding(height: int, width: int, view_h: int, view_w: int, views: np.ndarray) -> tuple:
+def padding(
+  height: int, width: int, view_h: int, view_w: int, views: np.ndarray
+) -> tuple[tuple[int, int], tuple[int, int]]:
   """((top, bottom), (left, right)) edge padding the `tta_views` rows need: none when every
   view lies inside the image, else the overhang split evenly (the whole-face ten-crop)."""
   pads = []
