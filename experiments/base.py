@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # 'float32' | 'bfloat16' compute dtype
   c.model.dropout = (0.1, 0.1, 0.25)  # the seed's rates: (0.25, 0.25, 0.5)
   c.model.lowering = 'auto'  # 'auto' | 'xla' | 'dot' | 'native' (conv + pooling lowering)
+  # 'float32' | 'bfloat16': the convs' products (bfloat16: on the C++ kernels, AVX512-BF16 CPUs)
+  c.model.conv_precision = 'float32'
 
   c.augment = ml_collections.ConfigDict()
   c.augment.enabled = True

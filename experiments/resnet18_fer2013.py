@@ -18,7 +18,15 @@ from experiments import vgg_fer2013
 def get_config() -> ml_collections.ConfigDict:
   c = vgg_fer2013.get_config()
   c.model = ml_collections.ConfigDict(
-    dict(name='resnet18', image_size=40, width=64, dropout=0.0, dtype='float32', lowering='auto')
+    dict(
+      name='resnet18',
+      image_size=40,
+      width=64,
+      dropout=0.0,
+      dtype='float32',
+      lowering='auto',
+      conv_precision='float32',
+    )
   )
   a = c.augment
   a.shift = 0.0

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
       dropout=0.2,
       dtype='float32',
       lowering='auto',
+      conv_precision='float32',
     )
   )
   a = c.augment

@@ -1,7 +1,9 @@
 // A driver for fer_jax/native/conv_kernels.cc built with AddressSanitizer and UBSan
 // (tests/test_native.py): random shapes, every entry point, exact-size heap buffers (so a read
 // or write one float past an edge is caught), serial and on three threads; the results are
-// compared with a naive double-precision reference. Prints "ok <cases>" or exits non-zero.
+// compared with a naive double-precision reference. Every other pair of cases asks for the
+// bfloat16 products: the inputs are multiples of 1/8 in [-1, 1], exact in bfloat16, so the
+// same reference holds. Prints "ok <cases>" or exits non-zero.
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -77,9 +79,12 @@ int main(int argc, char** argv) {
     auto k = std::make_unique<float[]>(nk);
     auto y = std::make_unique<float[]>(ny);
     auto dk = std::make_unique<float[]>(nk);
+    auto g = std::make_unique<float[]>(ny);
     for (int64_t i = 0; i < nx; ++i) x[i] = static_cast<float>(pick(-8, 8)) / 8;
     for (int64_t i = 0; i < nk; ++i) k[i] = static_cast<float>(pick(-8, 8)) / 8;
+    for (int64_t i = 0; i < ny; ++i) g[i] = static_cast<float>(pick(-8, 8)) / 8;
     const ParallelFor pf = (it % 3 == 0) ? ParallelFor(Serial) : ParallelFor(ThreeThreads);
+    const bool bf16 = (it / 2) % 2 == 1;
 
     std::vector<double> y_ref(ny, 0.0), dk_ref(nk, 0.0);
     auto X = [&](int64_t b, int64_t p, int64_t q, int64_t ch) {
@@ -96,10 +101,10 @@ int main(int argc, char** argv) {
                   acc += X(b, p + i, q + j, ch) * k[((i * s.kw + j) * s.c + ch) * s.o + f];
             y_ref[((b * oh + p) * ow + q) * s.o + f] = acc;
           }
-    fer_jax::ConvForward(s, x.get(), k.get(), y.get(), pf);
+    fer_jax::ConvForward(s, x.get(), k.get(), y.get(), pf, bf16);
     if (!Close(y.get(), y_ref, "ConvForward", s)) return 1;
 
-    // Kernel gradient with dy = y (the reference uses the same float values).
+    // Kernel gradient with dy = g.
     for (int64_t b = 0; b < s.n; ++b)
       for (int64_t p = 0; p < oh; ++p)
         for (int64_t q = 0; q < ow; ++q)
@@ -108,17 +113,18 @@ int main(int argc, char** argv) {
               for (int64_t ch = 0; ch < s.c; ++ch)
                 for (int64_t f = 0; f < s.o; ++f)
                   dk_ref[((i * s.kw + j) * s.c + ch) * s.o + f] +=
-                    X(b, p + i, q + j, ch) * y[((b * oh + p) * ow + q) * s.o + f];
-    fer_jax::ConvKernelGrad(s, x.get(), y.get(), dk.get(), pf);
+                    X(b, p + i, q + j, ch) * g[((b * oh + p) * ow + q) * s.o + f];
+    fer_jax::ConvKernelGrad(s, x.get(), g.get(), dk.get(), pf, bf16);
     if (!Close(dk.get(), dk_ref, "ConvKernelGrad", s)) return 1;
 
     if (oh % 2 == 0 && ow % 2 == 0) {
       const int64_t np = s.n * (oh / 2) * (ow / 2) * s.o;
       auto pooled = std::make_unique<float[]>(np);
       auto code = std::make_unique<uint8_t[]>(np);
-      fer_jax::ConvPoolForward(s, x.get(), k.get(), pooled.get(), code.get(), pf);
+      fer_jax::ConvPoolForward(s, x.get(), k.get(), pooled.get(), code.get(), pf, bf16);
       // Each pooled value is its window's maximum and its code points at it; the pooled kernel
-      // gradient equals the dense one on dy = pooled at the winners, else 0.
+      // gradient equals the dense one on dy = pooled at the winners, else 0 (with bf16 both
+      // round the same values).
       double scale = 1e-12;
       for (double v : y_ref) scale = std::max(scale, std::fabs(v));
       std::vector<float> dy(ny, 0.0f);
@@ -143,8 +149,8 @@ int main(int argc, char** argv) {
               dy[yi] = pooled[i];
             }
       auto dk_dense = std::make_unique<float[]>(nk);
-      fer_jax::ConvKernelGrad(s, x.get(), dy.data(), dk_dense.get(), pf);
-      fer_jax::ConvKernelGradPooled(s, x.get(), pooled.get(), code.get(), dk.get(), pf);
+      fer_jax::ConvKernelGrad(s, x.get(), dy.data(), dk_dense.get(), pf, bf16);
+      fer_jax::ConvKernelGradPooled(s, x.get(), pooled.get(), code.get(), dk.get(), pf, bf16);
       std::vector<double> want(dk_dense.get(), dk_dense.get() + nk);
       if (!Close(dk.get(), want, "ConvKernelGradPooled", s)) return 1;
     }

@@ -219,6 +219,11 @@ def test_conv_kernels_benchmark_prints_a_row_per_shape():
   rows = _last_json(out.stdout)['rows']
   assert [r['row'] for r in rows] == ['c2f48', 'c1dk48']
   assert all(r['native_ms'] > 0 and r['xla_ms'] > 0 for r in rows)
+  out = _run_ok('conv_kernels.py', '--reps', '1', '--only', 'v3f11,v3dk11', '--against', 'bf16')
+  result = _last_json(out.stdout)
+  assert [r['row'] for r in result['rows']] == ['v3f11', 'v3dk11']
+  assert all(r['native_ms'] > 0 and r['bf16_ms'] > 0 for r in result['rows'])
+  assert result['bf16_products'] == native.bf16_products()
 
 
 def test_ablations_report_each_variant_against_the_default():

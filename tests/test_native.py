@@ -216,6 +216,82 @@ def test_conv_under_vmap():
   )
 
 
+def _rand(shape, seed) -> np.ndarray:
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _bf16(a) -> np.ndarray:
+  """a rounded to bfloat16 (to nearest even), as float64."""
+  return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def _conv64(x, k):
+  """The 'VALID' conv in float64 (x (N, H, W, C), k (kh, kw, C, O))."""
+  kh, kw = k.shape[:2]
+  oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  return sum(
+    np.einsum('nhwc,co->nhwo', x[:, i : i + oh, j : j + ow], k[i, j])
+    for i in range(kh)
+    for j in range(kw)
+  )
+
+
+def _kernel_grad64(x, dy, kh, kw):
+  oh, ow = dy.shape[1:3]
+  return np.stack(
+    [
+      np.stack([np.einsum('nhwc,nhwo->co', x[:, i : i + oh, j : j + ow], dy) for j in range(kw)])
+      for i in range(kh)
+    ]
+  )
+
+
+@needs_native
+@pytest.mark.parametrize('x_shape, k_shape', SHAPES)
+def test_bf16_products_are_those_of_the_rounded_operands(x_shape, k_shape):
+  """bf16=True: the forward conv (where kw * C is even) and the kernel gradient (always) equal
+  the float64 sums of the products of the bfloat16-rounded operands, to float32 summation
+  error, and differ from the float32 products by more than that. Where the CPU has no
+  AVX512-BF16 the flag changes nothing."""
+  x = _rand(x_shape, 0)
+  k = _rand(k_shape, 1)
+  kh, kw, c, _ = k_shape
+  y32 = native.conv(x, k)
+  dy = _rand(y32.shape, 2)
+  y, dk = native.conv(x, k, bf16=True), native.conv_kernel_grad(x, dy, (kh, kw), bf16=True)
+  dk32 = native.conv_kernel_grad(x, dy, (kh, kw))
+  if not native.bf16_products():
+    np.testing.assert_array_equal(y, y32)
+    np.testing.assert_array_equal(dk, dk32)
+    return
+  if kw * c % 2:  # odd reductions stay float32
+    np.testing.assert_array_equal(y, y32)
+  else:
+    want = _conv64(_bf16(x), _bf16(k))
+    _assert_close(y, want)
+    assert not np.allclose(y32, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  want = _kernel_grad64(_bf16(x), _bf16(dy), kh, kw)
+  _assert_close(dk, want)
+  assert not np.allclose(dk32, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@needs_native
+@pytest.mark.parametrize('x_shape, k_shape', POOL_SHAPES)
+def test_bf16_fused_pool_and_its_kernel_gradient(x_shape, k_shape):
+  """The fused conv + pool with bf16 pools the bf16 conv, and its pooled kernel gradient equals
+  the dense bf16 kernel gradient of the unpooled dy."""
+  x, k = _rand(x_shape, 3), _rand(k_shape, 4)
+  kh, kw = k_shape[:2]
+  pooled, code = native.conv_pool(x, k, bf16=True)
+  y = native.conv(x, k, bf16=True)
+  n, oh, ow, o = y.shape
+  windows = np.asarray(y).reshape(n, oh // 2, 2, ow // 2, 2, o).max(axis=(2, 4))
+  np.testing.assert_array_equal(pooled, windows)
+  d_pooled = _rand(pooled.shape, 5)
+  dense = native.conv_kernel_grad(x, native.unpool_grad(d_pooled, code), (kh, kw), bf16=True)
+  _assert_close(native.conv_kernel_grad_pooled(x, d_pooled, code, (kh, kw), bf16=True), dense)
+
+
 def _cpu_flags() -> set[str]:
   try:
     lines = open('/proc/cpuinfo').read().splitlines()

@@ -81,6 +81,8 @@ def test_builders_validate_their_own_options():
     models.get_model({'name': 'vgg_fer', 'blocks': (64, 0)}, 7)
   with pytest.raises(ConfigError, match=r'config.model.blocks=\(\)'):
     models.get_model({'name': 'vgg_fer', 'blocks': ()}, 7)
+  with pytest.raises(ConfigError, match=r"config.model.conv_precision='float16'"):
+    models.get_model({'name': 'resnet18', 'conv_precision': 'float16'}, 7)
   # Fewer blocks, fewer pools: 12 px is enough for three.
   models.get_model({'name': 'vgg_fer', 'blocks': (8, 8, 8), 'image_size': 12}, 7)
   # A zoo config with a single dropout rate passes the cross-cutting checks.
@@ -177,6 +179,95 @@ def test_jitted_vgg_gradient_matches_the_xla_lowering():
     if path[-1].key == 'kernel':  # (a conv bias before BatchNorm has a zero gradient: noise)
       error = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
       assert error < 0.02, (jax.tree_util.keystr(path), error)  # float32 near-ties flip: < 1 %
+
+
+def _bf16(a):
+  return jnp.asarray(a, jnp.bfloat16).astype(jnp.float32)
+
+
+@_needs_native
+def test_bf16_conv_precision_rounds_the_operands_of_all_three_convs():
+  """A 'SAME' conv layer with conv_precision='bfloat16': the output, the kernel gradient and
+  the input gradient are float32 sums of products of bfloat16-rounded operands (x, kernel, dy)
+  where the CPU has the bfloat16 products, the float32 ones elsewhere."""
+  x = _rand((2, 9, 10, 6), 0)
+  conv = layers.Conv(24, 3, lowering='native', conv_precision='bfloat16')
+  params = conv.init(jax.random.key(1), x)
+  dy = _rand((2, 9, 10, 24), 3)
+  rnd = _bf16 if native.bf16_products() else (lambda a: a)
+
+  def ref(p, x):
+    y = lax.conv_general_dilated(
+      x,
+      p['params']['kernel'],
+      (1, 1),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=lax.Precision.HIGHEST,
+    )
+    return y + p['params']['bias']
+
+  rounded = jax.tree.map(rnd, params)
+  np.testing.assert_allclose(conv.apply(params, x), ref(rounded, rnd(x)), rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda p, x: jnp.sum(conv.apply(p, x) * dy), argnums=(0, 1))(params, x)
+  # The gradients of the rounded operands, with dy rounded too (the bias's: plain dy).
+  want = jax.grad(lambda p, x: jnp.sum(ref(p, x) * rnd(dy)), argnums=(0, 1))(rounded, rnd(x))
+  for a, b in ((grads[0]['params']['kernel'], want[0]['params']['kernel']), (grads[1], want[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+  np.testing.assert_allclose(grads[0]['params']['bias'], dy.sum((0, 1, 2)), rtol=1e-5)
+
+
+@_needs_native
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_bf16_conv_precision_keeps_the_network_close_to_float32(dtype):
+  """conv_precision='bfloat16' (and a bfloat16 model, whose convs now run on the C++ kernels
+  too): the same parameters, logits within bfloat16 rounding of float32's, and conv kernel
+  gradients pointing the same way (at initialisation BatchNorm leaves the early layers'
+  gradients small differences of large terms, so their relative error reaches ~25 %)."""
+  x = _rand((16, 40, 40, 1), 0)
+  labels = jnp.arange(16) % 7
+  grads, logits = {}, {}
+  for precision in ('float32', 'bfloat16'):
+    model = models.get_model(
+      {
+        'name': 'vgg_fer',
+        'image_size': 40,
+        'blocks': (8, 16, 16, 32),
+        'dense': (16,),
+        'dropout': 0.0,
+        'lowering': 'native',
+        'dtype': dtype if precision == 'bfloat16' else 'float32',
+        'conv_precision': precision,
+      },
+      7,
+    )
+    variables = model.init(jax.random.key(2), x, train=False)
+    logits[precision] = model.apply(variables, x, train=False)
+
+    def loss(params, model=model, variables=variables):
+      out, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return -jnp.mean(jax.nn.log_softmax(out)[jnp.arange(16), labels])
+
+    grads[precision] = jax.jit(jax.grad(loss))(variables['params'])
+  scale = float(jnp.abs(logits['float32']).max())
+  np.testing.assert_allclose(logits['bfloat16'], logits['float32'], atol=0.03 * scale)
+  assert jax.tree.structure(grads['float32']) == jax.tree.structure(grads['bfloat16'])
+  differ = False
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(grads['bfloat16']), jax.tree.leaves(grads['float32'])
+  ):
+    assert a.dtype == jnp.float32
+    if path[-1].key == 'kernel':
+      cosine = float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+      assert cosine > 0.9, (jax.tree_util.keystr(path), cosine)
+      differ |= cosine < 1 - 1e-6
+  assert differ == (native.bf16_products() or dtype == 'bfloat16')
+
+
+def test_bf16_conv_precision_says_where_it_cannot_take_effect(caplog):
+  layers._NOTICED.clear()
+  models.get_model({'name': 'vgg_fer', 'lowering': 'xla', 'conv_precision': 'bfloat16'}, 7)
+  assert "the 'xla' lowering has no bfloat16 conv kernels" in caplog.text
 
 
 def test_evaluation_pads_small_batches_in_the_dense_head_without_changing_the_logits():

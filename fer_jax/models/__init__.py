@@ -58,6 +58,17 @@ def _lowering(model_cfg: Any) -> str:
   return name
 
 
+def _conv_precision(model_cfg: Any) -> str:
+  name = model_cfg.get('conv_precision', 'float32')
+  if name not in layers.CONV_PRECISIONS:
+    raise ConfigError(
+      f'config.model.conv_precision={name!r}: expected one of {list(layers.CONV_PRECISIONS)}'
+    )
+  if name == 'bfloat16':
+    layers.notice_conv_precision(model_cfg.get('lowering', 'auto'))
+  return name
+
+
 def _rate(value: Any, what: str) -> float:
   try:
     rate = float(value)
@@ -84,6 +95,7 @@ def _seed_cnn(model_cfg: Any, num_classes: int) -> nn.Module:
     dropout=tuple(_rate(r, 'dropout') for r in rates),
     dtype=_dtype(model_cfg),
     lowering=_lowering(model_cfg),
+    conv_precision=_conv_precision(model_cfg),
   )
 
 
@@ -104,6 +116,7 @@ def _vgg_fer(model_cfg: Any, num_classes: int) -> nn.Module:
     dropout=_rate(model_cfg.get('dropout', 0.2), 'dropout'),
     dtype=_dtype(model_cfg),
     lowering=_lowering(model_cfg),
+    conv_precision=_conv_precision(model_cfg),
   )
 
 
@@ -119,6 +132,7 @@ def _resnet18(model_cfg: Any, num_classes: int) -> nn.Module:
     dropout=_rate(model_cfg.get('dropout', 0.0), 'dropout'),
     dtype=_dtype(model_cfg),
     lowering=_lowering(model_cfg),
+    conv_precision=_conv_precision(model_cfg),
   )
 
 

@@ -36,6 +36,11 @@ from jax import lax
 from fer_jax import native
 
 LOWERINGS: tuple[str, ...] = ('auto', 'xla', 'dot', 'native')
+# The products of the convs: 'bfloat16' rounds both operands to bfloat16 and sums in float32,
+# in the C++ kernels' forward conv and both gradients (two products per instruction on CPUs
+# with AVX512-BF16). It takes effect on the 'native' lowering where `native.bf16_products()`;
+# elsewhere the products stay float32 (`notice_conv_precision` says so once).
+CONV_PRECISIONS: tuple[str, ...] = ('float32', 'bfloat16')
 
 
 def backend() -> str:
@@ -66,6 +71,21 @@ def resolve_lowering(lowering: str) -> str:
       )
     return 'xla'
   return lowering
+
+
+def notice_conv_precision(lowering: str) -> None:
+  """Logs once where conv_precision='bfloat16' cannot take effect (float32 products instead)."""
+  resolved = resolve_lowering(lowering)
+  if resolved == 'native' and native.bf16_products():
+    return
+  why = (
+    f'the {resolved!r} lowering has no bfloat16 conv kernels'
+    if resolved != 'native'
+    else 'this CPU has no AVX512-BF16'
+  )
+  if why not in _NOTICED:
+    _NOTICED.add(why)
+    logging.warning("conv_precision='bfloat16': %s; the convs' products stay float32", why)
 
 
 def _pool_windows(y: jax.Array) -> jax.Array:
@@ -129,12 +149,12 @@ def _im2col_conv_grads(
   return patches_vjp(d_patches)[0], d_kernel
 
 
-def _conv_relu_pool_fwd(x, kernel, bias, method):
+def _conv_relu_pool_fwd(x, kernel, bias, method, bf16=False):
   xc = crop_for_pool(x, kernel.shape[0])
   if method == 'direct':
     # The C++ kernel pools as it convolves: the conv output never leaves the cache, and the
     # pool's winners come back as a one-byte code per pooled value.
-    pooled, winners = native.conv_pool(xc, kernel)
+    pooled, winners = native.conv_pool(xc, kernel, bf16)
     patches = None
   else:
     y, patches = _im2col_conv(xc, kernel)
@@ -146,7 +166,7 @@ def _conv_relu_pool_fwd(x, kernel, bias, method):
   return out, (x, patches, kernel, bias, winners, pooled)
 
 
-def _conv_relu_pool_bwd(method, res, d_out):
+def _conv_relu_pool_bwd(method, bf16, res, d_out):
   x, patches, kernel, bias, winners, pooled = res
   # The pool's gradient is a mask: the window's max, if it survives the relu, takes d_out.
   d_pooled = jnp.where(pooled + bias > 0, d_out, 0).astype(pooled.dtype)
@@ -154,8 +174,8 @@ def _conv_relu_pool_bwd(method, res, d_out):
   if method == 'direct':
     # The first max of each window takes the gradient. The kernel gradient expands it in
     # cache; only the input gradient needs dy itself (and XLA drops it for the first layer).
-    d_kernel = native.conv_kernel_grad_pooled(crop(x), d_pooled, winners, kernel.shape[:2])
-    d_xc = native.conv_input_grad(native.unpool_grad(d_pooled, winners), kernel)
+    d_kernel = native.conv_kernel_grad_pooled(crop(x), d_pooled, winners, kernel.shape[:2], bf16)
+    d_xc = native.conv_input_grad(native.unpool_grad(d_pooled, winners), kernel, (0, 0), bf16)
   else:
     y = winners  # every element equal to its window's max (ties: all of them)
     winner = _pool_windows(y) == pooled[:, :, None, :, None, :]
@@ -165,15 +185,15 @@ def _conv_relu_pool_bwd(method, res, d_out):
   return d_x, d_kernel, jnp.sum(d_pooled, axis=(0, 1, 2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def conv_relu_pool(
-  x: jax.Array, kernel: jax.Array, bias: jax.Array, method: str = 'im2col'
+  x: jax.Array, kernel: jax.Array, bias: jax.Array, method: str = 'im2col', bf16: bool = False
 ) -> jax.Array:
   """max_pool_2x2(relu(conv(x, kernel) + bias)) with a hand-written gradient.
 
   `method` computes the conv: 'im2col' (patches + one XLA matmul) or 'direct' (the C++
   kernels of `fer_jax.native`, float32 on the CPU backend, no patch matrix, the pool fused
-  into the forward conv).
+  into the forward conv; `bf16`: its bfloat16 products, see `native_conv`).
 
   Why the custom VJP: differentiating `jnp.max` makes JAX count the ties in every window
   (compare, convert, sum, divide) and XLA:CPU spends longer on that than on the conv's
@@ -182,7 +202,7 @@ def conv_relu_pool(
   max is unique, which holds for real-valued activations except exact ties; at a tie 'direct'
   picks the first maximum as `nn.max_pool` does, 'im2col' passes the gradient to every tie.
   """
-  return _conv_relu_pool_fwd(x, kernel, bias, method)[0]
+  return _conv_relu_pool_fwd(x, kernel, bias, method, bf16)[0]
 
 
 conv_relu_pool.defvjp(_conv_relu_pool_fwd, _conv_relu_pool_bwd)
@@ -196,8 +216,9 @@ class ConvReluPool(nn.Module):
 
   'xla' is the straightforward path: lax.conv, bias, relu, nn.max_pool. 'dot' and 'native'
   compute the same numbers with `conv_relu_pool`: the rows the pool would drop are cropped, the
-  conv is one im2col matmul ('dot') or the C++ direct kernels ('native', float32 only: a
-  bfloat16 model uses im2col), the pool a reshape + max, and the gradient is written by hand.
+  conv is one im2col matmul ('dot') or the C++ direct kernels ('native', float32 models only: a
+  bfloat16 one uses im2col; conv_precision='bfloat16' gives their bfloat16 products), the pool a
+  reshape + max, and the gradient is written by hand.
   """
 
   features: int
@@ -205,6 +226,7 @@ class ConvReluPool(nn.Module):
   lowering: str = 'auto'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_precision: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -222,7 +244,8 @@ class ConvReluPool(nn.Module):
       return max_pool_2x2(nn.relu(y + bias), 'xla')
     # The C++ kernels are float32; a bfloat16 model computes its convs by im2col.
     direct = lowering == 'native' and x.dtype == jnp.float32
-    return conv_relu_pool(x, kernel, bias, 'direct' if direct else 'im2col')
+    bf16 = direct and self.conv_precision == 'bfloat16'
+    return conv_relu_pool(x, kernel, bias, 'direct' if direct else 'im2col', bf16)
 
 
 def _same_padding(k: int) -> tuple[int, int]:
@@ -234,23 +257,32 @@ def _pad_hw(x: jax.Array, pad: tuple[int, int]) -> jax.Array:
   return jnp.pad(x, ((0, 0), pad, pad, (0, 0))) if any(pad) else x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def native_conv(x: jax.Array, kernel: jax.Array, pad: tuple[int, int] = (0, 0)) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def native_conv(
+  x: jax.Array, kernel: jax.Array, pad: tuple[int, int] = (0, 0), bf16: bool = False
+) -> jax.Array:
   """Stride-1 conv of the zero-padded input on the C++ kernels, with a hand-written gradient
   (the kernel gradient and the input gradient are the C++ kernels too; XLA:CPU's own conv
-  gradients are several times slower)."""
-  return native.conv(_pad_hw(x, pad), kernel)
+  gradients are several times slower).
+
+  bf16 (or bfloat16 x, a bfloat16 model): the kernels' bfloat16 products summed in float32
+  (`native.conv`'s bf16) in all three convs of the step, the forward and both gradients; the
+  output and the gradients come back in x's and the kernel's dtypes.
+  """
+  return _native_conv_fwd(x, kernel, pad, bf16)[0]
 
 
-def _native_conv_fwd(x, kernel, pad):
+def _native_conv_fwd(x, kernel, pad, bf16):
   xp = _pad_hw(x, pad)
-  return native.conv(xp, kernel), (xp, kernel)
+  bf16 = bf16 or x.dtype == jnp.bfloat16
+  return native.conv(xp, kernel, bf16).astype(x.dtype), (xp, kernel)
 
 
-def _native_conv_bwd(pad, res, dy):
+def _native_conv_bwd(pad, bf16, res, dy):
   xp, kernel = res
-  d_kernel = native.conv_kernel_grad(xp, dy, kernel.shape[:2])
-  return native.conv_input_grad(dy, kernel, pad), d_kernel
+  bf16 = bf16 or xp.dtype == jnp.bfloat16
+  d_kernel = native.conv_kernel_grad(xp, dy, kernel.shape[:2], bf16).astype(kernel.dtype)
+  return native.conv_input_grad(dy, kernel, pad, bf16).astype(xp.dtype), d_kernel
 
 
 native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
@@ -261,8 +293,9 @@ class Conv(nn.Module):
 
   The parameters are nn.Conv's (`kernel` HWIO, optional `bias`), so checkpoints move between
   lowerings and backends. 'xla' is lax.conv. On CPU ('native'/'dot'): a 1x1 conv is a strided
-  slice and one matmul; a stride-1 kxk conv runs on the C++ kernels ('native', float32) or as
-  one im2col matmul ('dot'); a strided kxk conv stays on lax.conv.
+  slice and one matmul; a stride-1 kxk conv runs on the C++ kernels ('native': float32, or
+  bfloat16 products with conv_precision='bfloat16' or a bfloat16 dtype) or as one im2col matmul
+  ('dot'); a strided kxk conv stays on lax.conv.
   """
 
   features: int
@@ -274,6 +307,7 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
+  conv_precision: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -294,8 +328,8 @@ class Conv(nn.Module):
     if lowering != 'xla' and k == 1:
       y = jnp.dot(x[:, ::s, ::s, :], kernel[0, 0])
     elif lowering != 'xla' and s == 1:
-      if lowering == 'native' and x.dtype == jnp.float32:
-        y = native_conv(x, kernel, pad)
+      if lowering == 'native' and x.dtype in (jnp.float32, jnp.bfloat16):
+        y = native_conv(x, kernel, pad, self.conv_precision == 'bfloat16')
       else:
         y = _im2col_conv(_pad_hw(x, pad), kernel)[0]
     else:
@@ -322,6 +356,7 @@ class ConvBNReLU(nn.Module):
   lowering: str = 'auto'
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_precision: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -332,6 +367,7 @@ class ConvBNReLU(nn.Module):
       use_bias=self.use_bias,
       lowering=self.lowering,
       dtype=self.dtype,
+      conv_precision=self.conv_precision,
       name='conv',
     )(x)
     x = nn.BatchNorm(

@@ -22,10 +22,16 @@ class BasicBlock(nn.Module):
   lowering: str
   dtype: Any
   bn_axis_name: str | None
+  conv_precision: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(lowering=self.lowering, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    kw = dict(
+      lowering=self.lowering,
+      dtype=self.dtype,
+      bn_axis_name=self.bn_axis_name,
+      conv_precision=self.conv_precision,
+    )
     y = layers.ConvBNReLU(self.features, strides=self.strides, use_bias=False, name='conv1', **kw)(
       x, train
     )
@@ -53,7 +59,7 @@ class ResNet(nn.Module):
     stage_sizes: BasicBlocks per stage ((2, 2, 2, 2) is ResNet-18).
     width: channels of the first stage (doubling at each of the next three).
     dropout: rate before the logits (0: none).
-    dtype, lowering, bn_axis_name: as in `VGGFer`.
+    dtype, lowering, bn_axis_name, conv_precision: as in `VGGFer`.
   """
 
   num_classes: int = 7
@@ -63,10 +69,16 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   lowering: str = 'auto'
   bn_axis_name: str | None = None
+  conv_precision: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, example_ids: jax.Array | None = None) -> jax.Array:
-    kw = dict(lowering=self.lowering, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    kw = dict(
+      lowering=self.lowering,
+      dtype=self.dtype,
+      bn_axis_name=self.bn_axis_name,
+      conv_precision=self.conv_precision,
+    )
     x = layers.ConvBNReLU(self.width, use_bias=False, name='stem', **kw)(
       x.astype(self.dtype), train
     )

@@ -36,12 +36,14 @@ class SeedCNN(nn.Module):
       much faster on XLA:CPU), 'native' (C++ direct conv kernels + reshape max-pool, faster
       still) or 'auto' (native on CPU, or dot where they cannot be built; xla elsewhere);
       see layers.py.
+    conv_precision: as in `VGGFer`.
   """
 
   num_classes: int = 7
   dropout: tuple[float, float, float] = (0.25, 0.25, 0.5)
   dtype: Any = jnp.float32
   lowering: str = 'auto'
+  conv_precision: str = 'float32'
 
   # Paths (inside variables['params']) of the kernels that get the Keras L2 penalty.
   L2_KERNEL_PATHS: ClassVar[tuple[tuple[str, ...], ...]] = (('dense1', 'kernel'),)
@@ -52,10 +54,11 @@ class SeedCNN(nn.Module):
     p1, p2, p3 = self.dropout
     deterministic = not train
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
+    conv = dict(lowering=self.lowering, conv_precision=self.conv_precision, **kw)
     x = x.astype(self.dtype)
-    x = layers.ConvReluPool(32, lowering=self.lowering, name='conv1', **kw)(x)
+    x = layers.ConvReluPool(32, name='conv1', **conv)(x)
     x = layers.Dropout(p1, deterministic=deterministic, name='drop1')(x, example_ids)
-    x = layers.ConvReluPool(64, lowering=self.lowering, name='conv2', **kw)(x)
+    x = layers.ConvReluPool(64, name='conv2', **conv)(x)
     x = layers.Dropout(p2, deterministic=deterministic, name='drop2')(x, example_ids)
     x = x.reshape(x.shape[0], -1)  # Keras Flatten on NHWC: same (H, W, C) order.
     x = nn.relu(nn.Dense(128, name='dense1', **kw)(x))

@@ -38,6 +38,8 @@ class VGGFer(nn.Module):
     lowering: conv/pool lowering, see `layers.resolve_lowering`.
     bn_axis_name: the pmap axis over which BatchNorm averages its batch statistics (set by the
       pmap driver so jit and pmap normalise over the same global batch).
+    conv_precision: 'float32', or 'bfloat16': the convs' products of bfloat16-rounded
+      operands, summed in float32, on the C++ kernels (`layers.CONV_PRECISIONS`).
   """
 
   num_classes: int = 7
@@ -48,6 +50,7 @@ class VGGFer(nn.Module):
   dtype: Any = jnp.float32
   lowering: str = 'auto'
   bn_axis_name: str | None = None
+  conv_precision: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, example_ids: jax.Array | None = None) -> jax.Array:
@@ -59,6 +62,7 @@ class VGGFer(nn.Module):
           lowering=self.lowering,
           dtype=self.dtype,
           bn_axis_name=self.bn_axis_name,
+          conv_precision=self.conv_precision,
           name=f'conv{block + 1}{j}',
         )(x, train)
       x = layers.max_pool(x, self.lowering)

@@ -6,7 +6,8 @@ of the train step. These kernels (conv_kernels.cc) read the input in place: a fo
 same conv with a 2x2 max-pool fused in (`conv_pool`: the conv output never leaves the cache),
 and the kernel gradient, from a dense output gradient or from the pooled gradient and the
 pool's winner code; the input gradient is the forward conv of the padded output gradient with
-the flipped kernel.
+the flipped kernel. Every kernel takes `bf16`: on CPUs with AVX512-BF16 its products are those
+of the operands rounded to bfloat16, summed in float32, two per instruction (vdpbf16ps).
 
 The library is compiled with the machine's C++ compiler (`$CXX`, else `c++`/`g++`) the first time
 a process asks for it, into a cache keyed by the sources, the compiler, jaxlib and the CPU
@@ -310,18 +311,29 @@ def isa() -> str:
   return fn().decode()
 
 
-def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'VALID' convolution, NHWC x HWIO -> NHWC, float32, on the CPU backend."""
+def bf16_products() -> bool:
+  """Whether `bf16=True` takes effect here: the kernels were built for a CPU with AVX512-BF16
+  (raises if they are unavailable). Elsewhere the flag is ignored (float32 products)."""
+  ensure_loaded()
+  return bool(_load().FerJaxNativeBf16())
+
+
+def conv(x: jax.Array, kernel: jax.Array, bf16: bool = False) -> jax.Array:
+  """Stride-1 'VALID' convolution, NHWC x HWIO -> NHWC, float32, on the CPU backend.
+
+  bf16: products of x and the kernel rounded to bfloat16, summed in float32 (where
+  `bf16_products()` and the kernel's kw * C is even; otherwise float32 products).
+  """
   ensure_loaded()
   n, h, w, _ = x.shape
   kh, kw, _, o = kernel.shape
   out = jax.ShapeDtypeStruct((n, h - kh + 1, w - kw + 1, o), jnp.float32)
   return jax.ffi.ffi_call('fer_jax_conv_forward', out, vmap_method='sequential')(
-    x.astype(jnp.float32), kernel.astype(jnp.float32)
+    x.astype(jnp.float32), kernel.astype(jnp.float32), bf16=bool(bf16)
   )
 
 
-def conv_pool(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+def conv_pool(x: jax.Array, kernel: jax.Array, bf16: bool = False) -> tuple[jax.Array, jax.Array]:
   """The stride-1 'VALID' conv followed by a 2x2, stride-2 max-pool, float32, CPU backend.
 
   The conv's output must have even height and width. Returns (pooled, code): code (uint8, the
@@ -340,7 +352,7 @@ def conv_pool(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
     'fer_jax_conv_pool_forward',
     (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8)),
     vmap_method='sequential',
-  )(x.astype(jnp.float32), kernel.astype(jnp.float32))
+  )(x.astype(jnp.float32), kernel.astype(jnp.float32), bf16=bool(bf16))
 
 
 def unpool_grad(d_pooled: jax.Array, code: jax.Array) -> jax.Array:
@@ -352,18 +364,27 @@ def unpool_grad(d_pooled: jax.Array, code: jax.Array) -> jax.Array:
   return jnp.where(hit, d_pooled[:, :, None, :, None, :], 0).reshape(b, 2 * h, 2 * w, c)
 
 
-def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int]) -> jax.Array:
-  """d(conv(x, k))/dk contracted with dy: (kh, kw, C, O), float32."""
+def conv_kernel_grad(
+  x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int], bf16: bool = False
+) -> jax.Array:
+  """d(conv(x, k))/dk contracted with dy: (kh, kw, C, O), float32.
+
+  bf16: products of x and dy rounded to bfloat16, summed in float32 (where `bf16_products()`).
+  """
   ensure_loaded()
   kh, kw = kernel_hw
   out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call('fer_jax_conv_kernel_grad', out, vmap_method='sequential')(
-    x.astype(jnp.float32), dy.astype(jnp.float32)
+    x.astype(jnp.float32), dy.astype(jnp.float32), bf16=bool(bf16)
   )
 
 
 def conv_kernel_grad_pooled(
-  x: jax.Array, d_pooled: jax.Array, code: jax.Array, kernel_hw: tuple[int, int]
+  x: jax.Array,
+  d_pooled: jax.Array,
+  code: jax.Array,
+  kernel_hw: tuple[int, int],
+  bf16: bool = False,
 ) -> jax.Array:
   """`conv_kernel_grad` with dy = unpool_grad(d_pooled, code), without materialising dy.
 
@@ -374,11 +395,13 @@ def conv_kernel_grad_pooled(
   kh, kw = kernel_hw
   out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], d_pooled.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call('fer_jax_conv_kernel_grad_pooled', out, vmap_method='sequential')(
-    x.astype(jnp.float32), d_pooled.astype(jnp.float32), code.astype(jnp.uint8)
+    x.astype(jnp.float32), d_pooled.astype(jnp.float32), code.astype(jnp.uint8), bf16=bool(bf16)
   )
 
 
-def conv_input_grad(dy: jax.Array, kernel: jax.Array, pad: tuple[int, int] = (0, 0)) -> jax.Array:
+def conv_input_grad(
+  dy: jax.Array, kernel: jax.Array, pad: tuple[int, int] = (0, 0), bf16: bool = False
+) -> jax.Array:
   """d(conv(x, k))/dx contracted with dy: the correlation of dy with the flipped kernel.
 
   `pad` is the zero padding (before, after) the forward conv put around x on both spatial
@@ -392,4 +415,4 @@ def conv_input_grad(dy: jax.Array, kernel: jax.Array, pad: tuple[int, int] = (0,
   padded = jnp.pad(
     dy, ((0, 0), (kh - 1 - before, kh - 1 - after), (kw - 1 - before, kw - 1 - after), (0, 0))
   )
-  return conv(padded, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  return conv(padded, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), bf16)

@@ -35,6 +35,13 @@
 #define FER_JAX_SIMD 0
 #define FER_JAX_AVX512 0
 #endif
+// bfloat16 products (vdpbf16ps): AVX-512 builds for CPUs with AVX512-BF16 (and BW, for the
+// word shuffles that pair the operands).
+#if FER_JAX_AVX512 && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define FER_JAX_BF16 1
+#else
+#define FER_JAX_BF16 0
+#endif
 
 // Fully unrolls the small register-tile loops early, so the accumulators become registers.
 #if defined(__clang__)
@@ -228,6 +235,69 @@ inline float* AlignUp(float* p) {
   return p + ((kAlign - static_cast<int64_t>(a % kAlign)) % kAlign) / int64_t{sizeof(float)};
 }
 
+#if FER_JAX_BF16
+// ---------------------------------------------------------------------------------------------
+// bfloat16 operands. vdpbf16ps multiplies the two bfloat16 words of each 32-bit lane of its
+// operands and adds both products to that lane's float32 sum, so each operand holds pairs along
+// the reduction: the forward conv pairs neighbouring r (channels of one kernel row), the kernel
+// gradient neighbouring output pixels. A pair broadcast to all lanes (one 32-bit load) meets a
+// vector of 16 output channels' pairs.
+using Bh = __m512bh;
+constexpr int kPairLanes = 2 * L;  // bfloat16 words per vector
+
+inline uint16_t* AlignUp(uint16_t* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return p + ((kAlign - static_cast<int64_t>(a % kAlign)) % kAlign) / int64_t{sizeof(uint16_t)};
+}
+
+// src[0 .. n) rounded to bfloat16 (to nearest even).
+inline void ToBf16(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+  }
+  if (i < n) {
+    const __mmask16 m = Simd::TailMask(static_cast<int>(n - i));
+    _mm256_mask_storeu_epi16(dst + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i)));
+  }
+}
+
+// 32 words lo[0], hi[0], lo[1], hi[1], ...: 16 lanes of (lo, hi) pairs, rounded to bfloat16.
+inline __m512i PairBf16(V lo, V hi) {
+  alignas(64) static const uint16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// dst[m] = (src[m], src[m + stride]) for m < n, the partner 0 where m + stride >= n: 32-bit
+// pairs of bfloat16 (n pairs, 2n words).
+inline void PairWithStride(const float* src, int64_t n, int64_t stride, uint16_t* dst) {
+  for (int64_t m = 0; m < n; m += L) {
+    const int valid = static_cast<int>(std::min<int64_t>(L, n - m));
+    const int64_t hi_valid = std::clamp<int64_t>(n - stride - m, 0, valid);
+    const V lo = Simd::MaskLoad(src + m, Simd::TailMask(valid));
+    const V hi = hi_valid > 0 ? Simd::MaskLoad(src + m + stride, Simd::TailMask(static_cast<int>(hi_valid)))
+                              : Simd::Zero();
+    const __m512i pairs = PairBf16(lo, hi);
+    if (valid == L) {
+      _mm512_storeu_si512(dst + 2 * m, pairs);
+    } else {
+      _mm512_mask_storeu_epi16(dst + 2 * m, (__mmask32)((uint64_t{1} << (2 * valid)) - 1), pairs);
+    }
+  }
+}
+
+inline Bh LoadBh(const uint16_t* p) { return (Bh)_mm512_load_si512(p); }  // aligned
+inline Bh BcastPair(const void* p) {  // one 32-bit pair to every lane
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return (Bh)_mm512_set1_epi32(v);
+}
+#endif  // FER_JAX_BF16
+
 // Calls f.template operator()<MR>() for the runtime mr in [1, MRMAX] (a tile's remainder).
 template <int MRMAX, typename F>
 inline void DispatchMr(int mr, F&& f) {
@@ -285,6 +355,31 @@ std::vector<Block> ChannelBlocks(int64_t o, bool tiny_reduction, bool three) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// Stores a register tile: acc[t][v] to yp[t] + v*L (the last vector with `tail` lanes), or
+// with streaming stores (aligned, full vectors).
+template <int MR, int NV>
+inline void StoreTile(const V (&acc)[MR][NV], float* const* yp, int tail, bool stream) {
+  if (stream) {
+    FER_UNROLL
+    for (int t = 0; t < MR; ++t)
+      FER_UNROLL
+      for (int v = 0; v < NV; ++v) Simd::Stream(yp[t] + L * v, acc[t][v]);
+  } else if (tail == L) {
+    FER_UNROLL
+    for (int t = 0; t < MR; ++t)
+      FER_UNROLL
+      for (int v = 0; v < NV; ++v) Simd::StoreU(yp[t] + L * v, acc[t][v]);
+  } else {
+    const Simd::Mask m = Simd::TailMask(tail);
+    FER_UNROLL
+    for (int t = 0; t < MR; ++t) {
+      FER_UNROLL
+      for (int v = 0; v < NV - 1; ++v) Simd::StoreU(yp[t] + L * v, acc[t][v]);
+      Simd::MaskStore(yp[t] + L * (NV - 1), m, acc[t][NV - 1]);
+    }
+  }
+}
+
 // acc[t][v] = sum_{i<kh, r<run} x_t[i*xrs + r] * panel[(i*run + r)*NV*L + v*L .. +L]
 // then stored to y_t + v*L (the last vector with `tail` lanes).
 // KH, RUN: compile-time kh and run when nonzero (the fully unrolled 3x3, c == 1 case).
@@ -326,26 +421,48 @@ inline void FwdTile(const float* const* xp, int64_t xrs, int64_t kh_rt, int64_t 
       bp += L * NV;
     }
   }
-  if (stream) {  // aligned, full vectors
+  StoreTile<MR, NV>(acc, yp, tail, stream);
+}
+
+#if FER_JAX_BF16
+// FwdTile on bfloat16 pairs: x (bfloat16, the same layout as the float32 input) and the panel
+// hold (r, r + 1) pairs for even r; run is even.
+template <int MR, int NV>
+inline void FwdTileBf16(const uint16_t* const* xp, int64_t xrs, int64_t kh, int64_t run,
+                        const uint16_t* __restrict panel, float* const* yp, int tail, bool stream) {
+  V acc[MR][NV];
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t)
     FER_UNROLL
-    for (int t = 0; t < MR; ++t)
+    for (int v = 0; v < NV; ++v) acc[t][v] = Simd::Zero();
+  const uint16_t* bp = panel;
+  for (int64_t i = 0; i < kh; ++i) {
+    const int64_t base = i * xrs;
+    for (int64_t r = 0; r < run; r += 2) {
+      Bh bv[NV];
       FER_UNROLL
-      for (int v = 0; v < NV; ++v) Simd::Stream(yp[t] + L * v, acc[t][v]);
-  } else if (tail == L) {
-    FER_UNROLL
-    for (int t = 0; t < MR; ++t)
+      for (int v = 0; v < NV; ++v) bv[v] = LoadBh(bp + kPairLanes * v);
       FER_UNROLL
-      for (int v = 0; v < NV; ++v) Simd::StoreU(yp[t] + L * v, acc[t][v]);
-  } else {
-    const Simd::Mask m = Simd::TailMask(tail);
-    FER_UNROLL
-    for (int t = 0; t < MR; ++t) {
-      FER_UNROLL
-      for (int v = 0; v < NV - 1; ++v) Simd::StoreU(yp[t] + L * v, acc[t][v]);
-      Simd::MaskStore(yp[t] + L * (NV - 1), m, acc[t][NV - 1]);
+      for (int t = 0; t < MR; ++t) {
+        const Bh a = BcastPair(xp[t] + base + r);
+        FER_UNROLL
+        for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], a, bv[v]);
+      }
+      bp += kPairLanes * NV;
     }
   }
+  StoreTile<MR, NV>(acc, yp, tail, stream);
 }
+
+template <int NV, int MRMAX>
+inline void FwdTileBf16Mr(int mr, const uint16_t* const* xp, int64_t xrs, int64_t kh, int64_t run,
+                          const uint16_t* panel, float* const* yp, int tail, bool stream) {
+  DispatchMr<MRMAX>(mr, [&]<int MR>() {
+    FwdTileBf16<MR, NV>(xp, xrs, kh, run, panel, yp, tail, stream);
+  });
+}
+#endif  // FER_JAX_BF16
+
 
 template <int NV, int MRMAX, int KH, int RUN>
 inline void FwdTileMr(int mr, const float* const* xp, int64_t xrs, int64_t kh, int64_t run,
@@ -354,6 +471,19 @@ inline void FwdTileMr(int mr, const float* const* xp, int64_t xrs, int64_t kh, i
     FwdTile<MR, NV, KH, RUN>(xp, xrs, kh, run, panel, yp, tail, stream);
   });
 }
+
+#if FER_JAX_BF16
+inline void FwdTileBf16Nv(const Block& blk, int mr, const uint16_t* const* xp, int64_t xrs,
+                          int64_t kh, int64_t run, const uint16_t* panel, float* const* yp,
+                          bool stream) {
+  switch (blk.nv) {
+    case 4: FwdTileBf16Mr<4, 6>(mr, xp, xrs, kh, run, panel, yp, blk.tail, stream); break;
+    case 3: FwdTileBf16Mr<3, 8>(mr, xp, xrs, kh, run, panel, yp, blk.tail, stream); break;
+    case 2: FwdTileBf16Mr<2, kMaxMr>(mr, xp, xrs, kh, run, panel, yp, blk.tail, stream); break;
+    default: FwdTileBf16Mr<1, kMaxMr>(mr, xp, xrs, kh, run, panel, yp, blk.tail, stream); break;
+  }
+}
+#endif
 
 template <int KH, int RUN>
 inline void FwdTileNv(const Block& blk, int mr, const float* const* xp, int64_t xrs, int64_t kh,
@@ -367,18 +497,50 @@ inline void FwdTileNv(const Block& blk, int mr, const float* const* xp, int64_t 
 }
 
 // The forward conv with its kernel packed once: any set of output pixels (Pixels), or whole
-// output rows of one image (Rows, used by the fused conv + pool).
+// output rows of one image (Rows, used by the fused conv + pool). With bf16 (and an even run),
+// x is rounded to bfloat16 once, in parallel, and the kernel packed as bfloat16 pairs.
 class RowConv {
  public:
-  RowConv(const ConvShape& s, const float* x, const float* k)
+  RowConv(const ConvShape& s, const float* x, const float* k, bool bf16,
+          const ParallelFor& parallel_for)
       : s_(s), x_(x), run_(s.kw * s.c), kdepth_(s.kh * s.kw * s.c), xrs_(s.w * s.c),
-        small33_(s.kh == 3 && s.kw * s.c == 3) {
+        small33_(s.kh == 3 && s.kw * s.c == 3),
+        bf16_(FER_JAX_BF16 && bf16 && (s.kw * s.c) % 2 == 0) {
     blocks_ = ChannelBlocks(s.o, kdepth_ <= 32, /*three=*/true);
     int64_t offset = 0;
     for (Block& b : blocks_) {
       b.offset = offset;
       offset += kdepth_ * L * b.nv;
     }
+#if FER_JAX_BF16
+    if (bf16_) {
+      // panel words [(i*run + r)/2 * 2W + 2f' + (r & 1)] = k[(i*run + r)*o + f0 + f'] (r even:
+      // the pair (r, r + 1) of channel f'), zero padded; the same offsets, counted in words.
+      bstorage_.resize(offset + 2 * kPairLanes);
+      bpacked_ = AlignUp(bstorage_.data());
+      for (const Block& b : blocks_) {
+        uint16_t* dst = bpacked_ + b.offset;
+        for (int64_t row = 0; row < kdepth_; row += 2, dst += 2 * L * b.nv) {
+          for (int v = 0; v < b.nv; ++v) {
+            const int valid = static_cast<int>(std::min<int64_t>(L, b.width - int64_t{L} * v));
+            const float* src = k + row * s.o + b.f0 + int64_t{L} * v;
+            const V lo = Simd::MaskLoad(src, Simd::TailMask(valid));
+            const V hi = Simd::MaskLoad(src + s.o, Simd::TailMask(valid));
+            _mm512_store_si512(dst + kPairLanes * v, PairBf16(lo, hi));
+          }
+        }
+      }
+      const int64_t n = s.n * s.h * s.w * s.c, block = int64_t{1} << 16;
+      xb_.resize(static_cast<size_t>(n + kPairLanes));
+      parallel_for(CeilDiv(n, block), [&](int64_t bi) {
+        const int64_t e0 = bi * block;
+        ToBf16(x + e0, std::min(block, n - e0), xb_.data() + e0);
+      });
+      return;
+    }
+#else
+    (void)parallel_for;
+#endif
     // Pack the kernel: panel[(i*run + r)*W + f'] = k[(i*run + r)*o + f0 + f'], zero padded.
     storage_.resize(offset + 2 * L);
     packed_ = AlignUp(storage_.data());
@@ -398,6 +560,24 @@ class RowConv {
 
   // yptr[t][0 .. o) = the conv at the output pixel whose receptive field starts at xptr[t].
   void Pixels(const float* const* xptr, float* const* yptr, int64_t cnt, bool stream) const {
+#if FER_JAX_BF16
+    if (bf16_) {
+      for (const Block& blk : blocks_) {
+        const uint16_t* panel = bpacked_ + blk.offset;
+        float* yp[kMaxMr];
+        const uint16_t* xp[kMaxMr];
+        for (int64_t t0 = 0; t0 < cnt; t0 += blk.mr) {
+          const int mr = static_cast<int>(std::min<int64_t>(blk.mr, cnt - t0));
+          for (int t = 0; t < mr; ++t) {
+            yp[t] = yptr[t0 + t] + blk.f0;
+            xp[t] = xb_.data() + (xptr[t0 + t] - x_);
+          }
+          FwdTileBf16Nv(blk, mr, xp, xrs_, s_.kh, run_, panel, yp, stream);
+        }
+      }
+      return;
+    }
+#endif
     for (const Block& blk : blocks_) {
       const float* panel = packed_ + blk.offset;
       float* yp[kMaxMr];
@@ -433,17 +613,21 @@ class RowConv {
   const ConvShape s_;
   const float* x_;
   const int64_t run_, kdepth_, xrs_;
-  const bool small33_;
+  const bool small33_, bf16_;
   std::vector<Block> blocks_;
   std::vector<float> storage_;
   float* packed_ = nullptr;
+#if FER_JAX_BF16
+  std::vector<uint16_t> bstorage_, xb_;  // the packed bfloat16 kernel; x as bfloat16
+  uint16_t* bpacked_ = nullptr;
+#endif
 };
 
 void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* y,
-                     const ParallelFor& parallel_for) {
+                     const ParallelFor& parallel_for, bool bf16) {
   const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
   const int64_t npix = s.n * oh * ow;
-  const RowConv conv(s, x, k);
+  const RowConv conv(s, x, k, bf16, parallel_for);
 
   // Items: chunks of ~96..192 consecutive pixels (a multiple of 12).
   const int64_t chunk =
@@ -577,6 +761,66 @@ inline void DkTileMr(int mr, const float* const* xrows, int64_t off, int64_t c, 
   }
 }
 
+#if FER_JAX_BF16
+// DkTile on bfloat16 pairs of neighbouring output pixels (q, q + 1) of each row: zrows[p][m] is
+// the pair (x[m], x[m + c]) under output row p, dyp the pairs (dy[q, f], dy[q + 1, f]) of
+// npairs = ceil(ow / 2) pixel pairs per row (the last partner 0 when ow is odd).
+template <int MR, int NV, bool TAIL>
+inline void DkTileBf16(const uint32_t* const* zrows, int64_t off, int64_t c,
+                       const uint16_t* __restrict dyp, int64_t nrows, int64_t npairs, float* dkt,
+                       int64_t ldk, int tail) {
+  V acc[MR][NV];
+  const Simd::Mask m = Simd::TailMask(TAIL ? tail : L);
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t) {
+    FER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      acc[t][v] = (TAIL && v == NV - 1) ? Simd::MaskLoad(dkt + t * ldk + L * v, m)
+                                        : Simd::LoadU(dkt + t * ldk + L * v);
+    }
+  }
+  const uint16_t* dr = dyp;
+  for (int64_t p = 0; p < nrows; ++p) {
+    const uint32_t* __restrict zr = zrows[p] + off;
+    for (int64_t j = 0; j < npairs; ++j) {
+      Bh bv[NV];
+      FER_UNROLL
+      for (int v = 0; v < NV; ++v) bv[v] = LoadBh(dr + kPairLanes * v);
+      FER_UNROLL
+      for (int t = 0; t < MR; ++t) {
+        const Bh a = BcastPair(zr + t);
+        FER_UNROLL
+        for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], a, bv[v]);
+      }
+      zr += 2 * c;
+      dr += kPairLanes * NV;
+    }
+  }
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t) {
+    FER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      if (TAIL && v == NV - 1) {
+        Simd::MaskStore(dkt + t * ldk + L * v, m, acc[t][v]);
+      } else {
+        Simd::StoreU(dkt + t * ldk + L * v, acc[t][v]);
+      }
+    }
+  }
+}
+
+template <int NV, int MRMAX>
+inline void DkTileBf16Mr(int mr, const uint32_t* const* zrows, int64_t off, int64_t c,
+                         const uint16_t* dyp, int64_t nrows, int64_t npairs, float* dkt,
+                         int64_t ldk, int tail) {
+  if (tail == L) {
+    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTileBf16<MR, NV, false>(zrows, off, c, dyp, nrows, npairs, dkt, ldk, tail); });
+  } else {
+    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTileBf16<MR, NV, true>(zrows, off, c, dyp, nrows, npairs, dkt, ldk, tail); });
+  }
+}
+#endif  // FER_JAX_BF16
+
 // Packs dy[b, p, q, blk's channels] into d (nv vectors, zero padded).
 inline void PackOutputGrad(const OutputGrad& g, const ConvShape& s, int64_t b, int64_t p,
                            int64_t q, const Block& blk, float* d) {
@@ -593,7 +837,7 @@ inline void PackOutputGrad(const OutputGrad& g, const ConvShape& s, int64_t b, i
 }
 
 void ConvKernelGradImpl(const ConvShape& s, const float* x, const OutputGrad& g, float* dk,
-                        const ParallelFor& parallel_for) {
+                        const ParallelFor& parallel_for, bool bf16) {
   const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
   const int64_t run = s.kw * c, kdepth = s.kh * run, len = kdepth * o;
   const int64_t xrs = s.w * c;
@@ -622,8 +866,17 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const OutputGrad& g,
   std::vector<float> parts(static_cast<size_t>(items * len));
   // One full-width block of dense dy: the packed panel would be dy itself (aligned loads need
   // aligned dy).
-  const bool direct = dy && blocks.size() == 1 && pw == o &&
+  const bool use_bf16 = FER_JAX_BF16 && bf16;
+  const bool direct = !use_bf16 && dy && blocks.size() == 1 && pw == o &&
                       reinterpret_cast<uintptr_t>(dy) % kAlign == 0;
+#if FER_JAX_BF16
+  // bfloat16: per chunk, dy's pixel pairs per block ((row, pair, nv*L) panels of word pairs) and
+  // the pairs (x[m], x[m + c]) of the input rows under the chunk, each image's rows once.
+  const int64_t npairs = CeilDiv(ow, 2);
+  const int64_t zlen = (rows + std::max<int64_t>(images, 1) * (s.kh - 1)) * xrs;
+#else
+  (void)bf16;
+#endif
 
   auto body = [&](int64_t item) {
     const int64_t c0 = nchunks * item / items, c1 = nchunks * (item + 1) / items;
@@ -633,6 +886,13 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const OutputGrad& g,
     std::vector<float> pack_storage(static_cast<size_t>(rows * ow * pw + 2 * L));
     float* pack = AlignUp(pack_storage.data());
     std::vector<const float*> xrows(static_cast<size_t>(rows));
+#if FER_JAX_BF16
+    std::vector<uint16_t> bpack_storage(use_bf16 ? static_cast<size_t>(rows * npairs * 2 * pw + 2 * kPairLanes) : 0);
+    uint16_t* bpack = use_bf16 ? AlignUp(bpack_storage.data()) : nullptr;
+    std::vector<uint32_t> zpack_storage(use_bf16 ? static_cast<size_t>(zlen + L) : 0);
+    uint32_t* zpack = zpack_storage.data();
+    std::vector<const uint32_t*> zrows(use_bf16 ? static_cast<size_t>(rows) : 0);
+#endif
     for (int64_t ci = c0; ci < c1; ++ci) {
       // Output rows g0 .. g0 + nrows of the (n * oh) rows of the whole batch.
       const int64_t g0 = images > 1 ? ci * images * oh : (ci / chunks_per_image) * oh +
@@ -652,6 +912,53 @@ void ConvKernelGradImpl(const ConvShape& s, const float* x, const OutputGrad& g,
                          pack + blk.offset * npx + px * int64_t{L} * blk.nv);
         }
       }
+#if FER_JAX_BF16
+      if (use_bf16) {
+        for (const Block& blk : blocks) {
+          const int64_t W = int64_t{L} * blk.nv;
+          const float* src = pack + blk.offset * npx;
+          uint16_t* dst = bpack + blk.offset * 2 * nrows * npairs;
+          for (int64_t p = 0; p < nrows; ++p) {
+            for (int64_t j = 0; j < npairs; ++j, dst += 2 * W) {
+              const float* lo = src + (p * ow + 2 * j) * W;
+              const bool hi = 2 * j + 1 < ow;
+              for (int v = 0; v < blk.nv; ++v) {
+                const V a = Simd::Load(lo + L * v), b = hi ? Simd::Load(lo + W + L * v) : Simd::Zero();
+                _mm512_store_si512(dst + kPairLanes * v, PairBf16(a, b));
+              }
+            }
+          }
+        }
+        uint32_t* zdst = zpack;
+        for (int64_t r = 0; r < nrows;) {  // one segment of rows per image
+          const int64_t b = (g0 + r) / oh, pa = (g0 + r) % oh;
+          int64_t r1 = r + 1;
+          while (r1 < nrows && (g0 + r1) / oh == b) ++r1;
+          const int64_t seg = ((g0 + r1 - 1) % oh - pa + s.kh) * xrs;
+          PairWithStride(x + (b * s.h + pa) * xrs, seg, c, reinterpret_cast<uint16_t*>(zdst));
+          for (; r < r1; ++r) zrows[r] = zdst + ((g0 + r) % oh - pa) * xrs;
+          zdst += seg;
+        }
+        const uint32_t* const* zr = zrows.data();
+        for (const Block& blk : blocks) {
+          const uint16_t* dyp = bpack + blk.offset * 2 * nrows * npairs;
+          for (int64_t i = 0; i < s.kh; ++i) {
+            float* dki = part + i * run * o + blk.f0;
+            for (int64_t r0 = 0; r0 < run; r0 += blk.mr) {
+              const int mr = static_cast<int>(std::min<int64_t>(blk.mr, run - r0));
+              const int64_t off = i * xrs + r0;
+              switch (blk.nv) {
+                case 4: DkTileBf16Mr<4, 6>(mr, zr, off, c, dyp, nrows, npairs, dki + r0 * o, o, blk.tail); break;
+                case 3: DkTileBf16Mr<3, 8>(mr, zr, off, c, dyp, nrows, npairs, dki + r0 * o, o, blk.tail); break;
+                case 2: DkTileBf16Mr<2, kMaxMr>(mr, zr, off, c, dyp, nrows, npairs, dki + r0 * o, o, blk.tail); break;
+                default: DkTileBf16Mr<1, kMaxMr>(mr, zr, off, c, dyp, nrows, npairs, dki + r0 * o, o, blk.tail); break;
+              }
+            }
+          }
+        }
+        continue;
+      }
+#endif
       const float* const* xr = xrows.data();
       for (const Block& blk : blocks) {
         const float* dyp = direct ? dyb : pack + blk.offset * npx;
@@ -735,7 +1042,8 @@ inline void FbFwdTileMr(int mr, const float* x0, int64_t xrs, int64_t c, int64_t
 // Output rows [p, p + nrows) of image b (the SIMD path's RowConv, without packing).
 class RowConv {
  public:
-  RowConv(const ConvShape& s, const float* x, const float* k) : s_(s), x_(x), k_(k) {}
+  RowConv(const ConvShape& s, const float* x, const float* k, bool /*bf16*/, const ParallelFor&)
+      : s_(s), x_(x), k_(k) {}
 
   void Rows(int64_t b, int64_t p, int64_t nrows, float* out) const {
     const int64_t ow = s_.ow(), o = s_.o, c = s_.c, run = s_.kw * c, xrs = s_.w * c;
@@ -765,8 +1073,8 @@ class RowConv {
 };
 
 void ConvForwardImpl(const ConvShape& s, const float* x, const float* k, float* y,
-                     const ParallelFor& parallel_for) {
-  const RowConv conv(s, x, k);
+                     const ParallelFor& parallel_for, bool bf16) {
+  const RowConv conv(s, x, k, bf16, parallel_for);
   const int64_t oh = s.oh(), row_floats = s.ow() * s.o;
   parallel_for(s.n * oh, [&](int64_t row) { conv.Rows(row / oh, row % oh, 1, y + row * row_floats); });
 }
@@ -809,7 +1117,7 @@ inline void FbDkTileMr(int mr, const float* x0, int64_t c, const float* d0, int6
 }
 
 void ConvKernelGradImpl(const ConvShape& s, const float* x, const OutputGrad& g, float* dk,
-                        const ParallelFor& parallel_for) {
+                        const ParallelFor& parallel_for, bool bf16) {
   const int64_t oh = s.oh(), ow = s.ow(), o = s.o, c = s.c;
   const int64_t run = s.kw * c, kdepth = s.kh * run, len = kdepth * o;
   const int64_t xrs = s.w * c;
@@ -879,9 +1187,9 @@ void PoolRowPair(const float* __restrict r0, const float* __restrict r1, int64_t
 #endif  // FER_JAX_SIMD
 
 void ConvPoolForwardImpl(const ConvShape& s, const float* x, const float* k, float* pooled,
-                         uint8_t* code, const ParallelFor& parallel_for) {
+                         uint8_t* code, const ParallelFor& parallel_for, bool bf16) {
   const int64_t ow = s.ow(), o = s.o, ph = s.oh() / 2, pw = ow / 2;
-  const RowConv conv(s, x, k);
+  const RowConv conv(s, x, k, bf16, parallel_for);
   // One item per pooled row: its two conv rows go to a per-thread scratch that stays in cache.
   parallel_for(s.n * ph, [&](int64_t item) {
     thread_local std::vector<float> scratch;
@@ -895,17 +1203,17 @@ void ConvPoolForwardImpl(const ConvShape& s, const float* x, const float* k, flo
 }  // namespace
 
 void ConvForward(const ConvShape& s, const float* x, const float* k, float* y,
-                 const ParallelFor& parallel_for) {
+                 const ParallelFor& parallel_for, bool bf16) {
   if (s.n <= 0 || s.o <= 0 || s.oh() <= 0 || s.ow() <= 0) return;
   if (s.c <= 0 || s.kh <= 0 || s.kw <= 0) {
     std::memset(y, 0, sizeof(float) * s.n * s.oh() * s.ow() * s.o);
     return;
   }
-  ConvForwardImpl(s, x, k, y, parallel_for);
+  ConvForwardImpl(s, x, k, y, parallel_for, bf16);
 }
 
 void ConvPoolForward(const ConvShape& s, const float* x, const float* k, float* pooled,
-                     uint8_t* code, const ParallelFor& parallel_for) {
+                     uint8_t* code, const ParallelFor& parallel_for, bool bf16) {
   const int64_t len = s.n * (s.oh() / 2) * (s.ow() / 2) * s.o;
   if (len <= 0) return;
   if (s.c <= 0 || s.kh <= 0 || s.kw <= 0) {  // an empty reduction: every conv output is 0
@@ -913,36 +1221,39 @@ void ConvPoolForward(const ConvShape& s, const float* x, const float* k, float* 
     std::memset(code, 0, len);
     return;
   }
-  ConvPoolForwardImpl(s, x, k, pooled, code, parallel_for);
+  ConvPoolForwardImpl(s, x, k, pooled, code, parallel_for, bf16);
 }
 
 namespace {
 void KernelGrad(const ConvShape& s, const float* x, const OutputGrad& g, float* dk,
-                const ParallelFor& parallel_for) {
+                const ParallelFor& parallel_for, bool bf16) {
   const int64_t len = s.kh * s.kw * s.c * s.o;
   if (len <= 0) return;
   if (s.n <= 0 || s.oh() <= 0 || s.ow() <= 0) {
     std::memset(dk, 0, sizeof(float) * len);
     return;
   }
-  ConvKernelGradImpl(s, x, g, dk, parallel_for);
+  ConvKernelGradImpl(s, x, g, dk, parallel_for, bf16);
 }
 }  // namespace
 
 void ConvKernelGrad(const ConvShape& s, const float* x, const float* dy, float* dk,
-                    const ParallelFor& parallel_for) {
+                    const ParallelFor& parallel_for, bool bf16) {
   OutputGrad g;
   g.dy = dy;
-  KernelGrad(s, x, g, dk, parallel_for);
+  KernelGrad(s, x, g, dk, parallel_for, bf16);
 }
 
 void ConvKernelGradPooled(const ConvShape& s, const float* x, const float* d_pooled,
-                          const uint8_t* code, float* dk, const ParallelFor& parallel_for) {
+                          const uint8_t* code, float* dk, const ParallelFor& parallel_for,
+                          bool bf16) {
   OutputGrad g;
   g.d_pooled = d_pooled;
   g.code = code;
-  KernelGrad(s, x, g, dk, parallel_for);
+  KernelGrad(s, x, g, dk, parallel_for, bf16);
 }
+
+bool Bf16Products() { return FER_JAX_BF16; }
 
 }  // namespace fer_jax
 
@@ -950,3 +1261,6 @@ void ConvKernelGradPooled(const ConvShape& s, const float* x, const float* d_poo
 extern "C" const char* FerJaxNativeIsa() {
   return FER_JAX_AVX512 ? "avx512" : FER_JAX_SIMD ? "avx2" : "portable";
 }
+
+// Whether the build holds the bfloat16 products (fer_jax.native.bf16_products()).
+extern "C" int FerJaxNativeBf16() { return fer_jax::Bf16Products() ? 1 : 0; }

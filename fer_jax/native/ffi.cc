@@ -115,48 +115,52 @@ ffi::Error Guarded(const char* op, F&& kernel) {
   }
 }
 
+// Every handler takes a bool attribute bf16: products of bfloat16-rounded operands where the
+// build has them (conv_kernels.h).
+
 // x (n, h, w, c), k (kh, kw, c, o) -> y (n, h - kh + 1, w - kw + 1, o)
 ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y) {
+                           ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y, bool bf16) {
   fer_jax::ConvShape s;
   FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), k.dimensions(), "conv", &s));
   FER_RETURN_IF_ERROR(CheckOutputDims(y->dimensions(), s, 1, "conv", "the output"));
   return Guarded("conv", [&] {
     fer_jax::ConvForward(s, x.typed_data(), k.typed_data(), y->typed_data(),
-                         PoolParallelFor(pool));
+                         PoolParallelFor(pool), bf16);
   });
 }
 
 // x (n, h, w, c), k (kh, kw, c, o) -> pooled, code (n, oh/2, ow/2, o); oh, ow even
 ffi::Error ConvPoolForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> pooled,
-                               ffi::ResultBuffer<ffi::U8> code) {
+                               ffi::ResultBuffer<ffi::U8> code, bool bf16) {
   fer_jax::ConvShape s;
   FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), k.dimensions(), "conv_pool", &s));
   FER_RETURN_IF_ERROR(CheckOutputDims(pooled->dimensions(), s, 2, "conv_pool", "pooled"));
   FER_RETURN_IF_ERROR(CheckOutputDims(code->dimensions(), s, 2, "conv_pool", "code"));
   return Guarded("conv_pool", [&] {
     fer_jax::ConvPoolForward(s, x.typed_data(), k.typed_data(), pooled->typed_data(),
-                             code->typed_data(), PoolParallelFor(pool));
+                             code->typed_data(), PoolParallelFor(pool), bf16);
   });
 }
 
 // x (n, h, w, c), dy (n, oh, ow, o) -> dk (kh, kw, c, o)
 ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
+                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
+                              bool bf16) {
   fer_jax::ConvShape s;
   FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), dk->dimensions(), "conv kernel grad", &s));
   FER_RETURN_IF_ERROR(CheckOutputDims(dy.dimensions(), s, 1, "conv kernel grad", "dy"));
   return Guarded("conv kernel grad", [&] {
     fer_jax::ConvKernelGrad(s, x.typed_data(), dy.typed_data(), dk->typed_data(),
-                            PoolParallelFor(pool));
+                            PoolParallelFor(pool), bf16);
   });
 }
 
 // x (n, h, w, c), d_pooled and code (n, oh/2, ow/2, o) -> dk (kh, kw, c, o); oh, ow even
 ffi::Error ConvKernelGradPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                     ffi::Buffer<ffi::F32> d_pooled, ffi::Buffer<ffi::U8> code,
-                                    ffi::ResultBuffer<ffi::F32> dk) {
+                                    ffi::ResultBuffer<ffi::F32> dk, bool bf16) {
   const char* op = "pooled conv kernel grad";
   fer_jax::ConvShape s;
   FER_RETURN_IF_ERROR(ConvShapeOf(x.dimensions(), dk->dimensions(), op, &s));
@@ -164,7 +168,7 @@ ffi::Error ConvKernelGradPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   FER_RETURN_IF_ERROR(CheckOutputDims(code.dimensions(), s, 2, op, "code"));
   return Guarded(op, [&] {
     fer_jax::ConvKernelGradPooled(s, x.typed_data(), d_pooled.typed_data(), code.typed_data(),
-                                  dk->typed_data(), PoolParallelFor(pool));
+                                  dk->typed_data(), PoolParallelFor(pool), bf16);
   });
 }
 
@@ -176,14 +180,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvKernelGradPooled, ConvKernelGradPooledIm
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvForward, ConvForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvPoolForward, ConvPoolForwardImpl,
                               ffi::Ffi::Bind()
@@ -191,11 +197,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvPoolForward, ConvPoolForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>());
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<bool>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FerJaxConvKernelGrad, ConvKernelGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("bf16"));
