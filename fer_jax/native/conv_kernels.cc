@@ -694,6 +694,28 @@ void PoolRowPair(const float* r0, const float* r1, int64_t pw, int64_t o, float*
 // ---------------------------------------------------------------------------------------------
 // Kernel gradient.
 
+// Loads (store = false) or stores a kernel-gradient register tile acc[t][v] at dkt[t*ldk + Lv],
+// the last vector masked by m where TAIL.
+template <int MR, int NV, bool TAIL>
+inline void DkAccess(V (&acc)[MR][NV], float* dkt, int64_t ldk, Simd::Mask m, bool store) {
+  FER_UNROLL
+  for (int t = 0; t < MR; ++t) {
+    FER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      float* p = dkt + t * ldk + L * v;
+      if (store) {
+        if (TAIL && v == NV - 1) {
+          Simd::MaskStore(p, m, acc[t][v]);
+        } else {
+          Simd::StoreU(p, acc[t][v]);
+        }
+      } else {
+        acc[t][v] = (TAIL && v == NV - 1) ? Simd::MaskLoad(p, m) : Simd::LoadU(p);
+      }
+    }
+  }
+}
+
 // acc[t][v] += sum over rows p < nrows, q < ow of xrows[p][off + q*c + t] * dyp[(p*ow + q)*NV*L + Lv ..]
 // with acc loaded from / stored to dkt[t*ldk + Lv ..]; dyp is a packed (pixel, NV*L) panel.
 // xrows[p]: the input row under output row p (rows may come from several images).
@@ -704,14 +726,7 @@ inline void DkTile(const float* const* xrows, int64_t off, int64_t c,
                    int64_t ldk, int tail) {
   V acc[MR][NV];
   const Simd::Mask m = Simd::TailMask(TAIL ? tail : L);
-  FER_UNROLL
-  for (int t = 0; t < MR; ++t) {
-    FER_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      acc[t][v] = (TAIL && v == NV - 1) ? Simd::MaskLoad(dkt + t * ldk + L * v, m)
-                                        : Simd::LoadU(dkt + t * ldk + L * v);
-    }
-  }
+  DkAccess<MR, NV, TAIL>(acc, dkt, ldk, m, /*store=*/false);
   const float* dr = dyp;
   for (int64_t p = 0; p < nrows; ++p) {
     const float* __restrict xr = xrows[p] + off;
@@ -738,17 +753,7 @@ inline void DkTile(const float* const* xrows, int64_t off, int64_t c,
       dr += L * NV;
     }
   }
-  FER_UNROLL
-  for (int t = 0; t < MR; ++t) {
-    FER_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      if (TAIL && v == NV - 1) {
-        Simd::MaskStore(dkt + t * ldk + L * v, m, acc[t][v]);
-      } else {
-        Simd::StoreU(dkt + t * ldk + L * v, acc[t][v]);
-      }
-    }
-  }
+  DkAccess<MR, NV, TAIL>(acc, dkt, ldk, m, /*store=*/true);
 }
 
 template <int NV, int MRMAX>
@@ -771,14 +776,7 @@ inline void DkTileBf16(const uint32_t* const* zrows, int64_t off, int64_t c,
                        int64_t ldk, int tail) {
   V acc[MR][NV];
   const Simd::Mask m = Simd::TailMask(TAIL ? tail : L);
-  FER_UNROLL
-  for (int t = 0; t < MR; ++t) {
-    FER_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      acc[t][v] = (TAIL && v == NV - 1) ? Simd::MaskLoad(dkt + t * ldk + L * v, m)
-                                        : Simd::LoadU(dkt + t * ldk + L * v);
-    }
-  }
+  DkAccess<MR, NV, TAIL>(acc, dkt, ldk, m, /*store=*/false);
   const uint16_t* dr = dyp;
   for (int64_t p = 0; p < nrows; ++p) {
     const uint32_t* __restrict zr = zrows[p] + off;
@@ -796,17 +794,7 @@ inline void DkTileBf16(const uint32_t* const* zrows, int64_t off, int64_t c,
       dr += kPairLanes * NV;
     }
   }
-  FER_UNROLL
-  for (int t = 0; t < MR; ++t) {
-    FER_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      if (TAIL && v == NV - 1) {
-        Simd::MaskStore(dkt + t * ldk + L * v, m, acc[t][v]);
-      } else {
-        Simd::StoreU(dkt + t * ldk + L * v, acc[t][v]);
-      }
-    }
-  }
+  DkAccess<MR, NV, TAIL>(acc, dkt, ldk, m, /*store=*/true);
 }
 
 template <int NV, int MRMAX>
