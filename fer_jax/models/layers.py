@@ -265,22 +265,20 @@ def native_conv(
   (the kernel gradient and the input gradient are the C++ kernels too; XLA:CPU's own conv
   gradients are several times slower).
 
-  bf16 (or bfloat16 x, a bfloat16 model): the kernels' bfloat16 products summed in float32
-  (`native.conv`'s bf16) in all three convs of the step, the forward and both gradients; the
-  output and the gradients come back in x's and the kernel's dtypes.
+  bf16: the kernels' bfloat16 products summed in float32 (`native.conv`'s bf16) in all three
+  convs of the step, the forward and both gradients; the output and the gradients come back in
+  x's and the kernel's dtypes.
   """
   return _native_conv_fwd(x, kernel, pad, bf16)[0]
 
 
 def _native_conv_fwd(x, kernel, pad, bf16):
   xp = _pad_hw(x, pad)
-  bf16 = bf16 or x.dtype == jnp.bfloat16
   return native.conv(xp, kernel, bf16).astype(x.dtype), (xp, kernel)
 
 
 def _native_conv_bwd(pad, bf16, res, dy):
   xp, kernel = res
-  bf16 = bf16 or xp.dtype == jnp.bfloat16
   d_kernel = native.conv_kernel_grad(xp, dy, kernel.shape[:2], bf16).astype(kernel.dtype)
   return native.conv_input_grad(dy, kernel, pad, bf16).astype(xp.dtype), d_kernel
 
@@ -329,7 +327,9 @@ class Conv(nn.Module):
       y = jnp.dot(x[:, ::s, ::s, :], kernel[0, 0])
     elif lowering != 'xla' and s == 1:
       if lowering == 'native' and x.dtype in (jnp.float32, jnp.bfloat16):
-        y = native_conv(x, kernel, pad, self.conv_precision == 'bfloat16')
+        # a bfloat16 model's convs take the kernels' bfloat16 products too
+        bf16 = self.conv_precision == 'bfloat16' or x.dtype == jnp.bfloat16
+        y = native_conv(x, kernel, pad, bf16)
       else:
         y = _im2col_conv(_pad_hw(x, pad), kernel)[0]
     else:

@@ -314,6 +314,17 @@ inline void DispatchMr(int mr, F&& f) {
   }
 }
 
+// DispatchMr with a second compile-time argument: whether the last vector is partial
+// (tail < L); calls f.template operator()<MR, TAIL>().
+template <int MRMAX, typename F>
+inline void DispatchMrTail(int mr, int tail, F&& f) {
+  if (tail == L) {
+    DispatchMr<MRMAX>(mr, [&]<int MR>() { f.template operator()<MR, false>(); });
+  } else {
+    DispatchMr<MRMAX>(mr, [&]<int MR>() { f.template operator()<MR, true>(); });
+  }
+}
+
 // A channel block: NV vectors (NV*L channels, the last with `tail` valid lanes), tiled with
 // `mr` pixels (forward) or r values (kernel gradient). Chosen so MR*NV accumulators + NV
 // operand vectors + a broadcast fit the register file.
@@ -759,11 +770,9 @@ inline void DkTile(const float* const* xrows, int64_t off, int64_t c,
 template <int NV, int MRMAX>
 inline void DkTileMr(int mr, const float* const* xrows, int64_t off, int64_t c, const float* dyp,
                      int64_t nrows, int64_t ow, float* dkt, int64_t ldk, int tail) {
-  if (tail == L) {
-    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTile<MR, NV, false>(xrows, off, c, dyp, nrows, ow, dkt, ldk, tail); });
-  } else {
-    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTile<MR, NV, true>(xrows, off, c, dyp, nrows, ow, dkt, ldk, tail); });
-  }
+  DispatchMrTail<MRMAX>(mr, tail, [&]<int MR, bool TAIL>() {
+    DkTile<MR, NV, TAIL>(xrows, off, c, dyp, nrows, ow, dkt, ldk, tail);
+  });
 }
 
 #if FER_JAX_BF16
@@ -801,11 +810,9 @@ template <int NV, int MRMAX>
 inline void DkTileBf16Mr(int mr, const uint32_t* const* zrows, int64_t off, int64_t c,
                          const uint16_t* dyp, int64_t nrows, int64_t npairs, float* dkt,
                          int64_t ldk, int tail) {
-  if (tail == L) {
-    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTileBf16<MR, NV, false>(zrows, off, c, dyp, nrows, npairs, dkt, ldk, tail); });
-  } else {
-    DispatchMr<MRMAX>(mr, [&]<int MR>() { DkTileBf16<MR, NV, true>(zrows, off, c, dyp, nrows, npairs, dkt, ldk, tail); });
-  }
+  DispatchMrTail<MRMAX>(mr, tail, [&]<int MR, bool TAIL>() {
+    DkTileBf16<MR, NV, TAIL>(zrows, off, c, dyp, nrows, npairs, dkt, ldk, tail);
+  });
 }
 #endif  // FER_JAX_BF16
 
