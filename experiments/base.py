@@ -136,4 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0 (e.g. 0.999): evaluate, select and load a moving average of the weights (and BatchNorm
   # statistics)
   c.train.ema_decay = 0.0
+  # > 0 (e.g. 0.05): sharpness-aware minimisation, the gradient taken at the worst weights within
+  # this radius (twice the compute per step)
+  c.train.sam_rho = 0.0
   return c

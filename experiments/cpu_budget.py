@@ -14,8 +14,9 @@ and mixup (alpha 0.2) and the whole 48-px face with shifts instead of crops did 
 moving average of the weights, alone or with erasing + rotations, reached the same PublicTest
 plateau sooner, no higher; the convs' bfloat16 products (model.conv_precision, 1.41x the
 images/s on an AVX512-BF16 host) fitted half again as many epochs, with and without erasing +
-rotations, and tied: benchmarks/README.md); adamw 1e-3, one epoch of warmup, cosine decay at
-batch 64 over as many epochs as the hour holds on the machine it runs on
+rotations, and tied; sharpness-aware minimisation (train.sam_rho, two passes a step) with those
+products fitted 33 epochs and did no better: benchmarks/README.md); adamw 1e-3, one epoch of
+warmup, cosine decay at batch 64 over as many epochs as the hour holds on the machine it runs on
 (`train.time_budget_min`, up to 45; the run logs and records the number). Selected on
 PublicTest; PrivateTest reported single view (the headline) and with ten-crop TTA. Measured
 time and accuracy: README.md. In the hour on one host, width 0.375 (15 epochs) led width 0.5

@@ -12,7 +12,7 @@ from fer_jax.errors import ConfigError
 from fer_jax.evaluation import TTA_MODES
 from fer_jax.models import get_model
 from fer_jax.parallel import PARALLEL_MODES
-from fer_jax.train_step import make_optimizer, make_plateau
+from fer_jax.train_step import ema_decay_rate, make_optimizer, make_plateau, sam_radius
 
 # Each list belongs to the module that uses the value; checked here before any data is read.
 _CHOICES = {
@@ -76,6 +76,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   augment.check_config(config.augment)
   make_optimizer(config.train, steps_per_epoch=1000)  # any epoch length that leaves cosine steps
   make_plateau(config.train)
+  ema_decay_rate(config.train)
+  sam_radius(config.train)
   resident.setting(config.data)
   if int(config.train.get('steps_per_dispatch', 1)) < 1:
     raise ConfigError(
@@ -123,7 +125,7 @@ RESUMABLE_CHANGES = frozenset(
   }
 )
 # Values that keys added after a checkpoint was written had in effect before they existed.
-_LEGACY_DEFAULTS = {'train.ema_decay': 0.0}
+_LEGACY_DEFAULTS = {'train.ema_decay': 0.0, 'train.sam_rho': 0.0}
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

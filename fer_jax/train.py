@@ -50,6 +50,7 @@ from fer_jax.train_step import (
   make_optimizer,
   make_plateau,
   microbatch_for,
+  sam_radius,
   train_step,
   update_plateau,
 )
@@ -317,6 +318,7 @@ def make_step_context(
     seed=config.seed,
     l2_scope=config.train.get('l2_scope', 'model'),
     ema_decay=ema_decay_rate(config.train),
+    sam_rho=sam_radius(config.train),
     microbatch=microbatch_for(config, model),
   )
 

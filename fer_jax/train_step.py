@@ -65,6 +65,19 @@ def ema_decay_rate(train_cfg: ml_collections.ConfigDict) -> float:
   return decay
 
 
+def _global_norm(tree: Any) -> jax.Array:
+  # optax's name for this moved between the versions fer_jax supports (global_norm, tree.norm).
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def sam_radius(train_cfg: ml_collections.ConfigDict) -> float:
+  """`train.sam_rho`: 0 switches sharpness-aware minimisation off (each step costs two passes)."""
+  rho = float(train_cfg.get('sam_rho', 0.0))
+  if not rho >= 0:
+    raise ConfigError(f'config.train.sam_rho={rho} must be >= 0 (0: plain gradient steps)')
+  return rho
+
+
 def update_ema(ema: Any, variables: Any, decay: float, step: jax.Array) -> Any:
   """One moving-average update. The decay ramps up as min(decay, (1 + step) / (10 + step)),
   as TensorFlow's ExponentialMovingAverage with num_updates, so early averages are not
@@ -91,6 +104,7 @@ class StepContext:
   microbatch: int = 0  # examples per device per chunk; 0 = the whole batch (resolve_microbatch)
   l2_scope: str = 'model'  # 'model': the kernels the model names (L2_KERNEL_PATHS); 'all'
   ema_decay: float = 0.0  # > 0: keep a moving average of the variables (update_ema)
+  sam_rho: float = 0.0  # > 0: sharpness-aware minimisation's radius (sam_radius)
 
 
 def takes_example_ids(model: nn.Module) -> bool:
@@ -399,28 +413,38 @@ def train_step(
       ce = weights * optax.softmax_cross_entropy(logits, targets)
     return jnp.sum(ce), (logits, new_model_state)
 
-  def chunk_grads(chunk):
-    (ce_sum, (logits, new_model_state)), grads = jax.value_and_grad(weighted_ce_sum, has_aux=True)(
-      state.params, *chunk
-    )
-    return (ce_sum, grads), (logits, new_model_state)
+  def gradients(params):
+    """The batch's mean loss gradient at `params` (all devices'), with what the pass saw."""
 
-  (ce_sum, grads), (logits, new_model_state) = map_batch(
-    chunk_grads, (images, targets, weights, aug_keys, example_ids), ctx.microbatch, axis_name
-  )
-  # Keras class_weight: per-example weight, mean over the batch size (not over the weights).
-  data_loss = ce_sum / batch_size
-  l2_loss, l2_grads = jax.value_and_grad(lambda p: ctx.l2 * l2_penalty(ctx.model, p, ctx.l2_scope))(
-    state.params
-  )
-  grads = jax.tree.map(lambda g, g2: g / batch_size + g2, grads, l2_grads)
+    def chunk_grads(chunk):
+      (ce_sum, aux), grads = jax.value_and_grad(weighted_ce_sum, has_aux=True)(params, *chunk)
+      return (ce_sum, grads), aux
+
+    (ce_sum, grads), (logits, new_model_state) = map_batch(
+      chunk_grads, (images, targets, weights, aug_keys, example_ids), ctx.microbatch, axis_name
+    )
+    l2_loss, l2_grads = jax.value_and_grad(
+      lambda p: ctx.l2 * l2_penalty(ctx.model, p, ctx.l2_scope)
+    )(params)
+    grads = jax.tree.map(lambda g, g2: g / batch_size + g2, grads, l2_grads)
+    if axis_name:
+      grads = jax.lax.pmean(grads, axis_name)
+    # Keras class_weight: per-example weight, mean over the batch size (not over the weights).
+    return grads, ce_sum / batch_size, l2_loss, logits, new_model_state
+
+  grads, data_loss, l2_loss, logits, new_model_state = gradients(state.params)
+  if ctx.sam_rho > 0:
+    # Sharpness-aware minimisation (Foret et al. 2021): step with the gradient taken at the
+    # worst weights within rho, to first order w + rho g / |g|, on the same augmented images and
+    # dropout masks. The metrics and BatchNorm's running statistics are the first pass's.
+    scale = ctx.sam_rho / (_global_norm(grads) + 1e-12)
+    grads = gradients(jax.tree.map(lambda p, g: p + scale * g, state.params, grads))[0]
   metrics = {
     'loss': data_loss + l2_loss,
     'data_loss': data_loss,
     'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
   }
   if axis_name:
-    grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   if state.plateau is not None:

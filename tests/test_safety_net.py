@@ -45,7 +45,11 @@ def test_a_short_synthetic_run_beats_chance_by_a_wide_margin(tmp_path):
     assert figures['accuracy'] >= 0.5 and figures['macro_f1'] >= 0.4, (split, figures)
 
 
-def test_the_applied_update_is_the_gradient_of_the_reported_loss():
+@pytest.mark.parametrize('sam_rho', [0.0, 0.05])
+def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho):
+  """Plain SGD at lr 1 moves the weights by minus the loss's gradient; with sharpness-aware
+  minimisation, by minus its gradient at w + rho g / |g| (g the gradient at w), while the
+  reported loss stays the one at w."""
   c = base.get_config()
   c.model.dropout = (0.0, 0.0, 0.0)
   c.augment.enabled = False
@@ -58,6 +62,7 @@ def test_the_applied_update_is_the_gradient_of_the_reported_loss():
     l2=0.01,
     label_smoothing=0.0,
     microbatch_size=0,
+    sam_rho=sam_rho,
   )
   weights = np.array([1, 4, 1, 0.5, 1, 2, 1], np.float32)
   ctx = make_step_context(c, num_classes=7, weights=weights, mean=0.5, std=0.25)
@@ -80,6 +85,18 @@ def test_the_applied_update_is_the_gradient_of_the_reported_loss():
     )
 
   expected_loss, grads = jax.jit(jax.value_and_grad(loss))(state.params)
+  if sam_rho:
+    scale = sam_rho / jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+    plain = grads
+    grads = jax.jit(jax.grad(loss))(jax.tree.map(lambda p, g: p + scale * g, state.params, grads))
+    # ... which is not the plain gradient step.
+    assert (
+      max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain), strict=True)
+      )
+      > 1e-4
+    )
   new, metrics = jax.jit(lambda s, b: train_step(s, b, ctx))(state, batch)
   assert float(metrics['loss']) == pytest.approx(float(expected_loss), rel=1e-5)
   for before, after, g in zip(

@@ -67,6 +67,8 @@ def test_step_updates_params_and_counts_steps():
     ('train.schedule', 'linear', 'schedule'),
     ('train.optimizer', 'lamb', 'optimizer'),
     ('augment.standardize', 'zscore', 'standardize'),
+    ('train.ema_decay', 1.0, 'ema_decay'),
+    ('train.sam_rho', -0.05, 'sam_rho'),
   ],
 )
 def test_validate_config_names_the_bad_key(key, value, match):
