@@ -139,4 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0 (e.g. 0.05): sharpness-aware minimisation, the gradient taken at the worst weights within
   # this radius (twice the compute per step)
   c.train.sam_rho = 0.0
+  # > 0 (e.g. 0.5, with ema_decay > 0): self-distillation, the moving average's predictions
+  # weighted into the targets, ramped linearly from 0 to this over the run (one extra forward)
+  c.train.self_distill = 0.0
   return c

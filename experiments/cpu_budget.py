@@ -15,7 +15,9 @@ moving average of the weights, alone or with erasing + rotations, reached the sa
 plateau sooner, no higher; the convs' bfloat16 products (model.conv_precision, 1.41x the
 images/s on an AVX512-BF16 host) fitted half again as many epochs, with and without erasing +
 rotations, and tied; sharpness-aware minimisation (train.sam_rho, two passes a step) with those
-products fitted 33 epochs and did no better: benchmarks/README.md); adamw 1e-3, one epoch of
+products fitted 33 epochs and did no better, nor did self-distillation from the moving average
+(train.self_distill, 55 epochs) or a ResNet-18 at width 16 in its place: benchmarks/README.md);
+adamw 1e-3, one epoch of
 warmup, cosine decay at batch 64 over as many epochs as the hour holds on the machine it runs on
 (`train.time_budget_min`, up to 45; the run logs and records the number). Selected on
 PublicTest; PrivateTest reported single view (the headline) and with ten-crop TTA. Measured

@@ -12,7 +12,13 @@ from fer_jax.errors import ConfigError
 from fer_jax.evaluation import TTA_MODES
 from fer_jax.models import get_model
 from fer_jax.parallel import PARALLEL_MODES
-from fer_jax.train_step import ema_decay_rate, make_optimizer, make_plateau, sam_radius
+from fer_jax.train_step import (
+  ema_decay_rate,
+  make_optimizer,
+  make_plateau,
+  sam_radius,
+  self_distill_weight,
+)
 
 # Each list belongs to the module that uses the value; checked here before any data is read.
 _CHOICES = {
@@ -78,6 +84,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   make_plateau(config.train)
   ema_decay_rate(config.train)
   sam_radius(config.train)
+  self_distill_weight(config.train)
   resident.setting(config.data)
   if int(config.train.get('steps_per_dispatch', 1)) < 1:
     raise ConfigError(
@@ -125,7 +132,7 @@ RESUMABLE_CHANGES = frozenset(
   }
 )
 # Values that keys added after a checkpoint was written had in effect before they existed.
-_LEGACY_DEFAULTS = {'train.ema_decay': 0.0, 'train.sam_rho': 0.0}
+_LEGACY_DEFAULTS = {'train.ema_decay': 0.0, 'train.sam_rho': 0.0, 'train.self_distill': 0.0}
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

@@ -51,6 +51,7 @@ from fer_jax.train_step import (
   make_plateau,
   microbatch_for,
   sam_radius,
+  self_distill_weight,
   train_step,
   update_plateau,
 )
@@ -303,7 +304,10 @@ def make_step_context(
   weights: np.ndarray,
   mean: float,
   std: float,
+  steps_per_epoch: int = 0,
 ) -> StepContext:
+  """What the steps close over; `steps_per_epoch` (0: unknown) sets the run's length, over which
+  `train.self_distill` ramps up."""
   model = get_model(config.model, num_classes)
   return StepContext(
     model=model,
@@ -319,6 +323,8 @@ def make_step_context(
     l2_scope=config.train.get('l2_scope', 'model'),
     ema_decay=ema_decay_rate(config.train),
     sam_rho=sam_radius(config.train),
+    self_distill=self_distill_weight(config.train),
+    total_steps=int(steps_per_epoch) * int(config.train.epochs),
     microbatch=microbatch_for(config, model),
   )
 
@@ -434,7 +440,12 @@ def _train_and_evaluate(
 
   # ---- Model and optimizer ------------------------------------------------------------------
   ctx = make_step_context(
-    config, num_classes=dataset.num_classes, weights=weights, mean=mean, std=std
+    config,
+    num_classes=dataset.num_classes,
+    weights=weights,
+    mean=mean,
+    std=std,
+    steps_per_epoch=spe,
   )
   tx = make_optimizer(config.train, spe)
   plateau = make_plateau(config.train)

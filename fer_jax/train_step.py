@@ -78,6 +78,28 @@ def sam_radius(train_cfg: ml_collections.ConfigDict) -> float:
   return rho
 
 
+def self_distill_weight(train_cfg: ml_collections.ConfigDict) -> float:
+  """`train.self_distill`: the final weight of the moving average's predictions in the targets
+  (0: off). The moving average is the teacher, so it needs `train.ema_decay` > 0."""
+  alpha = float(train_cfg.get('self_distill', 0.0))
+  if not 0.0 <= alpha < 1.0:
+    raise ConfigError(f'config.train.self_distill={alpha} must be in [0, 1) (0: off)')
+  if alpha > 0 and ema_decay_rate(train_cfg) == 0:
+    raise ConfigError(
+      f'config.train.self_distill={alpha} distils from the moving average of the weights: '
+      'set config.train.ema_decay > 0 (e.g. 0.999)'
+    )
+  return alpha
+
+
+def distill_targets(targets: jax.Array, teacher_logits: jax.Array, alpha: jax.Array) -> jax.Array:
+  """(1 - alpha) * targets + alpha * the teacher's softmax, scaled to each row's sum: with
+  mixup the targets carry the class weights, and the teacher's share keeps them."""
+  mass = jnp.sum(targets, axis=-1, keepdims=True)
+  teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
+  return (1.0 - alpha) * targets + alpha * mass * teacher
+
+
 def update_ema(ema: Any, variables: Any, decay: float, step: jax.Array) -> Any:
   """One moving-average update. The decay ramps up as min(decay, (1 + step) / (10 + step)),
   as TensorFlow's ExponentialMovingAverage with num_updates, so early averages are not
@@ -105,6 +127,8 @@ class StepContext:
   l2_scope: str = 'model'  # 'model': the kernels the model names (L2_KERNEL_PATHS); 'all'
   ema_decay: float = 0.0  # > 0: keep a moving average of the variables (update_ema)
   sam_rho: float = 0.0  # > 0: sharpness-aware minimisation's radius (sam_radius)
+  self_distill: float = 0.0  # > 0: the teacher's final weight in the targets (self_distill_weight)
+  total_steps: int = 0  # the run's steps, over which self_distill ramps up (0: no ramp)
 
 
 def takes_example_ids(model: nn.Module) -> bool:
@@ -386,6 +410,14 @@ def train_step(
   extra = {'example_ids': example_ids} if takes_example_ids(ctx.model) else {}
   mutable = list(state.model_state)
 
+  if ctx.self_distill > 0:
+    # Progressive self-distillation (Kim et al. 2021, "PS-KD") with the moving average of the
+    # weights as the teacher: its predictions on the same inputs take a weight in the targets
+    # that grows linearly over the run to self_distill, softening labels the network and its
+    # average disagree with (FER2013's are noisy).
+    ramp = jnp.minimum(1.0, jnp.asarray(state.step, jnp.float32) / max(ctx.total_steps, 1))
+    alpha = ctx.self_distill * (ramp if ctx.total_steps else 1.0)
+
   def weighted_ce_sum(params, images, targets, weights, aug_keys, example_ids):
     x = augment.preprocess_batch(
       images,
@@ -399,6 +431,9 @@ def train_step(
     if mixing:
       x, targets = augment.mix_pairs(x, weights[:, None] * targets, aug_keys, ctx.augment_cfg)
     kwargs = {k: example_ids for k in extra}
+    if ctx.self_distill > 0:
+      teacher = jax.lax.stop_gradient(ctx.model.apply(state.ema, x, train=False, **kwargs))
+      targets = distill_targets(targets, teacher, alpha)
     variables = {'params': params, **state.model_state}
     if mutable:
       logits, new_model_state = ctx.model.apply(

@@ -45,11 +45,12 @@ def test_a_short_synthetic_run_beats_chance_by_a_wide_margin(tmp_path):
     assert figures['accuracy'] >= 0.5 and figures['macro_f1'] >= 0.4, (split, figures)
 
 
-@pytest.mark.parametrize('sam_rho', [0.0, 0.05])
-def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho):
+@pytest.mark.parametrize('sam_rho,self_distill', [(0.0, 0.0), (0.05, 0.0), (0.0, 0.6)])
+def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho, self_distill):
   """Plain SGD at lr 1 moves the weights by minus the loss's gradient; with sharpness-aware
   minimisation, by minus its gradient at w + rho g / |g| (g the gradient at w), while the
-  reported loss stays the one at w."""
+  reported loss stays the one at w; with self-distillation, the cross-entropy is against the
+  labels mixed with the moving average's softmax at the weight the ramp has reached."""
   c = base.get_config()
   c.model.dropout = (0.0, 0.0, 0.0)
   c.augment.enabled = False
@@ -63,10 +64,16 @@ def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho):
     label_smoothing=0.0,
     microbatch_size=0,
     sam_rho=sam_rho,
+    self_distill=self_distill,
+    ema_decay=0.9 if self_distill else 0.0,
+    epochs=2,
   )
   weights = np.array([1, 4, 1, 0.5, 1, 2, 1], np.float32)
-  ctx = make_step_context(c, num_classes=7, weights=weights, mean=0.5, std=0.25)
+  ctx = make_step_context(c, num_classes=7, weights=weights, mean=0.5, std=0.25, steps_per_epoch=10)
   state = create_train_state(ctx, make_optimizer(c.train, steps_per_epoch=10))
+  # A teacher that is not the network itself, a quarter of the way through the 20 steps.
+  teacher = ctx.model.init(jax.random.key(1), jnp.zeros((1, 48, 48, 1)), train=False)
+  state = state.replace(step=jnp.int32(5), ema=teacher if self_distill else None)
   rng = np.random.default_rng(0)
   batch = {
     'image': rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
@@ -76,10 +83,14 @@ def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho):
     batch['image'], None, c.augment, out_size=48, train=False, mean=0.5, std=0.25
   )
 
+  labels = jax.nn.one_hot(batch['label'], 7)
+  if self_distill:
+    soft = jax.nn.softmax(ctx.model.apply(teacher, x, train=False))
+    labels = (1 - self_distill * 5 / 20) * labels + self_distill * 5 / 20 * soft
+
   def loss(params):  # Keras: sum of w_i * CE_i over the batch size, plus l2 * |W_dense1|^2
     logits = ctx.model.apply({'params': params}, x, train=False)
-    log_p = jax.nn.log_softmax(logits)
-    ce = -jnp.take_along_axis(log_p, batch['label'][:, None], axis=-1)[:, 0]
+    ce = -jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1)
     return jnp.sum(weights[batch['label']] * ce) / 8 + 0.01 * jnp.sum(
       jnp.square(params['dense1']['kernel'])
     )

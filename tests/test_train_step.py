@@ -69,6 +69,8 @@ def test_step_updates_params_and_counts_steps():
     ('augment.standardize', 'zscore', 'standardize'),
     ('train.ema_decay', 1.0, 'ema_decay'),
     ('train.sam_rho', -0.05, 'sam_rho'),
+    ('train.self_distill', 1.0, 'self_distill'),
+    ('train.self_distill', 0.5, 'ema_decay'),  # the teacher is the moving average
   ],
 )
 def test_validate_config_names_the_bad_key(key, value, match):

@@ -27,7 +27,13 @@ from fer_jax import (
   trained_model,
 )
 from fer_jax.data.types import FER2013_CLASSES
-from fer_jax.train_step import create_train_state, make_optimizer, make_plateau, update_ema
+from fer_jax.train_step import (
+  create_train_state,
+  distill_targets,
+  make_optimizer,
+  make_plateau,
+  update_ema,
+)
 from tests.conftest import one_train_step, require
 from tests.test_ferplus import ferplus_data  # noqa: F401  (a fixture)
 
@@ -203,7 +209,8 @@ def test_pmap_equals_jit_with_batch_norm(sam_rho):
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_equals_straight_run_with_batch_norm_plateau_and_ema(tmp_path):
-  tiny = functools.partial(_tiny_vgg, train_examples=32, ema_decay=0.9)  # 4 steps an epoch
+  # 4 steps an epoch; the moving average also teaches (self_distill), from the restored state.
+  tiny = functools.partial(_tiny_vgg, train_examples=32, ema_decay=0.9, self_distill=0.5)
   train.train_and_evaluate(tiny(), str(tmp_path / 'straight'))
   train.train_and_evaluate(tiny(max_steps=5), str(tmp_path / 'resumed'))
   train.train_and_evaluate(tiny(), str(tmp_path / 'resumed'))
@@ -217,6 +224,17 @@ def test_interrupted_and_resumed_equals_straight_run_with_batch_norm_plateau_and
   ]
   scales = [m['learning_rate_scale'] for m in metrics if m['split'] == 'PublicTest']
   assert len(scales) == 2 and scales[-1] == pytest.approx(float(a['plateau']['scale']))
+
+
+def test_distill_targets_keep_each_rows_class_weight():
+  # Mixed targets carry class weights (row sums 2.0 and 0.7); the teacher takes alpha of each.
+  targets = jnp.array([[1.5, 0.5, 0.0], [0.0, 0.0, 0.7]])
+  teacher_logits = jnp.log(jnp.array([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2]]))
+  out = distill_targets(targets, teacher_logits, jnp.float32(0.25))
+  np.testing.assert_allclose(
+    out, [[1.225, 0.525, 0.25], [0.105, 0.035, 0.56]], rtol=1e-5, atol=1e-7
+  )
+  np.testing.assert_allclose(distill_targets(targets, teacher_logits, 0.0), targets)
 
 
 def test_ema_update_ramps_its_decay_up_to_the_configured_one():
