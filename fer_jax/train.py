@@ -512,17 +512,13 @@ def _train_and_evaluate(
       (global_batch, *train_split.soft_labels.shape[1:]), np.float32
     )
   fresh_sums = sums_factory(ctx, checkpointing.abstract_like(state), batch_spec, mode, mesh)
-  steps = compile_steps(
-    ctx, mode, mesh, resident.put_split(train_split, mesh) if on_device else None
-  )
-  train_fn, eval_fn, put_batch, canonical = (
-    steps.train,
-    steps.eval,
-    steps.put_batch,
-    steps.canonical,
-  )
+  resident_split = resident.put_split(train_split, mesh) if on_device else None
+  steps = compile_steps(ctx, mode, mesh, resident_split)
   state = steps.prepare_state(state)
-  run_eval = functools.partial(evaluate, eval_fn, global_batch=eval_batch)
+
+  def run_eval(variables: Any, split: Split) -> dict[str, Any]:
+    return evaluate(steps.eval, variables, split, global_batch=eval_batch)
+
   if time_budget.applies(config.train, start_step):
     epochs = _epochs_in_budget(
       config,
@@ -540,10 +536,14 @@ def _train_and_evaluate(
     if epochs != config.train.epochs:
       config = time_budget.with_epochs(config, epochs)
       tx = make_optimizer(config.train, spe)  # the schedule's length changes, not its state
+      if ctx.self_distill > 0:  # its ramp spans the run: the steps close over the run's length
+        ctx = dataclasses.replace(ctx, total_steps=spe * epochs)
+        steps = compile_steps(ctx, mode, mesh, resident_split)
       fresh = init_state(tx)
       abstract_state = checkpointing.abstract_like(fresh)  # the best checkpoint's restore target
       state = steps.prepare_state(fresh)
       meta['config'] = config.to_dict()
+  train_fn, put_batch, canonical = steps.train, steps.put_batch, steps.canonical
   total_steps = spe * config.train.epochs
   stop_step = (
     total_steps if config.train.max_steps < 0 else min(total_steps, config.train.max_steps)

@@ -69,17 +69,22 @@ def test_process_start_time_is_when_the_process_started():
   assert before_import - 30 < started <= before_import + 1  # /proc/stat's boot time is whole s
 
 
-@pytest.mark.parametrize('parallel', ['jit', 'pmap'])
+# With self-distillation the teacher's weight ramps over the epochs the budget chose, not 40.
+@pytest.mark.parametrize(
+  'parallel,distill',
+  [('jit', {}), ('pmap', {}), ('jit', dict(ema_decay=0.9, self_distill=0.5))],
+  ids=['jit', 'pmap', 'jit-self_distill'],
+)
 def test_a_spent_budget_trains_one_epoch_exactly_as_epochs_1_and_a_resume_keeps_it(
-  tmp_path, parallel
+  tmp_path, parallel, distill
 ):
-  budgeted = _config(epochs=40, time_budget_min=1.0)
+  budgeted = _config(epochs=40, time_budget_min=1.0, **distill)
   budgeted.parallel = parallel
   # The minute is gone before training starts: the step is timed, then one epoch (the least).
   out = train.train_and_evaluate(budgeted, str(tmp_path / 'budget'), started=time.time() - 60)
   assert out['epochs'] == out['config']['train']['epochs'] == 1 and out['steps'] == 12
   # Timing the step and the evaluation left no trace: the same run as asking for 1 epoch.
-  plain = _config(epochs=1)
+  plain = _config(epochs=1, **distill)
   plain.parallel = parallel
   train.train_and_evaluate(plain, str(tmp_path / 'plain'))
   (step_a, p_a), (step_b, p_b) = final_params(tmp_path / 'budget'), final_params(tmp_path / 'plain')
