@@ -415,8 +415,9 @@ def train_step(
     # weights as the teacher: its predictions on the same inputs take a weight in the targets
     # that grows linearly over the run to self_distill, softening labels the network and its
     # average disagree with (FER2013's are noisy).
-    ramp = jnp.minimum(1.0, jnp.asarray(state.step, jnp.float32) / max(ctx.total_steps, 1))
-    alpha = ctx.self_distill * (ramp if ctx.total_steps else 1.0)
+    alpha = ctx.self_distill
+    if ctx.total_steps:
+      alpha = alpha * jnp.minimum(1.0, jnp.asarray(state.step, jnp.float32) / ctx.total_steps)
 
   def weighted_ce_sum(params, images, targets, weights, aug_keys, example_ids):
     x = augment.preprocess_batch(
