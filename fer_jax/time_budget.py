@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -34,6 +34,8 @@ MARGIN = 0.03
 # How much slower the loop may run over the budget than in the seconds it was timed: on the
 # project's shared 2-core VMs an hour's epochs ran 2-8 % slower than timed (benchmarks/README.md).
 SLOWER = 0.08
+# The timed steps' windows; their median is the step time (time_train_step).
+WINDOWS = 5
 _IMPORTED = time.time()
 
 
@@ -98,27 +100,37 @@ def final_eval_s(eval_s: float, eval_size: int, test_size: int, tta: Iterable[st
 
 
 def time_train_step(
-  train_fn: Callable, state: Any, batches: Iterable[Any], sums: Any, min_s: float = 2.0
-) -> tuple[float, float, Any]:
-  """(seconds per step in steady state, seconds of the first call (its compilation), the
-  state): two warm-up steps, then about `min_s` seconds of steps (3 to 200; every process runs
-  process 0's number, since a step is a collective). `state` is donated: pass a copy."""
+  train_fn: Callable,
+  state: Any,
+  batches: Iterable[Any],
+  sums: Any,
+  min_s: float = 3.0,
+  clock: Callable[[], float] = time.perf_counter,
+) -> tuple[float, float, list[float], Any]:
+  """(seconds per step in steady state, seconds of the first call (its compilation), the mean
+  step of each of `WINDOWS` windows, the state): two warm-up steps, then about `min_s` seconds
+  of steps (at least one per window, 200 at most; every process runs process 0's number, since a
+  step is a collective), split into consecutive windows. The steady state is the median window:
+  a stall of the shared host in one window (seen as a 30 % slower step over a whole 2-s
+  timing, benchmarks/README.md) does not shorten the run by that much. `state` is donated:
+  pass a copy."""
   batches = iter(batches)
 
   def timed(state):
-    t0 = time.perf_counter()
+    t0 = clock()
     state, out = train_fn(state, next(batches), sums)
     jax.block_until_ready(out)
-    return state, time.perf_counter() - t0
+    return state, clock() - t0
 
   state, first = timed(state)
   state, second = timed(state)
-  n = agree(min(200, max(3, math.ceil(min_s / max(second, 1e-6)))))
-  total = 0.0
+  n = agree(min(200, max(WINDOWS, math.ceil(min_s / max(second, 1e-6)))))
+  took = []
   for _ in range(n):
-    state, took = timed(state)
-    total += took
-  return total / n, first, state
+    state, t = timed(state)
+    took.append(t)
+  windows = [float(np.mean(w)) for w in np.array_split(np.asarray(took), WINDOWS)]
+  return float(np.median(windows)), first, windows, state
 
 
 def agree(count: int) -> int:
@@ -137,11 +149,15 @@ def with_epochs(config: ml_collections.ConfigDict, epochs: int) -> ml_collection
   return out
 
 
-def log_choice(budget: float, epochs: int, max_epochs: int, **figures: float) -> None:
+def log_choice(
+  budget: float, epochs: int, max_epochs: int, windows: Sequence[float], **figures: float
+) -> None:
+  """One line: the figures the choice was made from, the step's windows among them."""
   logging.info(
-    'time budget %.1f min: %s -> %d epoch(s)%s',
+    'time budget %.1f min: %s (step windows %s s) -> %d epoch(s)%s',
     budget / 60,
     ', '.join(f'{k} {v:.3g} s' for k, v in figures.items()),
+    '/'.join(f'{w:.3g}' for w in windows),
     epochs,
     '' if epochs < max_epochs else f' (train.epochs={max_epochs}, all fit)',
   )

@@ -242,7 +242,7 @@ def _epochs_in_budget(
   state, then the most epochs that fit (time_budget.py), the same on every process."""
   probe = jax.tree.map(jnp.copy, state)
   batches = (steps.put_batch(next(train_iter)) for _ in itertools.count())
-  step_s, first_s, probe = time_budget.time_train_step(steps.train, probe, batches, sums)
+  step_s, first_s, windows, probe = time_budget.time_train_step(steps.train, probe, batches, sums)
   train_iter.seek(0)
   variables = eval_variables(probe)
   run_eval(variables, eval_split)  # compiles
@@ -272,6 +272,7 @@ def _epochs_in_budget(
     budget,
     epochs,
     max_epochs,
+    windows,
     elapsed=elapsed,
     step=step_s,
     epoch=step_s * spe,

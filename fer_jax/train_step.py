@@ -419,7 +419,9 @@ def train_step(
     if ctx.total_steps:
       alpha = alpha * jnp.minimum(1.0, jnp.asarray(state.step, jnp.float32) / ctx.total_steps)
 
-  def weighted_ce_sum(params, images, targets, weights, aug_keys, example_ids):
+  def step_inputs(images, targets, weights, aug_keys, example_ids):
+    """The network's input and targets: the augmented (and mixed) images; the targets with the
+    class weights when mixing, and the teacher's share when distilling."""
     x = augment.preprocess_batch(
       images,
       aug_keys,
@@ -431,10 +433,14 @@ def train_step(
     )
     if mixing:
       x, targets = augment.mix_pairs(x, weights[:, None] * targets, aug_keys, ctx.augment_cfg)
-    kwargs = {k: example_ids for k in extra}
     if ctx.self_distill > 0:
+      kwargs = {k: example_ids for k in extra}
       teacher = jax.lax.stop_gradient(ctx.model.apply(state.ema, x, train=False, **kwargs))
       targets = distill_targets(targets, teacher, alpha)
+    return x, targets
+
+  def weighted_ce_sum(params, x, targets, weights, example_ids):
+    kwargs = {k: example_ids for k in extra}
     variables = {'params': params, **state.model_state}
     if mutable:
       logits, new_model_state = ctx.model.apply(
@@ -449,15 +455,22 @@ def train_step(
       ce = weights * optax.softmax_cross_entropy(logits, targets)
     return jnp.sum(ce), (logits, new_model_state)
 
-  def gradients(params):
-    """The batch's mean loss gradient at `params` (all devices'), with what the pass saw."""
+  def gradients(params, inputs, prepared: bool = False, keep_inputs: bool = False):
+    """The batch's mean loss gradient at `params` (all devices'), with what the pass saw.
+    `inputs` are the batch's (images, targets, weights, aug_keys, example_ids), or with
+    `prepared` step_inputs' (x, targets) in place of the first two; `keep_inputs` also returns
+    those, for a second pass on the same inputs."""
 
     def chunk_grads(chunk):
-      (ce_sum, aux), grads = jax.value_and_grad(weighted_ce_sum, has_aux=True)(params, *chunk)
-      return (ce_sum, grads), aux
+      images, targets, weights, aug_keys, example_ids = chunk
+      x, targets = (images, targets) if prepared else step_inputs(*chunk)
+      (ce_sum, aux), grads = jax.value_and_grad(weighted_ce_sum, has_aux=True)(
+        params, x, targets, weights, example_ids
+      )
+      return (ce_sum, grads), (*aux, (x, targets) if keep_inputs else ())
 
-    (ce_sum, grads), (logits, new_model_state) = map_batch(
-      chunk_grads, (images, targets, weights, aug_keys, example_ids), ctx.microbatch, axis_name
+    (ce_sum, grads), (logits, new_model_state, seen) = map_batch(
+      chunk_grads, inputs, ctx.microbatch, axis_name
     )
     l2_loss, l2_grads = jax.value_and_grad(
       lambda p: ctx.l2 * l2_penalty(ctx.model, p, ctx.l2_scope)
@@ -466,15 +479,20 @@ def train_step(
     if axis_name:
       grads = jax.lax.pmean(grads, axis_name)
     # Keras class_weight: per-example weight, mean over the batch size (not over the weights).
-    return grads, ce_sum / batch_size, l2_loss, logits, new_model_state
+    return grads, ce_sum / batch_size, l2_loss, logits, new_model_state, seen
 
-  grads, data_loss, l2_loss, logits, new_model_state = gradients(state.params)
+  inputs = (images, targets, weights, aug_keys, example_ids)
+  grads, data_loss, l2_loss, logits, new_model_state, seen = gradients(
+    state.params, inputs, keep_inputs=ctx.sam_rho > 0
+  )
   if ctx.sam_rho > 0:
     # Sharpness-aware minimisation (Foret et al. 2021): step with the gradient taken at the
-    # worst weights within rho, to first order w + rho g / |g|, on the same augmented images and
-    # dropout masks. The metrics and BatchNorm's running statistics are the first pass's.
+    # worst weights within rho, to first order w + rho g / |g|, on the same inputs and targets
+    # (the teacher's predictions are not recomputed) and dropout masks. The metrics and
+    # BatchNorm's running statistics are the first pass's.
     scale = ctx.sam_rho / (_global_norm(grads) + 1e-12)
-    grads = gradients(jax.tree.map(lambda p, g: p + scale * g, state.params, grads))[0]
+    perturbed = jax.tree.map(lambda p, g: p + scale * g, state.params, grads)
+    grads = gradients(perturbed, (*seen, *inputs[2:]), prepared=True)[0]
   metrics = {
     'loss': data_loss + l2_loss,
     'data_loss': data_loss,

@@ -45,12 +45,50 @@ def test_a_short_synthetic_run_beats_chance_by_a_wide_margin(tmp_path):
     assert figures['accuracy'] >= 0.5 and figures['macro_f1'] >= 0.4, (split, figures)
 
 
-@pytest.mark.parametrize('sam_rho,self_distill', [(0.0, 0.0), (0.05, 0.0), (0.0, 0.6)])
+def _equations(jaxpr) -> int:
+  """The equations of a jaxpr and of every jaxpr inside it (scans, jit calls, custom rules)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += 1
+    for value in eqn.params.values():
+      for v in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(v, jax.extend.core.ClosedJaxpr):
+          n += _equations(v.jaxpr)
+        elif isinstance(v, jax.extend.core.Jaxpr):
+          n += _equations(v)
+  return n
+
+
+def test_sharpness_aware_steps_run_the_teacher_once():
+  """SAM's second pass reuses the first pass's inputs and targets: self-distillation adds the
+  same computation (one teacher forward pass and the targets) with SAM as without it."""
+  size = {}
+  for sam_rho in (0.0, 0.05):
+    for self_distill in (0.0, 0.5):
+      c = base.get_config()
+      c.train.update(sam_rho=sam_rho, self_distill=self_distill, ema_decay=0.9, microbatch_size=0)
+      ctx = make_step_context(
+        c, num_classes=7, weights=np.ones(7, np.float32), mean=0.5, std=0.25, steps_per_epoch=10
+      )
+      state = create_train_state(ctx, make_optimizer(c.train, steps_per_epoch=10))
+      batch = {
+        'image': jnp.zeros((8, 48, 48, 1), jnp.uint8),
+        'label': jnp.zeros((8,), jnp.int32),
+      }
+      jaxpr = jax.make_jaxpr(lambda s, b, ctx=ctx: train_step(s, b, ctx))(state, batch)
+      size[sam_rho, self_distill] = _equations(jaxpr.jaxpr)
+  teacher = size[0.0, 0.5] - size[0.0, 0.0]
+  assert teacher > 10  # a forward pass of the network, at least
+  assert size[0.05, 0.5] - size[0.05, 0.0] == teacher
+
+
+@pytest.mark.parametrize('sam_rho,self_distill', [(0.0, 0.0), (0.05, 0.0), (0.0, 0.6), (0.05, 0.6)])
 def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho, self_distill):
   """Plain SGD at lr 1 moves the weights by minus the loss's gradient; with sharpness-aware
   minimisation, by minus its gradient at w + rho g / |g| (g the gradient at w), while the
   reported loss stays the one at w; with self-distillation, the cross-entropy is against the
-  labels mixed with the moving average's softmax at the weight the ramp has reached."""
+  labels mixed with the moving average's softmax at the weight the ramp has reached (in both of
+  sharpness-aware minimisation's passes when the two are combined)."""
   c = base.get_config()
   c.model.dropout = (0.0, 0.0, 0.0)
   c.augment.enabled = False

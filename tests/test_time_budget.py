@@ -39,6 +39,28 @@ def test_epochs_that_fit_counts_steps_evaluations_and_the_final_evaluation():
   assert time_budget.final_eval_s(2.0, 100, 300, ('flip', 'tencrop')) == 2.0 * 13 * 4
 
 
+def test_the_step_time_is_the_median_window_so_one_stall_does_not_count_for_the_whole_run():
+  now = [0.0]
+  durations = iter([5.0, 0.125] + [0.375] * 6 + [0.125] * 24)  # compile, warm-up, stall, steady
+
+  def train_fn(state, batch, sums):
+    now[0] += next(durations)
+    return state + 1, jax.numpy.zeros(())
+
+  step_s, first_s, windows, state = time_budget.time_train_step(
+    train_fn, 0, iter(range(100)), None, min_s=3.75, clock=lambda: now[0]
+  )
+  assert state == 32 and first_s == 5.0  # 30 timed steps (3.75 s at 0.125 s), 5 windows of 6
+  assert windows == [0.375, 0.125, 0.125, 0.125, 0.125]
+  assert step_s == 0.125  # the mean of the steps would be 0.175
+  # A host that is slower throughout is slower in the median too.
+  now[0], durations = 0.0, iter([5.0] + [0.25] * 16)
+  step_s, _, windows, _ = time_budget.time_train_step(
+    train_fn, 0, iter(range(100)), None, min_s=3.75, clock=lambda: now[0]
+  )
+  assert windows == [0.25] * 5 and step_s == 0.25  # 15 steps, 3 a window
+
+
 def test_only_a_fresh_full_run_of_several_epochs_times_itself():
   def cfg(**kw):
     return ml_collections.ConfigDict({'time_budget_min': 10.0, 'epochs': 30, 'max_steps': -1, **kw})
