@@ -142,4 +142,6 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0 (e.g. 0.5, with ema_decay > 0): self-distillation, the moving average's predictions
   # weighted into the targets, ramped linearly from 0 to this over the run (one extra forward)
   c.train.self_distill = 0.0
+  # True: the teacher's prediction is the mean over the image and its mirror (one more forward)
+  c.train.self_distill_flip = False
   return c

@@ -132,7 +132,12 @@ RESUMABLE_CHANGES = frozenset(
   }
 )
 # Values that keys added after a checkpoint was written had in effect before they existed.
-_LEGACY_DEFAULTS = {'train.ema_decay': 0.0, 'train.sam_rho': 0.0, 'train.self_distill': 0.0}
+_LEGACY_DEFAULTS = {
+  'train.ema_decay': 0.0,
+  'train.sam_rho': 0.0,
+  'train.self_distill': 0.0,
+  'train.self_distill_flip': False,
+}
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

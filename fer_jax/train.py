@@ -325,6 +325,7 @@ def make_step_context(
     ema_decay=ema_decay_rate(config.train),
     sam_rho=sam_radius(config.train),
     self_distill=self_distill_weight(config.train),
+    self_distill_flip=bool(config.train.get('self_distill_flip', False)),
     total_steps=int(steps_per_epoch) * int(config.train.epochs),
     microbatch=microbatch_for(config, model),
   )

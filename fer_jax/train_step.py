@@ -89,14 +89,18 @@ def self_distill_weight(train_cfg: ml_collections.ConfigDict) -> float:
       f'config.train.self_distill={alpha} distils from the moving average of the weights: '
       'set config.train.ema_decay > 0 (e.g. 0.999)'
     )
+  if train_cfg.get('self_distill_flip', False) and alpha == 0:
+    raise ConfigError(
+      'config.train.self_distill_flip=True mirrors the teacher of self-distillation, which is '
+      'off: set config.train.self_distill > 0 (e.g. 0.8) or leave self_distill_flip False'
+    )
   return alpha
 
 
-def distill_targets(targets: jax.Array, teacher_logits: jax.Array, alpha: jax.Array) -> jax.Array:
-  """(1 - alpha) * targets + alpha * the teacher's softmax, scaled to each row's sum: with
+def distill_targets(targets: jax.Array, teacher: jax.Array, alpha: jax.Array) -> jax.Array:
+  """(1 - alpha) * targets + alpha * the teacher's probabilities, scaled to each row's sum: with
   mixup the targets carry the class weights, and the teacher's share keeps them."""
   mass = jnp.sum(targets, axis=-1, keepdims=True)
-  teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
   return (1.0 - alpha) * targets + alpha * mass * teacher
 
 
@@ -128,6 +132,7 @@ class StepContext:
   ema_decay: float = 0.0  # > 0: keep a moving average of the variables (update_ema)
   sam_rho: float = 0.0  # > 0: sharpness-aware minimisation's radius (sam_radius)
   self_distill: float = 0.0  # > 0: the teacher's final weight in the targets (self_distill_weight)
+  self_distill_flip: bool = False  # the teacher averages the image's and its mirror's softmax
   total_steps: int = 0  # the run's steps, over which self_distill ramps up (0: no ramp)
 
 
@@ -435,8 +440,14 @@ def train_step(
       x, targets = augment.mix_pairs(x, weights[:, None] * targets, aug_keys, ctx.augment_cfg)
     if ctx.self_distill > 0:
       kwargs = {k: example_ids for k in extra}
-      teacher = jax.lax.stop_gradient(ctx.model.apply(state.ema, x, train=False, **kwargs))
-      targets = distill_targets(targets, teacher, alpha)
+      views = jnp.concatenate([x, x[:, :, ::-1]]) if ctx.self_distill_flip else x
+      if ctx.self_distill_flip and kwargs:
+        kwargs = {k: jnp.concatenate([example_ids, example_ids]) for k in extra}
+      logits = ctx.model.apply(state.ema, views, train=False, **kwargs)
+      probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
+      if ctx.self_distill_flip:  # mirrored faces keep their expression: a steadier teacher
+        probs = 0.5 * (probs[: x.shape[0]] + probs[x.shape[0] :])
+      targets = distill_targets(targets, probs, alpha)
     return x, targets
 
   def weighted_ce_sum(params, x, targets, weights, example_ids):

@@ -82,13 +82,17 @@ def test_sharpness_aware_steps_run_the_teacher_once():
   assert size[0.05, 0.5] - size[0.05, 0.0] == teacher
 
 
-@pytest.mark.parametrize('sam_rho,self_distill', [(0.0, 0.0), (0.05, 0.0), (0.0, 0.6), (0.05, 0.6)])
-def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho, self_distill):
+@pytest.mark.parametrize(
+  'sam_rho,self_distill,flip',
+  [(0.0, 0.0, False), (0.05, 0.0, False), (0.0, 0.6, False), (0.05, 0.6, False), (0.0, 0.6, True)],
+)
+def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho, self_distill, flip):
   """Plain SGD at lr 1 moves the weights by minus the loss's gradient; with sharpness-aware
   minimisation, by minus its gradient at w + rho g / |g| (g the gradient at w), while the
   reported loss stays the one at w; with self-distillation, the cross-entropy is against the
   labels mixed with the moving average's softmax at the weight the ramp has reached (in both of
-  sharpness-aware minimisation's passes when the two are combined)."""
+  sharpness-aware minimisation's passes when the two are combined); with `self_distill_flip`,
+  the teacher's softmax is the mean over the image and its mirror."""
   c = base.get_config()
   c.model.dropout = (0.0, 0.0, 0.0)
   c.augment.enabled = False
@@ -103,6 +107,7 @@ def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho, self_d
     microbatch_size=0,
     sam_rho=sam_rho,
     self_distill=self_distill,
+    self_distill_flip=flip,
     ema_decay=0.9 if self_distill else 0.0,
     epochs=2,
   )
@@ -124,6 +129,10 @@ def test_the_applied_update_is_the_gradient_of_the_reported_loss(sam_rho, self_d
   labels = jax.nn.one_hot(batch['label'], 7)
   if self_distill:
     soft = jax.nn.softmax(ctx.model.apply(teacher, x, train=False))
+    if flip:
+      mirrored = jax.nn.softmax(ctx.model.apply(teacher, x[:, :, ::-1], train=False))
+      assert float(jnp.max(jnp.abs(mirrored - soft))) > 1e-3  # the mirror's view differs
+      soft = 0.5 * (soft + mirrored)
     labels = (1 - self_distill * 5 / 20) * labels + self_distill * 5 / 20 * soft
 
   def loss(params):  # Keras: sum of w_i * CE_i over the batch size, plus l2 * |W_dense1|^2

@@ -71,6 +71,7 @@ def test_step_updates_params_and_counts_steps():
     ('train.sam_rho', -0.05, 'sam_rho'),
     ('train.self_distill', 1.0, 'self_distill'),
     ('train.self_distill', 0.5, 'ema_decay'),  # the teacher is the moving average
+    ('train.self_distill_flip', True, 'self_distill_flip'),  # with no teacher to mirror
   ],
 )
 def test_validate_config_names_the_bad_key(key, value, match):
