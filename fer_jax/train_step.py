@@ -439,13 +439,12 @@ def train_step(
     if mixing:
       x, targets = augment.mix_pairs(x, weights[:, None] * targets, aug_keys, ctx.augment_cfg)
     if ctx.self_distill > 0:
-      kwargs = {k: example_ids for k in extra}
-      views = jnp.concatenate([x, x[:, :, ::-1]]) if ctx.self_distill_flip else x
-      if ctx.self_distill_flip and kwargs:
-        kwargs = {k: jnp.concatenate([example_ids, example_ids]) for k in extra}
-      logits = ctx.model.apply(state.ema, views, train=False, **kwargs)
-      probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
+      views, ids = x, example_ids
       if ctx.self_distill_flip:  # mirrored faces keep their expression: a steadier teacher
+        views, ids = jnp.concatenate([x, x[:, :, ::-1]]), jnp.concatenate([ids, ids])
+      logits = ctx.model.apply(state.ema, views, train=False, **{k: ids for k in extra})
+      probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
+      if ctx.self_distill_flip:
         probs = 0.5 * (probs[: x.shape[0]] + probs[x.shape[0] :])
       targets = distill_targets(targets, probs, alpha)
     return x, targets

@@ -229,12 +229,12 @@ def test_interrupted_and_resumed_equals_straight_run_with_batch_norm_plateau_and
 def test_distill_targets_keep_each_rows_class_weight():
   # Mixed targets carry class weights (row sums 2.0 and 0.7); the teacher takes alpha of each.
   targets = jnp.array([[1.5, 0.5, 0.0], [0.0, 0.0, 0.7]])
-  teacher_logits = jnp.log(jnp.array([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2]]))
-  out = distill_targets(targets, teacher_logits, jnp.float32(0.25))
+  teacher = jnp.array([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2]])
+  out = distill_targets(targets, teacher, jnp.float32(0.25))
   np.testing.assert_allclose(
     out, [[1.225, 0.525, 0.25], [0.105, 0.035, 0.56]], rtol=1e-5, atol=1e-7
   )
-  np.testing.assert_allclose(distill_targets(targets, teacher_logits, 0.0), targets)
+  np.testing.assert_allclose(distill_targets(targets, teacher, 0.0), targets)
 
 
 def test_ema_update_ramps_its_decay_up_to_the_configured_one():
