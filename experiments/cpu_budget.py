@@ -2,8 +2,9 @@
 
 Run: python launch.py --config experiments/cpu_budget.py \
        --config.data.path=../shared/data/fer2013.csv.gz --workdir runs/cpu_budget
-Expected: about 58 minutes; on a 2-core Zen 4 EPYC (AVX512-BF16) 54-55 epochs, 67.7-68.4 % best
-PublicTest and 68.1-68.9 % PrivateTest single view in two seeds (README.md).
+Expected: about 58 minutes; on a 2-core Zen 4 EPYC (AVX512-BF16) 44-55 epochs, as fast as the
+shared host is that day; at 54-55 epochs 67.7-68.4 % best PublicTest and 68.1-68.9 % PrivateTest
+single view in two seeds (README.md).
 
 A compact VGG (`vgg_fer` at width 0.375: two 3x3 conv + BatchNorm + ReLU per block, 24/48/96/192
 channels, 2x2 pools, one Dense-96 head (256 x 0.375); 0.74 M parameters, 0.095 GFLOPs per 44x44
